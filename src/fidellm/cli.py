@@ -1,0 +1,43 @@
+"""The `fidellm` command: one subcommand group per stage, wiring only."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+from fidellm import __version__
+from fidellm.data.cli import data
+from fidellm.errors import FidelError
+from fidellm.tokenizer.cli import tokenizer
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="fidellm")
+def cli() -> None:
+    """fidel-lm: raw Amharic text to a small language model, every stage measured.
+
+    Stages read and write plain files in a run directory:
+    data prepare -> tokenizer train -> data tokenize -> (train, eval, export, serve).
+    """
+
+
+cli.add_command(data)
+cli.add_command(tokenizer)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    try:
+        cli.main(args=argv, prog_name="fidellm", standalone_mode=False)
+    except FidelError as error:
+        click.echo(f"error: {error}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        sys.exit(130)
+    except click.ClickException as error:
+        error.show()
+        sys.exit(error.exit_code)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
