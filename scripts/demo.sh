@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The reference pipeline on the default data, end to end: every stage that exists so far.
+# Usage: RUN=runs/demo bash scripts/demo.sh   (make demo sets RUN and PATH)
+set -euo pipefail
+RUN=${RUN:-runs/demo}
+WORKERS=${WORKERS:-2}
+
+echo "== 1/4 data prepare: all Amharic pretraining sources -> $RUN/data"
+fidellm data prepare "$RUN" --workers "$WORKERS" --overwrite
+
+echo "== 2/4 tokenizer train: 32K BPE with byte fallback -> $RUN/tokenizer"
+fidellm tokenizer train "$RUN" --vocab-size 32000 --sample-mb "${TOKENIZER_SAMPLE_MB:-40}"
+
+echo "== 3/4 tokenizer report: fertility and round trip on FLORES amh dev+devtest"
+fidellm tokenizer report "$RUN/tokenizer"
+
+echo "== 4/4 data tokenize: splits -> memory-mapped token shards in $RUN/tokens"
+fidellm data tokenize "$RUN" --workers "$WORKERS"
+
+echo
+echo "== summary"
+python - "$RUN" <<'EOF'
+import json, sys
+from pathlib import Path
+
+run = Path(sys.argv[1])
+data = json.loads((run / "data" / "report.json").read_text())
+tok = json.loads((run / "tokenizer" / "report.json").read_text())
+t = data["totals"]
+print(f"data:      {t['kept_docs']:,} documents kept of {t['records_read']:,} read "
+      f"({t['kept_bytes'] / 1e6:.1f} MB); exact dup {data['dedup']['exact_rate']:.2%}, "
+      f"near dup {data['dedup']['near_rate']:.2%}; Amharic by language ID {data['language_id']['amharic_share']:.2%}")
+for row in tok["rows"]:
+    print(f"tokenizer: vocab {row['vocab_size']:,}: {row['tokens_per_word']:.3f} tokens/word, "
+          f"{row['bytes_per_token']:.2f} bytes/token, round trip {row['round_trip_rate']:.2%}")
+for split in ("train", "val", "test"):
+    meta = json.loads((run / "tokens" / split / "meta.json").read_text())
+    print(f"tokens:    {split}: {meta['n_docs']:,} documents, {meta['n_tokens']:,} tokens")
+print(f"reports:   {run}/data/report.md  {run}/tokenizer/report.md")
+EOF

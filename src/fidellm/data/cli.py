@@ -1,0 +1,122 @@
+"""`fidellm data …`: prepare, tokenize, download, sources."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+DATA_DIR_OPTION = click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Data directory (default: $FIDELLM_DATA, else ../shared/data).",
+)
+
+
+@click.group()
+def data() -> None:
+    """Data stage: raw sources -> clean, deduplicated, decontaminated splits -> token shards."""
+
+
+@data.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@DATA_DIR_OPTION
+@click.option(
+    "--config", "config_path", type=click.Path(dir_okay=False, path_type=Path), help="YAML overrides."
+)
+@click.option(
+    "--sources", help="Comma-separated registry sources to read (default: every pretraining source)."
+)
+@click.option("--open-licences-only", is_flag=True, help="Keep only sources under open licences.")
+@click.option("--workers", type=int, help="Parallel worker processes (default from config: 2).")
+@click.option("--overwrite", is_flag=True, help="Replace RUN_DIR/data if it exists.")
+@click.option(
+    "--verbose", is_flag=True, help="Show datatrove's per-task logs instead of writing them to logs/."
+)
+def prepare(
+    run_dir: Path,
+    data_dir: Path | None,
+    config_path: Path | None,
+    sources: str | None,
+    open_licences_only: bool,
+    workers: int | None,
+    overwrite: bool,
+    verbose: bool,
+) -> None:
+    """Normalize, filter, deduplicate, decontaminate and split the Amharic sources into RUN_DIR/data.
+
+    Writes splits/{train,val,test}/*.jsonl.gz, dropped/<reason>/ (every removed document), rejected/
+    (unreadable records with file:line) and report.{md,json,png}.
+    """
+    from fidellm.data.config import load_prepare_config
+    from fidellm.data.pipeline import prepare as run_prepare
+    from fidellm.paths import resolve_data_dir
+
+    config = load_prepare_config(config_path)
+    if sources:
+        config.sources.include = [s.strip() for s in sources.split(",") if s.strip()]
+    if open_licences_only:
+        config.sources.licence_families = ["open"]
+    if workers:
+        config.workers = config.tasks = workers
+    config.validate()
+    report = run_prepare(run_dir, resolve_data_dir(data_dir), config, overwrite=overwrite, quiet=not verbose)
+    totals = report["totals"]
+    click.echo(
+        f"kept {totals['kept_docs']:,} documents ({totals['kept_bytes'] / 1e6:.1f} MB) of "
+        f"{totals['records_read']:,} read; dropped {totals['dropped']:,}, rejected {totals['rejected']:,}. "
+        f"Exact dup rate {report['dedup']['exact_rate']:.2%}, "
+        f"near dup rate {report['dedup']['near_rate']:.2%}."
+    )
+    click.echo(f"report: {Path(run_dir) / 'data' / 'report.md'}")
+
+
+@data.command()
+@click.argument("run_dir", type=click.Path(file_okay=False, path_type=Path))
+@click.option(
+    "--tokenizer",
+    "tokenizer_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Tokenizer directory (default: RUN_DIR/tokenizer).",
+)
+@click.option("--workers", type=int, default=2, show_default=True, help="Parallel encoding processes.")
+def tokenize(run_dir: Path, tokenizer_dir: Path | None, workers: int) -> None:
+    """Encode RUN_DIR/data/splits into memory-mappable token shards in RUN_DIR/tokens."""
+    from fidellm.tokenizer.shards import tokenize_splits
+
+    summary = tokenize_splits(run_dir, tokenizer_dir=tokenizer_dir, workers=workers)
+    for split, info in summary.items():
+        click.echo(f"{split}: {info['n_docs']:,} documents, {info['n_tokens']:,} tokens")
+
+
+@data.command()
+@DATA_DIR_OPTION
+@click.option("--sources", help="Comma-separated registry sources (default: all).")
+@click.option(
+    "--retries", type=int, default=4, show_default=True, help="Attempts per file on transient errors."
+)
+def download(data_dir: Path | None, sources: str | None, retries: int) -> None:
+    """Fetch the public sources from their canonical URLs into DATA_DIR, verifying sha256."""
+    import os
+
+    from fidellm.data.download import download_sources
+    from fidellm.errors import FidelError
+    from fidellm.paths import DATA_ENV
+
+    target = data_dir or (Path(os.environ[DATA_ENV]) if os.environ.get(DATA_ENV) else None)
+    if target is None:
+        raise FidelError(f"download needs --data-dir or ${DATA_ENV} to say where to write")
+    names = [s.strip() for s in sources.split(",")] if sources else None
+    report = download_sources(target, names=names, retries=retries)
+    click.echo(str(report))
+
+
+@data.command(name="sources")
+@click.option("--registry", type=click.Path(dir_okay=False, path_type=Path), help="Extra user registry YAML.")
+def list_sources(registry: Path | None) -> None:
+    """List the registry: every source with its section, format and licence."""
+    from fidellm.data.sources import load_registry
+
+    for name, spec in load_registry(registry).items():
+        click.echo(f"{name:34s} {spec.section:9s} {spec.license_family:13s} {spec.license}")

@@ -1,0 +1,142 @@
+"""Configuration of `fidellm data prepare`: every threshold in one YAML-loadable dataclass.
+
+Defaults are the values measured on the shared Amharic corpora (see benchmarks/RESULTS.md and the data
+report); a YAML file given with `--config` overrides any subset of them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from fidellm.errors import FidelError
+
+
+@dataclass
+class SourceSelection:
+    """Which registry sources to read and how much each counts."""
+
+    include: list[str] | None = None  # None: every `pretrain` source of the registry
+    exclude: list[str] = field(default_factory=list)
+    licence_families: list[str] | None = None  # e.g. ["open"]; None keeps all
+    weights: dict[str, float] = field(default_factory=dict)  # source -> sampling weight (tokenize stage)
+    extra_registry: str | None = None  # a user YAML with more sources (same fields as the packaged one)
+
+
+@dataclass
+class NormalizeConfig:
+    fold_homophones: bool = False  # off for training text; dedup and decontamination keys always fold
+    fold_labialized: bool = False
+
+
+@dataclass
+class BoilerplateConfig:
+    """A line is boilerplate when its shape (digits masked) occurs in at least `min_docs` documents."""
+
+    enabled: bool = True
+    min_docs: int = 10
+    max_line_chars: int = 200  # longer lines are never treated as boilerplate
+    drop_non_text_lines: bool = True  # lines with no letter at all: page numbers, '***', separators
+
+
+@dataclass
+class FilterConfig:
+    min_ethiopic_share: float = 0.5
+    languages: list[str] = field(default_factory=lambda: ["am"])
+    min_chars: int = 20
+    min_words: int = 3
+    min_quality: float = 20.0
+
+
+@dataclass
+class DedupConfig:
+    exact: bool = True
+    near: bool = True
+    n_grams: int = 5
+    num_buckets: int = 14
+    hashes_per_bucket: int = 8
+    seed: int = 1
+
+
+@dataclass
+class DecontamConfig:
+    enabled: bool = True
+    sets: list[str] | None = None  # None: every eval set in the registry
+    n: int = 8
+    max_contaminated_fraction: float = 0.5
+
+
+@dataclass
+class SplitConfig:
+    val_fraction: float = 0.01
+    test_fraction: float = 0.01
+    seed: str = "fidellm"
+
+
+@dataclass
+class PrepareConfig:
+    sources: SourceSelection = field(default_factory=SourceSelection)
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    boilerplate: BoilerplateConfig = field(default_factory=BoilerplateConfig)
+    filters: FilterConfig = field(default_factory=FilterConfig)
+    dedup: DedupConfig = field(default_factory=DedupConfig)
+    decontam: DecontamConfig = field(default_factory=DecontamConfig)
+    split: SplitConfig = field(default_factory=SplitConfig)
+    tasks: int = 2
+    workers: int = 2
+
+    def validate(self) -> PrepareConfig:
+        split = self.split
+        if not (0 <= split.val_fraction < 1 and 0 <= split.test_fraction < 1):
+            raise FidelError("split fractions must lie in [0, 1)")
+        if split.val_fraction + split.test_fraction >= 1:
+            raise FidelError("split: val_fraction + test_fraction must be < 1")
+        if self.tasks < 1 or self.workers < 1:
+            raise FidelError("tasks and workers must be >= 1")
+        if not 0 <= self.filters.min_quality <= 100:
+            raise FidelError("filters.min_quality must lie in [0, 100]")
+        bad = {w for w in self.sources.weights.values() if not isinstance(w, (int, float)) or w < 0}
+        if bad:
+            raise FidelError(f"sources.weights must be numbers >= 0, got {sorted(map(str, bad))}")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _build(cls: type, values: Any, where: str) -> Any:
+    """Instantiate dataclass `cls` from a mapping, naming unknown keys precisely."""
+    if not isinstance(values, dict):
+        raise FidelError(f"{where}: expected a mapping, got {type(values).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        raise FidelError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    kwargs = {}
+    for name, value in values.items():
+        default = (
+            known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING else None
+        )
+        if dataclasses.is_dataclass(default):
+            kwargs[name] = _build(type(default), value, f"{where}.{name}")
+        else:
+            kwargs[name] = value
+    return cls(**kwargs)
+
+
+def load_prepare_config(path: str | Path | None) -> PrepareConfig:
+    """The defaults, overridden by the YAML file at `path` if given."""
+    if path is None:
+        return PrepareConfig().validate()
+    path = Path(path)
+    if not path.is_file():
+        raise FidelError(f"config file {path} does not exist")
+    try:
+        values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as error:
+        raise FidelError(f"{path}: invalid YAML: {error}") from None
+    return _build(PrepareConfig, values, str(path)).validate()

@@ -1,0 +1,372 @@
+"""`fidellm data prepare`: the data stages assembled as datatrove pipelines.
+
+Stages (each a datatrove pipeline, run one after another; at scale each becomes a Slurm/Ray job chained
+with `depends=`, see README "Scaling out"):
+
+1. count    sources -> normalize -> line-shape document frequencies + exact-duplicate keys
+2. filter   sources -> normalize -> exact dedup -> boilerplate -> decontaminate -> script / language /
+            length / quality filters -> work/filtered
+3. minhash  signatures, 4. buckets, 5. clusters (datatrove's MinHash LSH with an Amharic word tokenizer)
+6. split    work/filtered -> drop near duplicates -> train/val/test by a hash of the document id -> splits/
+
+Every document that leaves the pipeline is accounted for: kept (splits/), dropped with a reason
+(dropped/<reason>/), or rejected as unreadable (rejected/, with file:line). The report checks that
+read = kept + dropped + rejected for every source.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from datatrove.data import DocumentsPipeline
+from datatrove.executor import LocalPipelineExecutor
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.dedup.minhash import (
+    MinhashDedupBuckets,
+    MinhashDedupCluster,
+    MinhashDedupFilter,
+    MinhashDedupSignature,
+)
+from datatrove.pipeline.readers import JsonlReader
+from datatrove.pipeline.writers import JsonlWriter
+
+from fidellm.data.amharic import normalize
+from fidellm.data.boilerplate import BoilerplateRemover, CorpusCounter, ExactDedup
+from fidellm.data.config import PrepareConfig, SplitConfig
+from fidellm.data.decontam import Decontaminate
+from fidellm.data.dedup import AmharicWordTokenizer, minhash_config
+from fidellm.data.filters import LanguageFilter, LengthFilter, QualityFilter, ScriptFilter
+from fidellm.data.readers import Rejection
+from fidellm.data.sources import SourceSpec, iter_documents, load_registry, select_sources
+from fidellm.errors import FidelError
+from fidellm.paths import RunLayout
+
+SPLITS = ("train", "val", "test")
+
+
+class SourceReader(PipelineStep):
+    """Reads the selected registry sources, sharded by record across ranks; logs rejections with file:line."""
+
+    name = "📖 registry sources"
+    type = "📖 - READER"
+
+    def __init__(
+        self,
+        specs: list[SourceSpec],
+        data_dir: Path,
+        weights: dict[str, float],
+        rejected_folder: Path | None = None,
+        accounting_folder: Path | None = None,
+    ):
+        super().__init__()
+        self.specs = specs
+        self.data_dir = Path(data_dir)
+        self.weights = weights
+        self.rejected_folder = rejected_folder
+        self.accounting_folder = accounting_folder
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        counts: dict[str, Counter[str]] = defaultdict(Counter)
+        rejected = _open_jsonl(self.rejected_folder, rank)
+        try:
+            for spec in self.specs:
+                for item in iter_documents(spec, self.data_dir, rank=rank, world_size=world_size):
+                    if isinstance(item, Rejection):
+                        counts[spec.name]["rejected"] += 1
+                        self.stat_update(f"rejected_{spec.name}")
+                        if rejected is not None:
+                            rejected.write(json.dumps(asdict(item), ensure_ascii=False, default=str) + "\n")
+                        continue
+                    counts[spec.name]["documents"] += 1
+                    self.stat_update(f"read_{spec.name}")
+                    if spec.name in self.weights:
+                        item.metadata["weight"] = float(self.weights[spec.name])
+                    yield item
+        finally:
+            if rejected is not None:
+                rejected.close()
+        if self.accounting_folder is not None:
+            self.accounting_folder.mkdir(parents=True, exist_ok=True)
+            (self.accounting_folder / f"{rank:05d}.json").write_text(json.dumps(counts))
+
+
+def _open_jsonl(folder: Path | None, rank: int):
+    if folder is None:
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    return open(folder / f"{rank:05d}.jsonl", "w", encoding="utf-8")
+
+
+class Normalize(PipelineStep):
+    """The Amharic normalizer applied to every document; documents left empty are dropped as `empty`."""
+
+    name = "🔤 amharic normalize"
+    type = "✂️ - FORMAT"
+
+    def __init__(
+        self, fold_homophones: bool, fold_labialized: bool, exclusion_writer: JsonlWriter | None = None
+    ):
+        super().__init__()
+        self.fold_homophones = fold_homophones
+        self.fold_labialized = fold_labialized
+        self.exclusion_writer = exclusion_writer
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        with self.exclusion_writer or contextlib.nullcontext() as writer:
+            for doc in data:
+                with self.track_time():
+                    doc.text = normalize(
+                        doc.text, fold_homophones=self.fold_homophones, fold_labialized=self.fold_labialized
+                    ).strip()
+                if not doc.text:
+                    self.stat_update("dropped_empty")
+                    doc.metadata["filter_reason"] = "empty"
+                    if writer is not None:
+                        writer.write(doc, rank)
+                    continue
+                yield doc
+
+
+def split_of(doc_id: str, config: SplitConfig) -> str:
+    """train / val / test from a hash of the document id: stable across runs, machines and worker counts."""
+    digest = hashlib.blake2b(f"{config.seed}:{doc_id}".encode(), digest_size=8).digest()
+    u = int.from_bytes(digest, "little") / 2**64
+    if u < config.test_fraction:
+        return "test"
+    if u < config.test_fraction + config.val_fraction:
+        return "val"
+    return "train"
+
+
+class SplitAssigner(PipelineStep):
+    name = "🪓 document split"
+    type = "🔻 - FILTER"
+
+    def __init__(self, config: SplitConfig):
+        super().__init__()
+        self.config = config
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            doc.metadata["split"] = split_of(doc.id, self.config)
+            self.stat_update(f"split_{doc.metadata['split']}")
+            yield doc
+
+
+@dataclass
+class Stage:
+    name: str
+    pipeline: list[PipelineStep]
+    tasks: int
+
+
+class PrepareLayout:
+    """Paths of `fidellm data prepare` inside RUN/data."""
+
+    def __init__(self, run_dir: str | Path):
+        self.root = RunLayout(run_dir).data
+        self.work = self.root / "work"
+        self.splits = self.root / "splits"
+        self.dropped = self.root / "dropped"
+        self.rejected = self.root / "rejected"
+        self.logs = self.root / "logs"
+        self.counts = self.work / "counts"
+        self.read_counts = self.work / "read"
+        self.filtered = self.work / "filtered"
+        self.minhash = self.work / "minhash"
+        self.boilerplate_examples = self.work / "boilerplate"
+
+    def dropped_writer(self, reason: str) -> JsonlWriter:
+        return JsonlWriter(str(self.dropped / reason), output_filename="${rank}.jsonl.gz")
+
+
+def build_stages(
+    layout: PrepareLayout, data_dir: Path, specs: list[SourceSpec], config: PrepareConfig
+) -> list[Stage]:
+    """The pipelines of `data prepare`, for any datatrove executor (local here; Slurm/Ray at scale)."""
+    weights = config.sources.weights
+    norm = config.normalize
+    filters = config.filters
+    tasks = config.tasks
+
+    def reader(final: bool) -> SourceReader:
+        if not final:
+            return SourceReader(specs, data_dir, weights)
+        return SourceReader(specs, data_dir, weights, layout.rejected, layout.read_counts)
+
+    filter_steps: list[PipelineStep] = [
+        reader(final=True),
+        Normalize(norm.fold_homophones, norm.fold_labialized, layout.dropped_writer("empty")),
+    ]
+    if config.dedup.exact:
+        filter_steps.append(ExactDedup(layout.counts, layout.dropped_writer("exact_duplicate")))
+    if config.boilerplate.enabled or config.boilerplate.drop_non_text_lines:
+        filter_steps.append(
+            BoilerplateRemover(layout.counts, layout.boilerplate_examples, config.boilerplate)
+        )
+    if config.decontam.enabled:
+        filter_steps.append(
+            Decontaminate(
+                data_dir=data_dir,
+                sets=config.decontam.sets,
+                n=config.decontam.n,
+                max_contaminated_fraction=config.decontam.max_contaminated_fraction,
+                exclusion_writer=layout.dropped_writer("contaminated"),
+            )
+        )
+    filter_steps += [
+        ScriptFilter(
+            min_ethiopic_share=filters.min_ethiopic_share, exclusion_writer=layout.dropped_writer("script")
+        ),
+        LanguageFilter(expected=tuple(filters.languages), exclusion_writer=layout.dropped_writer("language")),
+        LengthFilter(
+            min_chars=filters.min_chars,
+            min_words=filters.min_words,
+            exclusion_writer=layout.dropped_writer("length"),
+        ),
+        QualityFilter(min_score=filters.min_quality, exclusion_writer=layout.dropped_writer("quality")),
+        JsonlWriter(str(layout.filtered), output_filename="${rank}.jsonl.gz", compression=None),
+    ]
+
+    stages = [
+        Stage(
+            "count",
+            [
+                reader(final=False),
+                Normalize(norm.fold_homophones, norm.fold_labialized),
+                CorpusCounter(layout.counts, config.boilerplate),
+            ],
+            tasks,
+        ),
+        Stage("filter", filter_steps, tasks),
+    ]
+
+    def filtered_reader() -> JsonlReader:
+        return JsonlReader(str(layout.filtered), compression=None, add_file_path=False)
+
+    final: list[PipelineStep] = [filtered_reader()]
+    if config.dedup.near:
+        mh = minhash_config(config.dedup)
+        stages += [
+            Stage(
+                "minhash",
+                [
+                    filtered_reader(),
+                    MinhashDedupSignature(str(layout.minhash / "sigs"), mh, AmharicWordTokenizer()),
+                ],
+                tasks,
+            ),
+            Stage(
+                "buckets",
+                [MinhashDedupBuckets(str(layout.minhash / "sigs"), str(layout.minhash / "buckets"), mh)],
+                mh.num_buckets,
+            ),
+            Stage(
+                "clusters",
+                [MinhashDedupCluster(str(layout.minhash / "buckets"), str(layout.minhash / "remove"), mh)],
+                1,
+            ),
+        ]
+        final.append(
+            MinhashDedupFilter(str(layout.minhash / "remove"), layout.dropped_writer("near_duplicate"))
+        )
+    final += [
+        SplitAssigner(config.split),
+        JsonlWriter(str(layout.splits), output_filename="${split}/${rank}.jsonl.gz"),
+    ]
+    stages.append(Stage("split", final, tasks))
+    return stages
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path, enabled: bool) -> Iterator[None]:
+    """Send datatrove's per-task logging (fd 2, inherited by workers) to a file unless verbose."""
+    if not enabled:
+        yield
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saved = os.dup(2)
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def run_stages(
+    stages: list[Stage], layout: PrepareLayout, workers: int, quiet: bool = True
+) -> dict[str, float]:
+    """Run the stages one after another with datatrove's local executor; returns wall seconds per stage."""
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    timings: dict[str, float] = {}
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), transient=False
+    ) as bar:
+        for index, stage in enumerate(stages, 1):
+            task = bar.add_task(f"[{index}/{len(stages)}] {stage.name}", total=1)
+            start = time.perf_counter()
+            executor = LocalPipelineExecutor(
+                pipeline=stage.pipeline,
+                tasks=stage.tasks,
+                workers=min(workers, stage.tasks),
+                logging_dir=str(layout.logs / stage.name),
+                skip_completed=False,
+            )
+            try:
+                with _stderr_to(layout.logs / "datatrove.log", quiet):
+                    executor.run()
+            except FidelError:
+                raise
+            except Exception as error:  # a worker failed: point at its log rather than dumping a traceback
+                raise FidelError(
+                    f"data prepare stage '{stage.name}' failed ({type(error).__name__}: {error}); "
+                    f"see {layout.logs / stage.name / 'logs'}"
+                ) from None
+            timings[stage.name] = time.perf_counter() - start
+            bar.update(task, completed=1)
+    return timings
+
+
+def prepare(
+    run_dir: str | Path,
+    data_dir: Path,
+    config: PrepareConfig,
+    overwrite: bool = False,
+    quiet: bool = True,
+) -> dict:
+    """Run `data prepare` into RUN/data and write its report; returns the report as a dict."""
+    from fidellm.data.report import write_report
+
+    layout = PrepareLayout(run_dir)
+    if layout.root.exists():
+        if not overwrite:
+            raise FidelError(f"{layout.root} already exists; pass --overwrite to replace it")
+        shutil.rmtree(layout.root)
+    registry = load_registry(config.sources.extra_registry)
+    sel = config.sources
+    specs = select_sources(
+        registry, names=sel.include, licence_families=sel.licence_families, exclude=sel.exclude
+    )
+    if not specs:
+        raise FidelError(
+            "no source selected: check sources.include / exclude / licence_families in the config"
+        )
+    unknown = sorted(set(sel.weights) - {spec.name for spec in specs})
+    if unknown:
+        raise FidelError(f"sources.weights names source(s) not selected: {unknown}")
+    layout.root.mkdir(parents=True)
+    stages = build_stages(layout, data_dir, specs, config)
+    timings = run_stages(stages, layout, config.workers, quiet=quiet)
+    return write_report(layout, specs, config, data_dir, timings)
