@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -98,7 +99,6 @@ def tokenize(run_dir: Path, tokenizer_dir: Path | None, workers: int) -> None:
 )
 def download(data_dir: Path | None, sources: str | None, retries: int) -> None:
     """Fetch the public sources from their canonical URLs into DATA_DIR, verifying sha256."""
-    import os
 
     from fidellm.data.download import download_sources
     from fidellm.errors import FidelError
@@ -109,7 +109,8 @@ def download(data_dir: Path | None, sources: str | None, retries: int) -> None:
         raise FidelError(f"download needs --data-dir or ${DATA_ENV} to say where to write")
     names = [s.strip() for s in sources.split(",")] if sources else None
     report = download_sources(target, names=names, retries=retries)
-    click.echo(str(report))
+    click.echo(report.lines()[-1])
+    report.raise_on_failure()
 
 
 @data.command(name="sources")

@@ -1,0 +1,597 @@
+"""Format readers: plain, .zst and .gz files → records or `Rejection`s, streamed, never silently lossy.
+
+Every reader yields `RawRecord(line, key, fields)` for the records its caller owns and `Rejection` for owned
+records that cannot be used (bad JSON, bad UTF-8, wrong column count). Ownership is decided by the `mine`
+callback, called exactly once per record in file order *before* the record is decoded where the format allows
+it (jsonl, txt, conll), so that a rank of a sharded read only pays for its own records. File-level problems
+(missing, empty, corrupt compressed stream, missing csv column, malformed json/xml file) raise `FidelError`.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import io
+import json
+import re
+import sys
+import tempfile
+import xml.etree.ElementTree as ET
+import zlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import zstandard
+
+from fidellm.errors import FidelError
+
+SUPPORTED_FORMATS = ("jsonl", "json", "txt", "csv", "tsv", "parquet", "xml", "conll", "squad")
+COMPRESSED_SUFFIXES = (".zst", ".gz")
+TXT_UNITS = ("file", "paragraph", "line")
+FORMAT_OPTIONS: dict[str, frozenset[str]] = {
+    "jsonl": frozenset(),
+    "json": frozenset({"records"}),
+    "txt": frozenset(),
+    "csv": frozenset({"delimiter", "header", "columns", "quoting"}),
+    "tsv": frozenset({"delimiter", "header", "columns", "quoting"}),
+    "parquet": frozenset({"batch_size"}),
+    "xml": frozenset({"record_tag"}),
+    "conll": frozenset({"column"}),
+    "squad": frozenset({"parts"}),
+}
+CHUNK = 1 << 20
+ZSTD_INPUT = 1 << 16  # compressed bytes per step: output per step stays ~ratio x 64 KiB (~0.5 MB for text)
+_SURROGATE = re.compile("[\udc80-\udcff]")
+
+Mine = Callable[[], bool]
+
+
+@dataclass(frozen=True)
+class Rejection:
+    """A record that could not be used: where it is, and why (reason is a short machine-readable name)."""
+
+    source: str
+    path: str
+    line: int | None
+    reason: str
+    detail: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}:{self.line}" if self.line is not None else self.path
+        return f"{self.source}: {where}: {self.reason}: {self.detail}"
+
+
+@dataclass
+class RawRecord:
+    """One parsed record: its first line in the file (1-based; row number for parquet; None where unknown),
+    a per-file key (the 0-based record index, or the SQuAD part id like `ctx3`), and its fields."""
+
+    line: int | None
+    key: str
+    fields: dict[str, Any] = field(default_factory=dict)
+
+
+def supported_formats_message() -> str:
+    """The list of formats, for error messages."""
+    return "supported formats: " + ", ".join(SUPPORTED_FORMATS)
+
+
+def logical_name(path: Path) -> str:
+    """The file name without a compression suffix (`x.jsonl.zst` → `x.jsonl`)."""
+    name = path.name
+    for suffix in COMPRESSED_SUFFIXES:
+        if name.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+# ---------------------------------------------------------------------------------------------- byte streams
+
+
+def _zstd_chunks(handle: io.BufferedIOBase, path: Path) -> Iterator[bytes]:
+    """Stream-decompress every zstd frame; a truncated last frame is an error (zstandard is silent on it)."""
+    decompressor = zstandard.ZstdDecompressor()
+    obj = decompressor.decompressobj()
+    pending = False
+    while True:
+        data = handle.read(ZSTD_INPUT)
+        if not data:
+            break
+        while data:
+            out = obj.decompress(data)
+            pending = True
+            if out:
+                yield out
+            if obj.eof:
+                data = obj.unused_data
+                obj = decompressor.decompressobj()
+                pending = False
+            else:
+                data = b""
+    if pending:
+        raise FidelError(f"{path}: corrupt zstd file (truncated: the last frame does not end)")
+
+
+def iter_chunks(path: Path) -> Iterator[bytes]:
+    """Yield the uncompressed bytes of `path` in chunks (.zst and .gz decompressed on the fly).
+
+    Raises FidelError if the file is empty or its compressed stream is corrupt or truncated.
+    """
+    empty = True
+    try:
+        with open(path, "rb") as handle:
+            if path.name.endswith(".zst"):
+                chunks: Iterable[bytes] = _zstd_chunks(handle, path)
+            elif path.name.endswith(".gz"):
+                gz = gzip.GzipFile(fileobj=handle)
+                chunks = iter(lambda: gz.read(CHUNK), b"")
+            else:
+                chunks = iter(lambda: handle.read(CHUNK), b"")
+            for chunk in chunks:
+                if chunk:
+                    empty = False
+                    yield chunk
+    except FileNotFoundError as error:
+        raise FidelError(f"{path} does not exist") from error
+    except (zstandard.ZstdError, gzip.BadGzipFile, EOFError, zlib.error) as error:
+        kind = "zstd" if path.name.endswith(".zst") else "gzip"
+        raise FidelError(f"{path}: corrupt {kind} file ({error})") from error
+    if empty:
+        raise FidelError(f"{path} is empty")
+
+
+def read_bytes(path: Path) -> bytes:
+    """The whole uncompressed content (for formats that need the whole file: json, squad)."""
+    return b"".join(iter_chunks(path))
+
+
+def iter_raw_lines(path: Path) -> Iterator[bytes]:
+    """Yield the lines of `path` as bytes without their line terminator (\\n or \\r\\n)."""
+    rest = b""
+    for chunk in iter_chunks(path):
+        parts = (rest + chunk).split(b"\n")
+        rest = parts.pop()
+        for part in parts:
+            yield part[:-1] if part.endswith(b"\r") else part
+    if rest:
+        yield rest[:-1] if rest.endswith(b"\r") else rest
+
+
+def decode_line(raw: bytes) -> str | None:
+    """Strict UTF-8 decoding of one line; None when the bytes are not UTF-8 (never replaced silently)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def _bad_utf8(source: str, path: Path, line: int, raw: bytes) -> Rejection:
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError as error:
+        detail = f"bytes at column {error.start + 1} are not UTF-8 ({error.reason})"
+    return Rejection(source, str(path), line, "invalid_utf8", detail)
+
+
+# ---------------------------------------------------------------------------------------------- line formats
+
+
+def read_jsonl(path: Path, source: str, mine: Mine) -> Iterator[RawRecord | Rejection]:
+    """One JSON object per line; blank lines are not records. Decoding happens only for owned lines."""
+    index = 0
+    for number, raw in enumerate(iter_raw_lines(path), start=1):
+        if not raw.strip():
+            continue
+        key, index = str(index), index + 1
+        if not mine():
+            continue
+        text = decode_line(raw)
+        if text is None:
+            yield _bad_utf8(source, path, number, raw)
+            continue
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as error:
+            yield Rejection(source, str(path), number, "invalid_json", f"{error.msg} at column {error.colno}")
+            continue
+        if not isinstance(value, dict):
+            kind = type(value).__name__
+            yield Rejection(source, str(path), number, "not_an_object", f"a JSON {kind}, not an object")
+            continue
+        yield RawRecord(number, key, value)
+
+
+def _blocks(path: Path) -> Iterator[tuple[int, list[bytes]]]:
+    """Blank-line separated blocks of raw lines, with the 1-based number of each block's first line."""
+    block: list[bytes] = []
+    start = 0
+    for number, raw in enumerate(iter_raw_lines(path), start=1):
+        if raw.strip():
+            if not block:
+                start = number
+            block.append(raw)
+        elif block:
+            yield start, block
+            block = []
+    if block:
+        yield start, block
+
+
+def _decode_block(source: str, path: Path, start: int, block: list[bytes]) -> str | Rejection:
+    lines = []
+    for offset, raw in enumerate(block):
+        text = decode_line(raw)
+        if text is None:
+            return _bad_utf8(source, path, start + offset, raw)
+        lines.append(text)
+    return "\n".join(lines)
+
+
+def read_txt(path: Path, source: str, mine: Mine, unit: str) -> Iterator[RawRecord | Rejection]:
+    """Plain text: the whole file, blank-line separated paragraphs or single lines become field `text`."""
+    if unit == "file":
+        if mine():
+            raw_lines = list(iter_raw_lines(path))
+            decoded = _decode_block(source, path, 1, raw_lines)
+            yield decoded if isinstance(decoded, Rejection) else RawRecord(1, "0", {"text": decoded})
+        return
+    if unit == "paragraph":
+        for index, (start, block) in enumerate(_blocks(path)):
+            if mine():
+                decoded = _decode_block(source, path, start, block)
+                yield (
+                    decoded
+                    if isinstance(decoded, Rejection)
+                    else RawRecord(start, str(index), {"text": decoded})
+                )
+        return
+    if unit != "line":
+        raise FidelError(f"{path}: unknown txt unit {unit!r}; choose one of {', '.join(TXT_UNITS)}")
+    for index, raw in enumerate(iter_raw_lines(path)):
+        if mine():
+            text = decode_line(raw)
+            if text is None:
+                yield _bad_utf8(source, path, index + 1, raw)
+            else:
+                yield RawRecord(index + 1, str(index), {"text": text})
+
+
+def read_conll(path: Path, source: str, mine: Mine, column: int = 0) -> Iterator[RawRecord | Rejection]:
+    """CoNLL: one token per line (whitespace-separated columns), sentences separated by blank lines.
+
+    Fields: `tokens`, `tags` (last column) and `text` (tokens joined by single spaces). -DOCSTART- lines are
+    document markers, not sentences.
+    """
+    index = 0
+    for start, block in _blocks(path):
+        if block[0].startswith(b"-DOCSTART-"):
+            block = block[1:]
+            start += 1
+            if not block:
+                continue
+        key, index = str(index), index + 1
+        if not mine():
+            continue
+        decoded = _decode_block(source, path, start, block)
+        if isinstance(decoded, Rejection):
+            yield decoded
+            continue
+        rows = [line.split() for line in decoded.split("\n")]
+        short = next((i for i, row in enumerate(rows) if len(row) <= column), None)
+        if short is not None:
+            detail = f"token line has {len(rows[short])} columns, column {column} wanted"
+            yield Rejection(source, str(path), start + short, "bad_row", detail)
+            continue
+        tokens = [row[column] for row in rows]
+        yield RawRecord(
+            start, key, {"tokens": tokens, "tags": [row[-1] for row in rows], "text": " ".join(tokens)}
+        )
+
+
+# ---------------------------------------------------------------------------------------------- csv / tsv
+
+
+def _missing_columns(path: Path, missing: list[str], found: list[str]) -> FidelError:
+    wanted = ", ".join(repr(m) for m in missing)
+    return FidelError(f"{path}: column {wanted} not found; columns: {', '.join(found) or '(none)'}")
+
+
+def _set_csv_limit() -> None:
+    """Allow fields as large as the platform permits (one news article per cell exceeds the 128 KiB limit)."""
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+
+
+def read_delimited(
+    path: Path, source: str, mine: Mine, options: dict[str, Any], default_delimiter: str, required: list[str]
+) -> Iterator[RawRecord | Rejection]:
+    """csv/tsv with Python's csv module (quoted fields may span lines). Every line is decoded strictly; a row
+    touching a line that is not UTF-8 is rejected. The `required` columns must exist in the header."""
+    _set_csv_limit()
+    bad_lines: dict[int, bytes] = {}
+
+    def text_lines() -> Iterator[str]:
+        for number, raw in enumerate(iter_raw_lines(path), start=1):
+            text = decode_line(raw)
+            if text is None:
+                bad_lines[number] = raw
+                text = raw.decode("utf-8", errors="replace")
+            yield text + "\n"
+
+    quoting = csv.QUOTE_NONE if options.get("quoting") == "none" else csv.QUOTE_MINIMAL
+    reader = csv.reader(text_lines(), delimiter=options.get("delimiter", default_delimiter), quoting=quoting)
+    if options.get("header", True):
+        header = next(reader, None)
+        if header is None:
+            raise FidelError(f"{path} is empty")
+        header_end = reader.line_num
+    elif options.get("columns"):
+        header, header_end = list(options["columns"]), 0
+    else:
+        raise FidelError(f"{path}: header: false needs options.columns (the column names)")
+    if 1 in bad_lines and header_end:
+        raise FidelError(f"{path}:1: the header line is not UTF-8")
+    missing = [name for name in required if name not in header]
+    if missing:
+        raise _missing_columns(path, missing, header)
+    previous_end = header_end
+    for index, row in enumerate(reader):
+        start, end = previous_end + 1, reader.line_num
+        previous_end = end
+        if not mine():
+            continue
+        bad = next((n for n in range(start, end + 1) if n in bad_lines), None)
+        if bad is not None:
+            yield _bad_utf8(source, path, bad, bad_lines[bad])
+        elif len(row) != len(header):
+            detail = f"{len(row)} fields, the header has {len(header)}"
+            yield Rejection(source, str(path), start, "bad_row", detail)
+        else:
+            yield RawRecord(start, str(index), dict(zip(header, row, strict=True)))
+
+
+# ---------------------------------------------------------------------------------------------- json / squad
+
+
+def _decode_document(path: Path) -> str:
+    """The whole file as text; bytes that are not UTF-8 become lone surrogates so the records holding them
+    can be found and rejected (never silently replaced)."""
+    return read_bytes(path).decode("utf-8", errors="surrogateescape")
+
+
+def _json_error(path: Path, error: json.JSONDecodeError) -> FidelError:
+    return FidelError(f"{path}:{error.lineno}: malformed JSON: {error.msg} (column {error.colno})")
+
+
+def _iter_json_container(text: str, path: Path) -> Iterator[tuple[int, int, str | None, Any]]:
+    """(start, end, key, value) of each element of the top-level JSON array (or each key: value of the
+    top-level object), parsed one by one so every record knows where it lies in the text."""
+    decoder = json.JSONDecoder()
+    ws = re.compile(r"[ \t\n\r]*")
+    pos = ws.match(text, 0).end()
+    if pos >= len(text) or text[pos] not in "[{":
+        raise FidelError(f"{path}: the top-level JSON value is not an array or object")
+    is_object, close = text[pos] == "{", "}" if text[pos] == "{" else "]"
+    pos = ws.match(text, pos + 1).end()
+    try:
+        while not text.startswith(close, pos):
+            start, key = pos, None
+            if is_object:
+                key, pos = decoder.raw_decode(text, pos)
+                pos = ws.match(text, pos).end()
+                if not text.startswith(":", pos):
+                    raise json.JSONDecodeError("Expecting ':' delimiter", text, pos)
+                pos = ws.match(text, pos + 1).end()
+            value, pos = decoder.raw_decode(text, pos)
+            yield start, pos, key, value
+            pos = ws.match(text, pos).end()
+            if text.startswith(",", pos):
+                pos = ws.match(text, pos + 1).end()
+            elif not text.startswith(close, pos):
+                raise json.JSONDecodeError(f"Expecting ',' or '{close}'", text, pos)
+    except json.JSONDecodeError as error:
+        raise _json_error(path, error) from error
+    if text[pos + 1 :].strip():
+        raise _json_error(path, json.JSONDecodeError("Extra data", text, pos + 1))
+
+
+def read_json(
+    path: Path, source: str, mine: Mine, records: str | None = None
+) -> Iterator[RawRecord | Rejection]:
+    """A JSON array of objects, or an object whose values are objects (the key becomes field `_key`).
+    With `records: a.b`, the records are the array/object at that dotted path (lines then unknown)."""
+    text = _decode_document(path)
+    if records:
+        try:
+            text = json.dumps(get_path(json.loads(text), records), ensure_ascii=False)
+        except json.JSONDecodeError as error:
+            raise _json_error(path, error) from error
+        except KeyError as error:
+            raise FidelError(f"{path}: records path {records!r} not found") from error
+    pos, line = 0, 1
+    for index, (start, end, key, value) in enumerate(_iter_json_container(text, path)):
+        if not mine():
+            continue
+        line += text.count("\n", pos, start)
+        pos = start
+        bad = _SURROGATE.search(text, start, end)
+        if bad:
+            bad_line = None if records else line + text.count("\n", start, bad.start())
+            detail = f"record {index} holds bytes that are not UTF-8"
+            yield Rejection(source, str(path), bad_line, "invalid_utf8", detail)
+        elif not isinstance(value, dict):
+            detail = f"record {index} is a JSON {type(value).__name__}, not an object"
+            yield Rejection(source, str(path), None if records else line, "not_an_object", detail)
+        else:
+            fields = dict(value) if key is None else {"_key": key, **value}
+            yield RawRecord(None if records else line, str(index), fields)
+
+
+def read_squad(
+    path: Path, source: str, mine: Mine, parts: list[str] | None = None
+) -> Iterator[RawRecord | Rejection]:
+    """SQuAD json: contexts (`ctxK`), questions (`qK`) and answers (`aK`) as records with field `text`, `kind`
+    and `title`. A `paragraphs` value that is a single object instead of a list is accepted."""
+    wanted = set(parts or ("context", "question", "answer"))
+    text = _decode_document(path)
+    try:
+        document = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise _json_error(path, error) from error
+    articles = document.get("data") if isinstance(document, dict) else None
+    if not isinstance(articles, list):
+        raise FidelError(f"{path}: not SQuAD format (no top-level 'data' list)")
+    counts = {"context": 0, "question": 0, "answer": 0}
+    prefixes = {"context": "ctx", "question": "q", "answer": "a"}
+
+    def record(kind: str, value: Any, title: Any) -> Iterator[RawRecord | Rejection]:
+        key = f"{prefixes[kind]}{counts[kind]}"
+        counts[kind] += 1
+        if kind not in wanted or not mine():
+            return
+        if isinstance(value, str) and _SURROGATE.search(value):
+            yield Rejection(source, str(path), None, "invalid_utf8", f"{key} holds bytes that are not UTF-8")
+        else:
+            yield RawRecord(None, key, {"kind": kind, "text": value, "title": title, "id": key})
+
+    for number, article in enumerate(articles):
+        if not isinstance(article, dict):
+            raise FidelError(f"{path}: data[{number}] is not an object")
+        paragraphs = article.get("paragraphs", [])
+        for paragraph in [paragraphs] if isinstance(paragraphs, dict) else paragraphs:
+            yield from record("context", paragraph.get("context"), article.get("title"))
+            for qa in paragraph.get("qas", []):
+                yield from record("question", qa.get("question"), article.get("title"))
+                for answer in qa.get("answers", []):
+                    yield from record("answer", answer.get("text"), article.get("title"))
+
+
+# ---------------------------------------------------------------------------------------------- parquet / xml
+
+
+def read_parquet(
+    path: Path, source: str, mine: Mine, required: list[str], batch_size: int = 4096
+) -> Iterator[RawRecord | Rejection]:
+    """Parquet, read in batches of the needed columns (a .zst/.gz wrapper is spooled to a temp file)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    with tempfile.TemporaryFile() as spool:
+        if path.name.endswith(COMPRESSED_SUFFIXES):
+            for chunk in iter_chunks(path):
+                spool.write(chunk)
+            spool.seek(0)
+            target: Any = spool
+        else:
+            if not path.is_file() or path.stat().st_size == 0:
+                raise FidelError(f"{path} {'is empty' if path.is_file() else 'does not exist'}")
+            target = str(path)
+        try:
+            parquet = pq.ParquetFile(target)
+        except (pa.ArrowException, OSError) as error:
+            raise FidelError(f"{path}: not a readable parquet file ({error})") from error
+        names = parquet.schema_arrow.names
+        missing = [name for name in required if name not in names]
+        if missing:
+            raise _missing_columns(path, missing, names)
+        row = 0
+        for batch in parquet.iter_batches(batch_size=batch_size, columns=required or None):
+            for fields in batch.to_pylist():
+                row += 1
+                if mine():
+                    yield RawRecord(row, str(row - 1), fields)
+
+
+def _local(tag: str) -> str:
+    return tag.rsplit("}", 1)[-1]
+
+
+def read_xml(path: Path, source: str, mine: Mine, record_tag: str) -> Iterator[RawRecord | Rejection]:
+    """XML, streamed: each `record_tag` element is a record; fields are its attributes, the text of each child
+    element (by local tag name, first occurrence) and `_text` (all text inside the element)."""
+    parser = ET.XMLPullParser(events=("start", "end"))
+    bad_lines: dict[int, bytes] = {}
+    start_line, index, depth = 0, 0, 0
+    try:
+        for number, raw in enumerate(iter_raw_lines(path), start=1):
+            if decode_line(raw) is None:
+                bad_lines[number] = raw
+                raw = raw.decode("utf-8", errors="replace").encode("utf-8")
+            parser.feed(raw + b"\n")
+            for event, element in parser.read_events():
+                if _local(element.tag) != record_tag:
+                    continue
+                if event == "start":
+                    depth += 1
+                    if depth == 1:
+                        start_line = number
+                    continue
+                depth -= 1
+                if depth:
+                    continue
+                key, index = str(index), index + 1
+                if mine():
+                    bad = next((n for n in range(start_line, number + 1) if n in bad_lines), None)
+                    if bad is not None:
+                        yield _bad_utf8(source, path, bad, bad_lines[bad])
+                    else:
+                        fields: dict[str, Any] = {_local(k): v for k, v in element.attrib.items()}
+                        for child in element.iter():
+                            if child is not element:
+                                fields.setdefault(_local(child.tag), "".join(child.itertext()))
+                        fields["_text"] = "".join(element.itertext())
+                        yield RawRecord(start_line, key, fields)
+                element.clear()
+        parser.close()
+    except ET.ParseError as error:
+        line, column = error.position
+        raise FidelError(f"{path}:{line}: malformed XML, column {column} ({error})") from error
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
+
+def get_path(value: Any, dotted: str) -> Any:
+    """`a.b.0.c` lookup through dicts and lists; KeyError when any step is missing."""
+    for step in dotted.split("."):
+        if isinstance(value, dict) and step in value:
+            value = value[step]
+        elif isinstance(value, list) and step.isdigit() and int(step) < len(value):
+            value = value[int(step)]
+        else:
+            raise KeyError(step)
+    return value
+
+
+def read_records(
+    path: Path,
+    fmt: str,
+    source: str,
+    mine: Mine,
+    options: dict[str, Any] | None = None,
+    unit: str = "line",
+    required: list[str] | None = None,
+) -> Iterator[RawRecord | Rejection]:
+    """Dispatch to the reader for `fmt`. `required` lists columns that csv/tsv/parquet headers must have."""
+    options = options or {}
+    required = required or []
+    if fmt == "jsonl":
+        return read_jsonl(path, source, mine)
+    if fmt == "json":
+        return read_json(path, source, mine, options.get("records"))
+    if fmt == "txt":
+        return read_txt(path, source, mine, unit)
+    if fmt in ("csv", "tsv"):
+        return read_delimited(path, source, mine, options, "," if fmt == "csv" else "\t", required)
+    if fmt == "parquet":
+        return read_parquet(path, source, mine, required, int(options.get("batch_size", 4096)))
+    if fmt == "xml":
+        if "record_tag" not in options:
+            raise FidelError(f"{path}: xml sources need options.record_tag (the element holding one record)")
+        return read_xml(path, source, mine, options["record_tag"])
+    if fmt == "conll":
+        return read_conll(path, source, mine, int(options.get("column", 0)))
+    if fmt == "squad":
+        return read_squad(path, source, mine, options.get("parts"))
+    raise FidelError(f"{path}: unknown format {fmt!r}; {supported_formats_message()}")
