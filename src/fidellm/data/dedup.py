@@ -47,5 +47,5 @@ def minhash_config(config: DedupConfig) -> MinhashConfig:
         hashes_per_bucket=config.hashes_per_bucket,
         seed=config.seed,
         norm_config=TextNormConfig(norm_unicode_diacritics=False),
-        hash_config=HashConfig(precision=64),
+        hash_config=HashConfig(precision=64, hash_fc="sha1"),
     )

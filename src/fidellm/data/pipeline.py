@@ -234,7 +234,7 @@ def build_stages(
             exclusion_writer=layout.dropped_writer("length"),
         ),
         QualityFilter(min_score=filters.min_quality, exclusion_writer=layout.dropped_writer("quality")),
-        JsonlWriter(str(layout.filtered), output_filename="${rank}.jsonl.gz", compression=None),
+        JsonlWriter(str(layout.filtered), output_filename="${rank}.jsonl", compression=None),
     ]
 
     stages = [
@@ -261,18 +261,32 @@ def build_stages(
                 "minhash",
                 [
                     filtered_reader(),
-                    MinhashDedupSignature(str(layout.minhash / "sigs"), mh, AmharicWordTokenizer()),
+                    MinhashDedupSignature(
+                        output_folder=str(layout.minhash / "sigs"), config=mh, language=AmharicWordTokenizer()
+                    ),
                 ],
                 tasks,
             ),
             Stage(
                 "buckets",
-                [MinhashDedupBuckets(str(layout.minhash / "sigs"), str(layout.minhash / "buckets"), mh)],
+                [
+                    MinhashDedupBuckets(
+                        input_folder=str(layout.minhash / "sigs"),
+                        output_folder=str(layout.minhash / "buckets"),
+                        config=mh,
+                    )
+                ],
                 mh.num_buckets,
             ),
             Stage(
                 "clusters",
-                [MinhashDedupCluster(str(layout.minhash / "buckets"), str(layout.minhash / "remove"), mh)],
+                [
+                    MinhashDedupCluster(
+                        input_folder=str(layout.minhash / "buckets"),
+                        output_folder=str(layout.minhash / "remove"),
+                        config=mh,
+                    )
+                ],
                 1,
             ),
         ]
