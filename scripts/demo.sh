@@ -12,7 +12,7 @@ echo "== 2/4 tokenizer train: 32K BPE with byte fallback -> $RUN/tokenizer"
 fidellm tokenizer train "$RUN" --vocab-size 32000 --sample-mb "${TOKENIZER_SAMPLE_MB:-40}"
 
 echo "== 3/4 tokenizer report: fertility and round trip on FLORES amh dev+devtest"
-fidellm tokenizer report "$RUN/tokenizer"
+fidellm tokenizer report "$RUN/tokenizer" --vocab-sizes 8000,16000,32000,64000 --sample-mb "${SWEEP_SAMPLE_MB:-20}"
 
 echo "== 4/4 data tokenize: splits -> memory-mapped token shards in $RUN/tokens"
 fidellm data tokenize "$RUN" --workers "$WORKERS"
@@ -30,9 +30,9 @@ t = data["totals"]
 print(f"data:      {t['kept_docs']:,} documents kept of {t['records_read']:,} read "
       f"({t['kept_bytes'] / 1e6:.1f} MB); exact dup {data['dedup']['exact_rate']:.2%}, "
       f"near dup {data['dedup']['near_rate']:.2%}; Amharic by language ID {data['language_id']['amharic_share']:.2%}")
-for row in tok["rows"]:
-    print(f"tokenizer: vocab {row['vocab_size']:,}: {row['tokens_per_word']:.3f} tokens/word, "
-          f"{row['bytes_per_token']:.2f} bytes/token, round trip {row['round_trip_rate']:.2%}")
+for row in tok["measured"]:
+    print(f"tokenizer: {row['name']}, vocab {row['vocab_size']:,}: {row['tokens_per_word']:.3f} tokens/word, "
+          f"{row['bytes_per_token']:.2f} bytes/token, round trip {row['roundtrip_rate']:.2%} on FLORES amh")
 for split in ("train", "val", "test"):
     meta = json.loads((run / "tokens" / split / "meta.json").read_text())
     print(f"tokens:    {split}: {meta['n_docs']:,} documents, {meta['n_tokens']:,} tokens")

@@ -12,7 +12,8 @@ DATA_ENV = "FIDELLM_DATA"
 
 def default_shared_data() -> Path | None:
     """`../shared/data` beside the checkout (or beside the current directory), if it exists."""
-    candidates = [Path.cwd() / ".." / "shared" / "data", Path(__file__).resolve().parents[3] / "shared" / "data"]
+    beside_checkout = Path(__file__).resolve().parents[3] / "shared" / "data"
+    candidates = [Path.cwd() / ".." / "shared" / "data", beside_checkout]
     for candidate in candidates:
         if candidate.is_dir():
             return candidate.resolve()

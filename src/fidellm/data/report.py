@@ -47,6 +47,14 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _display_path(path: Path, data_dir: Path) -> str:
+    """Relative to the data directory where possible (reports compare across machines), else absolute."""
+    try:
+        return str(path.resolve().relative_to(data_dir.resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
 def _git_commit() -> str | None:
     try:
         out = subprocess.run(
@@ -205,7 +213,7 @@ def write_report(
         "provenance": {
             "data_dir": str(data_dir),
             "files": {
-                spec.name: {str(p.relative_to(data_dir)): _sha256(p) for p in source_files(spec, data_dir)}
+                spec.name: {_display_path(p, data_dir): _sha256(p) for p in source_files(spec, data_dir)}
                 for spec in specs
             },
             "commit": _git_commit(),

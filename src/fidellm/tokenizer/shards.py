@@ -1,0 +1,398 @@
+"""Token shards: the prepared splits encoded once into flat token files the trainer memory-maps.
+
+Layout of RUN/tokens/<split>/ (written to `<split>.partial` and renamed when complete):
+  tokens.bin       every document's ids back to back, each document starting with BOS
+                   (raw little-endian uint16 when the vocabulary has <= 65,536 ids, else uint32)
+  offsets.npy      int64, n_docs + 1 entries: document i is tokens[offsets[i]:offsets[i + 1]]
+  doc_source.npy   uint16, n_docs entries: index into meta["source_names"] of each document's source
+  meta.json        dtype, vocab size, tokenizer fingerprint, counts per source, source files + sha256
+In the train split a document of weight w is emitted floor(w) times, plus once more when a hash of
+its id falls below frac(w) (weight 0 drops it); val and test are never reweighted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import shutil
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from fidellm.errors import FidelError
+from fidellm.paths import RunLayout
+from fidellm.tokenizer.base import TextTokenizer, load_tokenizer
+
+SPLITS = ("train", "val", "test")
+TOKENS_FILE = "tokens.bin"
+OFFSETS_FILE = "offsets.npy"
+SOURCES_FILE = "doc_source.npy"
+META_FILE = "meta.json"
+FORMAT_VERSION = 1
+CHUNK_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class SplitDocument:
+    """One document of a prepared split, with where it came from (for error messages)."""
+
+    text: str
+    id: str
+    source: str
+    weight: float
+    location: str
+
+
+def split_files(run_dir: str | os.PathLike, split: str) -> list[Path]:
+    """The sorted *.jsonl.gz files of RUN/data/splits/<split>; clear errors when there are none."""
+    directory = RunLayout(run_dir).split_dir(split)
+    if not directory.is_dir():
+        raise FidelError(f"split directory {directory} does not exist (run `fidellm data prepare RUN` first)")
+    files = sorted(directory.glob("*.jsonl.gz"))
+    if not files:
+        raise FidelError(f"split directory {directory} holds no *.jsonl.gz shards")
+    return files
+
+
+def read_split_file(path: Path) -> Iterator[SplitDocument]:
+    """Documents of one datatrove JsonlWriter file; a malformed line raises naming file, line and field."""
+    import gzip
+
+    try:
+        with gzip.open(path, "rb") as handle:
+            for number, line in enumerate(handle, start=1):
+                if line.strip():
+                    yield _parse_line(line, f"{path}:{number}")
+    except (OSError, EOFError) as error:
+        raise FidelError(f"{path}: cannot read gzip file: {error}") from error
+
+
+def _parse_line(line: bytes, location: str) -> SplitDocument:
+    """Validate one JSON line: "text" str, "id" str, metadata.source str, metadata.weight finite >= 0."""
+    try:
+        record = json.loads(line)
+    except ValueError as error:
+        raise FidelError(f"{location}: not valid JSON: {error}") from error
+    if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+        raise FidelError(f"{location}: field 'text' is missing or not a string")
+    doc_id = record.get("id")
+    if not isinstance(doc_id, str):
+        raise FidelError(f"{location}: field 'id' is missing or not a string")
+    metadata = record.get("metadata") or {}
+    if not isinstance(metadata, dict):
+        raise FidelError(f"{location}: field 'metadata' is not an object")
+    source = metadata.get("source", "unknown")
+    if not isinstance(source, str):
+        raise FidelError(f"{location}: field 'metadata.source' is not a string")
+    weight = metadata.get("weight", 1.0)
+    if (
+        isinstance(weight, bool)
+        or not isinstance(weight, (int, float))
+        or not math.isfinite(weight)
+        or weight < 0
+    ):
+        raise FidelError(f"{location}: field 'metadata.weight' must be a finite number >= 0, got {weight!r}")
+    return SplitDocument(record["text"], doc_id, source, float(weight), location)
+
+
+def unit_hash(key: str) -> float:
+    """A deterministic number in [0, 1) from a string (blake2b), the same on every machine and run."""
+    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2.0**64
+
+
+def copies(doc_id: str, weight: float) -> int:
+    """How many times a train document of this weight is emitted: floor(w) + [hash(id) < frac(w)]."""
+    whole = math.floor(weight)
+    return whole + int(unit_hash(f"weight:{doc_id}") < weight - whole)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+_WORKER_TOKENIZER: TextTokenizer | None = None
+
+
+def _init_worker(tokenizer_dir: str) -> None:
+    """Pool initializer: one single-threaded tokenizer per worker process."""
+    global _WORKER_TOKENIZER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    _WORKER_TOKENIZER = load_tokenizer(tokenizer_dir)
+
+
+@dataclass
+class _Chunk:
+    """Documents to encode together: their texts, copy counts and source indices."""
+
+    texts: list[str] = field(default_factory=list)
+    copies: list[int] = field(default_factory=list)
+    sources: list[int] = field(default_factory=list)
+    size: int = 0
+
+
+def _encode_chunk(chunk: _Chunk, tokenizer: TextTokenizer | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Encode a chunk with BOS and apply copy counts: (ids of all emitted documents, their lengths)."""
+    tokenizer = tokenizer or _WORKER_TOKENIZER
+    assert tokenizer is not None, "worker tokenizer not initialised"
+    encoded = tokenizer.encode_batch(chunk.texts, add_bos=True)
+    if any(count != 1 for count in chunk.copies):
+        encoded = [ids for ids, count in zip(encoded, chunk.copies, strict=True) for _ in range(count)]
+    lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
+    dtype = tokenizer.token_dtype.newbyteorder("<")
+    flat = np.fromiter((i for ids in encoded for i in ids), dtype=dtype, count=int(lengths.sum()))
+    return flat, lengths
+
+
+class _SourceStats:
+    """Per-source counts (read, emitted, tokens) and the index of each source name."""
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+        self.index: dict[str, int] = {}
+        self.counts: dict[str, dict[str, int]] = {}
+
+    def read(self, source: str, size: int) -> int:
+        """Count one document read from `source` (`size` UTF-8 bytes); return the source's index."""
+        if source not in self.index:
+            self.index[source] = len(self.names)
+            self.names.append(source)
+            self.counts[source] = {"docs_read": 0, "bytes_read": 0, "docs_emitted": 0, "tokens": 0}
+        self.counts[source]["docs_read"] += 1
+        self.counts[source]["bytes_read"] += size
+        return self.index[source]
+
+
+def _chunks(files: list[Path], reweight: bool, stats: _SourceStats) -> Iterator[_Chunk]:
+    """Documents in file order, grouped into chunks of about CHUNK_BYTES; dropped copies never leave here."""
+    chunk = _Chunk()
+    for path in files:
+        for doc in read_split_file(path):
+            size = len(doc.text.encode("utf-8"))
+            source = stats.read(doc.source, size)
+            count = copies(doc.id, doc.weight) if reweight else 1
+            if count == 0:
+                continue
+            chunk.texts.append(doc.text)
+            chunk.copies.append(count)
+            chunk.sources.append(source)
+            chunk.size += size
+            if chunk.size >= CHUNK_BYTES:
+                yield chunk
+                chunk = _Chunk()
+    if chunk.texts:
+        yield chunk
+
+
+@contextlib.contextmanager
+def _worker_pool(tokenizer_dir: Path, workers: int) -> Iterator[ProcessPoolExecutor | None]:
+    """Spawned worker processes (safe after `tokenizers` has started threads), or None for in-process work."""
+    if workers <= 1:
+        yield None
+        return
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, context, _init_worker, (str(tokenizer_dir),)) as pool:
+        yield pool
+
+
+def _encoded(
+    chunks: Iterator[_Chunk], tokenizer: TextTokenizer, pool: ProcessPoolExecutor | None, window: int
+) -> Iterator[tuple[_Chunk, tuple[np.ndarray, np.ndarray]]]:
+    """(chunk, encoded chunk) in input order, with at most `window` chunks in flight in the pool.
+
+    A worker that dies raises BrokenProcessPool here instead of hanging the run.
+    """
+    if pool is None:
+        for chunk in chunks:
+            yield chunk, _encode_chunk(chunk, tokenizer)
+        return
+    pending: deque[tuple[_Chunk, Future]] = deque()
+    for chunk in chunks:
+        pending.append((chunk, pool.submit(_encode_chunk, chunk)))
+        if len(pending) >= window:
+            done, future = pending.popleft()
+            yield done, future.result()
+    while pending:
+        done, future = pending.popleft()
+        yield done, future.result()
+
+
+def _tokenize_split(
+    run: RunLayout,
+    split: str,
+    tokenizer: TextTokenizer,
+    tokenizer_dir: Path,
+    pool: ProcessPoolExecutor | None,
+    window: int,
+    show_progress: bool,
+) -> dict[str, Any]:
+    """Encode one split into RUN/tokens/<split>/ (via <split>.partial) and return its meta.json content."""
+    files = split_files(run.root, split)
+    partial = run.tokens / f"{split}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    try:
+        meta = _write_split(run, split, files, tokenizer, tokenizer_dir, pool, window, partial, show_progress)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    out = run.tokens / split
+    shutil.rmtree(out, ignore_errors=True)
+    partial.rename(out)
+    return meta
+
+
+def _write_split(
+    run: RunLayout,
+    split: str,
+    files: list[Path],
+    tokenizer: TextTokenizer,
+    tokenizer_dir: Path,
+    pool: ProcessPoolExecutor | None,
+    window: int,
+    partial: Path,
+    show_progress: bool,
+) -> dict[str, Any]:
+    """Write the four shard files of one split into `partial`."""
+    stats = _SourceStats()
+    reweight = split == "train"
+    lengths: list[np.ndarray] = []
+    doc_sources: list[np.ndarray] = []
+    with (
+        (partial / TOKENS_FILE).open("wb") as handle,
+        tqdm(desc=f"tokenize {split}", unit="doc", disable=not show_progress) as bar,
+    ):
+        for chunk, (flat, chunk_lengths) in _encoded(
+            _chunks(files, reweight, stats), tokenizer, pool, window
+        ):
+            handle.write(flat.tobytes())
+            emitted = np.repeat(np.asarray(chunk.sources, dtype=np.int64), chunk.copies)
+            lengths.append(chunk_lengths)
+            doc_sources.append(emitted)
+            docs = np.bincount(emitted, minlength=len(stats.names))
+            tokens = np.bincount(emitted, weights=chunk_lengths, minlength=len(stats.names))
+            for source in np.flatnonzero(docs):
+                entry = stats.counts[stats.names[source]]
+                entry["docs_emitted"] += int(docs[source])
+                entry["tokens"] += int(tokens[source])
+            bar.update(len(chunk.texts))
+    if len(stats.names) > 2**16:
+        raise FidelError(f"split {split} has {len(stats.names)} sources; at most 65,536 are supported")
+    all_lengths = np.concatenate([np.zeros(1, np.int64), *lengths])
+    offsets = np.cumsum(all_lengths)
+    np.save(partial / OFFSETS_FILE, offsets)
+    np.save(partial / SOURCES_FILE, np.concatenate([np.zeros(0, np.int64), *doc_sources]).astype(np.uint16))
+    meta = {
+        "format": FORMAT_VERSION,
+        "split": split,
+        "dtype": tokenizer.token_dtype.name,
+        "vocab_size": tokenizer.vocab_size,
+        "bos_id": tokenizer.bos_id,
+        "eos_id": tokenizer.eos_id,
+        "tokenizer": {
+            "dir": str(tokenizer_dir),
+            "kind": tokenizer.kind,
+            "fingerprint": tokenizer.fingerprint(),
+        },
+        "n_docs": len(offsets) - 1,
+        "n_tokens": int(offsets[-1]),
+        "n_docs_read": sum(entry["docs_read"] for entry in stats.counts.values()),
+        "reweighted": reweight,
+        "source_names": stats.names,
+        "sources": stats.counts,
+        "files": [{"path": str(path.relative_to(run.root)), "sha256": file_sha256(path)} for path in files],
+    }
+    (partial / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    return meta
+
+
+def tokenize_splits(
+    run_dir: str | os.PathLike,
+    tokenizer_dir: str | os.PathLike | None = None,
+    workers: int = 2,
+    splits: Sequence[str] = SPLITS,
+    show_progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Encode RUN/data/splits/{train,val,test} into token shards under RUN/tokens/ with RUN/tokenizer.
+
+    Each document becomes BOS + its ids. Train documents are repeated by their metadata "weight"
+    (floor(w) copies plus one more with probability frac(w), decided by a hash of the id); val and
+    test are encoded once each. Work is spread over `workers` processes in chunks of about 4 MB
+    and written in input order, so the output is byte-identical for any number of workers.
+    Returns {split: meta} (the content of each RUN/tokens/<split>/meta.json).
+    """
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else RunLayout(run_dir).tokenizer
+    if not tokenizer_dir.is_dir():
+        raise FidelError(
+            f"tokenizer directory {tokenizer_dir} does not exist (run `fidellm tokenizer train RUN` first)"
+        )
+    for split in splits:
+        split_files(run_dir, split)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    run = RunLayout(run_dir)
+    with _worker_pool(tokenizer_dir, workers) as pool:
+        return {
+            split: _tokenize_split(run, split, tokenizer, tokenizer_dir, pool, 2 * workers, show_progress)
+            for split in splits
+        }
+
+
+class TokenShards:
+    """Memory-mapped token shards of one split: len() documents, document(i), and the full `tokens` array."""
+
+    def __init__(self, directory: str | os.PathLike):
+        self.directory = Path(directory)
+        meta_path = self.directory / META_FILE
+        if not meta_path.is_file():
+            raise FidelError(
+                f"{self.directory} holds no token shards (no {META_FILE}; run `fidellm data tokenize RUN`)"
+            )
+        self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
+        dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+        n_tokens = int(self.meta["n_tokens"])
+        path = self.directory / TOKENS_FILE
+        if not path.is_file() or path.stat().st_size != n_tokens * dtype.itemsize:
+            raise FidelError(
+                f"{path}: expected {n_tokens} tokens of {dtype.name}; file is missing or truncated"
+            )
+        self.tokens: np.ndarray = (
+            np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,)) if n_tokens else np.zeros(0, dtype)
+        )
+        self.offsets: np.ndarray = np.load(self.directory / OFFSETS_FILE, mmap_mode="r")
+        self.doc_source: np.ndarray = np.load(self.directory / SOURCES_FILE, mmap_mode="r")
+        if len(self.offsets) != self.meta["n_docs"] + 1 or int(self.offsets[-1]) != n_tokens:
+            raise FidelError(f"{self.directory / OFFSETS_FILE}: does not match meta.json (n_docs, n_tokens)")
+
+    @classmethod
+    def from_run(cls, run_dir: str | os.PathLike, split: str) -> TokenShards:
+        """The shards of RUN/tokens/<split>."""
+        return cls(RunLayout(run_dir).tokens / split)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def document(self, index: int) -> np.ndarray:
+        """Ids of document `index` (BOS first), a view into the memory map."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"document {index} out of range for {len(self)} documents")
+        index %= len(self)
+        return self.tokens[int(self.offsets[index]) : int(self.offsets[index + 1])]
+
+    def source(self, index: int) -> str:
+        """Source name of document `index`."""
+        return self.meta["source_names"][int(self.doc_source[index])]

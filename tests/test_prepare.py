@@ -1,0 +1,163 @@
+"""`fidellm data prepare` end to end on a small slice of real data with planted problems."""
+
+from __future__ import annotations
+
+import gzip
+import io
+import json
+from pathlib import Path
+
+import pytest
+import zstandard
+from click.testing import CliRunner
+
+from fidellm.cli import cli, main
+from fidellm.data.config import PrepareConfig, SplitConfig, load_prepare_config
+from fidellm.data.pipeline import prepare, split_of
+from fidellm.errors import FidelError
+from fidellm.paths import resolve_data_dir
+
+DATA = resolve_data_dir()
+
+
+def _real_articles(n: int) -> list[dict]:
+    """The first n ENH articles (real text, real boilerplate)."""
+    out = []
+    path = DATA / "enh_corpus" / "enh_articles.jsonl.zst"
+    with open(path, "rb") as raw, zstandard.ZstdDecompressor().stream_reader(raw) as reader:
+        for line in io.TextIOWrapper(reader, encoding="utf-8"):
+            out.append(json.loads(line))
+            if len(out) == n:
+                break
+    return out
+
+
+def _flores_line(i: int) -> str:
+    return (DATA / "flores200" / "amh_Ethi.devtest").read_text(encoding="utf-8").splitlines()[i].strip()
+
+
+@pytest.fixture(scope="module")
+def mini(tmp_path_factory) -> dict:
+    """A user source with planted duplicates, contamination, foreign text and bad records."""
+    root = tmp_path_factory.mktemp("mini")
+    articles = _real_articles(61)
+    records = [{"id": a["id"], "text": a["text"], "date": "1997"} for a in articles[:60]]
+    base = articles[1]["text"]
+    records.append({"id": "planted/exact", "text": base})  # exact copy of a real article
+    near = base.split("\n")
+    near[-1] = near[-1] + " ተጨማሪ ቃል"
+    records.append({"id": "planted/near", "text": "\n".join(near).replace("ሀ", "ሐ")})
+    flores = _flores_line(5)
+    records.append({"id": "planted/flores", "text": articles[60]["text"] + "\n" + flores})
+    records.append(
+        {"id": "planted/english", "text": "This is an English paragraph about the weather today. " * 5}
+    )
+    records.append({"id": "planted/short", "text": "ሰላም"})
+    lines = [json.dumps(r, ensure_ascii=False).encode() for r in records]
+    lines.insert(10, b'{"id": "broken", "text": "unterminated')  # malformed JSON
+    lines.insert(20, b'{"id": "latin1", "text": "caf' + b"\xe9" + b'"}')  # invalid UTF-8
+    (root / "mini.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    (root / "registry.yaml").write_text(
+        "sources:\n"
+        "  - name: mini\n"
+        "    section: pretrain\n"
+        f"    paths: [{root / 'mini.jsonl'}]\n"
+        "    format: jsonl\n"
+        "    id_field: id\n"
+        "    date_field: date\n"
+        "    license: CC0 1.0\n"
+        "    license_family: open\n",
+        encoding="utf-8",
+    )
+    config = PrepareConfig()
+    config.sources.include = ["mini"]
+    config.sources.extra_registry = str(root / "registry.yaml")
+    config.boilerplate.min_docs = 5
+    config.tasks = config.workers = 1
+    run = root / "run"
+    report = prepare(run, DATA, config.validate())
+    return {
+        "run": run,
+        "report": report,
+        "flores": flores,
+        "n_records": len(lines),
+        "copied": articles[1]["id"],
+    }
+
+
+def _kept(run: Path) -> dict[str, dict]:
+    docs = {}
+    for path in sorted((run / "data" / "splits").rglob("*.jsonl.gz")):
+        with gzip.open(path, "rt", encoding="utf-8") as handle:
+            for line in handle:
+                doc = json.loads(line)
+                docs[doc["metadata"]["orig_id"]] = doc
+    return docs
+
+
+def test_counts_add_up(mini):
+    info = mini["report"]["sources"]["mini"]
+    assert info["records_read"] == mini["n_records"]
+    assert info["records_read"] == info["kept"]["docs"] + info["dropped"] + info["rejected"]
+    assert info["balanced"]
+    assert info["rejected"] == 2
+    reasons = {r["reason"] for r in mini["report"]["rejected_examples"]}
+    assert len(reasons) == 2
+    lines = sorted(r["line"] for r in mini["report"]["rejected_examples"])
+    assert lines == [11, 21]
+
+
+def test_planted_problems_caught(mini):
+    kept = _kept(mini["run"])
+    reasons = mini["report"]["sources"]["mini"]["dropped_by_reason"]
+    # exactly one of the two identical documents survives (the smaller id), whichever order they came in
+    assert ("planted/exact" in kept) != (mini["copied"] in kept) and reasons.get("exact_duplicate") == 1
+    assert reasons.get("near_duplicate", 0) >= 1
+    assert sum(doc_id in kept for doc_id in (mini["copied"], "planted/exact", "planted/near")) == 1
+    assert "planted/english" not in kept
+    assert "planted/short" not in kept
+    assert "planted/flores" in kept  # the document stays, its FLORES line goes
+    assert mini["flores"] not in kept["planted/flores"]["text"]
+    assert all(mini["flores"] not in doc["text"] for doc in kept.values())
+    assert mini["report"]["decontamination"]["flores200"]["lines"] >= 1
+
+
+def test_boilerplate_removed_and_metadata_kept(mini):
+    kept = _kept(mini["run"])
+    assert mini["report"]["boilerplate"]["boilerplate_lines"] > 0
+    doc = next(iter(kept.values()))
+    meta = doc["metadata"]
+    assert meta["source"] == "mini" and meta["license_family"] == "open" and meta["date"] == "1997"
+    assert doc["id"] == f"mini/{meta['orig_id']}"
+
+
+def test_report_files_written(mini):
+    data = mini["run"] / "data"
+    assert (data / "report.png").stat().st_size > 10_000
+    text = (data / "report.md").read_text(encoding="utf-8")
+    assert "| mini |" in text and "exact" in text.lower()
+    assert json.loads((data / "report.json").read_text())["totals"]["kept_docs"] == len(_kept(mini["run"]))
+
+
+def test_split_is_stable_and_proportional():
+    config = SplitConfig(val_fraction=0.1, test_fraction=0.1, seed="s")
+    splits = [split_of(f"doc/{i}", config) for i in range(5000)]
+    assert splits == [split_of(f"doc/{i}", config) for i in range(5000)]
+    assert 400 < splits.count("val") < 600 and 400 < splits.count("test") < 600
+    assert split_of("doc/1", SplitConfig(seed="other")) in {"train", "val", "test"}
+
+
+def test_cli_prepare_and_errors(mini, tmp_path):
+    runner = CliRunner()
+    result = runner.invoke(cli, ["data", "prepare", "--help"])
+    assert result.exit_code == 0 and "--data-dir" in result.output
+    existing = mini["run"]
+    with pytest.raises(FidelError, match="already exists"):
+        prepare(existing, DATA, PrepareConfig())
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("filters:\n  min_qualty: 3\n")
+    with pytest.raises(FidelError, match="min_qualty"):
+        load_prepare_config(bad)
+    with pytest.raises(SystemExit) as stop:
+        main(["data", "prepare", str(tmp_path / "r"), "--config", str(bad)])
+    assert stop.value.code == 2

@@ -1,0 +1,156 @@
+"""Token shards: BOS-prefixed documents, source weights in train only, worker-count independence, errors."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fidellm.errors import FidelError
+from fidellm.tokenizer.base import load_tokenizer, token_dtype_for
+from fidellm.tokenizer.bpe import train_from_run
+from fidellm.tokenizer.bytes import ByteTokenizer
+from fidellm.tokenizer.shards import (
+    TokenShards,
+    copies,
+    read_split_file,
+    split_files,
+    tokenize_splits,
+)
+from fixtures.tokenizer.build_run import build_run, write_split
+
+FILES = ("tokens.bin", "offsets.npy", "doc_source.npy", "meta.json")
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    run = build_run(tmp_path_factory.mktemp("run"), articles=200, book_chunks=30)
+    train_from_run(run, 1024, sample_mb=None, show_progress=False).save(run / "tokenizer")
+    return run
+
+
+@pytest.fixture(scope="module")
+def metas(run_dir: Path) -> dict[str, dict]:
+    return tokenize_splits(run_dir, workers=1, show_progress=False)
+
+
+def documents(run: Path, split: str) -> list:
+    return [doc for path in split_files(run, split) for doc in read_split_file(path)]
+
+
+def test_val_documents_decode_back_with_bos(run_dir: Path, metas: dict[str, dict]) -> None:
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    shards = TokenShards.from_run(run_dir, "val")
+    docs = documents(run_dir, "val")
+    assert len(shards) == len(docs) == metas["val"]["n_docs"]
+    assert shards.tokens.dtype == np.dtype("<u2") and len(shards.tokens) == metas["val"]["n_tokens"]
+    for index, doc in enumerate(docs):
+        ids = shards.document(index)
+        assert ids[0] == tokenizer.bos_id
+        assert tokenizer.decode(ids[1:]) == doc.text  # numpy slices decode directly
+        assert shards.source(index) == doc.source
+    assert not metas["val"]["reweighted"]
+    assert metas["val"]["tokenizer"]["fingerprint"] == tokenizer.fingerprint()
+
+
+def test_train_split_is_reweighted(run_dir: Path, metas: dict[str, dict]) -> None:
+    docs = documents(run_dir, "train")
+    assert {doc.weight for doc in docs} == {0.0, 0.5, 1.0, 2.5}
+    expected: dict[str, int] = {}
+    for doc in docs:
+        expected[doc.source] = expected.get(doc.source, 0) + copies(doc.id, doc.weight)
+    sources = metas["train"]["sources"]
+    assert {name: entry["docs_emitted"] for name, entry in sources.items()} == expected
+    assert sum(entry["docs_read"] for entry in sources.values()) == len(docs) == metas["train"]["n_docs_read"]
+    assert metas["train"]["n_docs"] == sum(expected.values())
+    assert sum(entry["tokens"] for entry in sources.values()) == metas["train"]["n_tokens"]
+    shards = TokenShards.from_run(run_dir, "train")
+    tokenizer = load_tokenizer(run_dir / "tokenizer")
+    emitted = [doc for doc in docs for _ in range(copies(doc.id, doc.weight))]
+    for index in (0, 1, 2, len(shards) - 1):
+        assert tokenizer.decode(shards.document(index)[1:].tolist()) == emitted[index].text
+    assert metas["train"]["files"][0]["path"] == "data/splits/train/00000.jsonl.gz"
+    assert len(metas["train"]["files"][0]["sha256"]) == 64
+
+
+def test_copies_follow_the_weight() -> None:
+    assert [copies("a", w) for w in (0.0, 1.0, 2.0, 3.0)] == [0, 1, 2, 3]
+    counts = [copies(f"doc-{i}", 1.3) for i in range(20000)]
+    assert set(counts) == {1, 2}
+    assert math.isclose(sum(counts) / len(counts), 1.3, abs_tol=0.02)
+    assert counts == [copies(f"doc-{i}", 1.3) for i in range(20000)]
+
+
+def test_output_independent_of_worker_count(run_dir: Path, metas: dict[str, dict], tmp_path: Path) -> None:
+    single = {
+        split: {name: (run_dir / "tokens" / split / name).read_bytes() for name in FILES} for split in metas
+    }
+    tokenize_splits(run_dir, workers=2, show_progress=False)
+    for split, files in single.items():
+        for name, content in files.items():
+            assert (run_dir / "tokens" / split / name).read_bytes() == content, f"{split}/{name}"
+    assert not list((run_dir / "tokens").glob("*.partial"))
+
+
+def test_byte_tokenizer_shards(run_dir: Path, tmp_path: Path) -> None:
+    ByteTokenizer().save(tmp_path / "bytes")
+    meta = tokenize_splits(run_dir, tmp_path / "bytes", workers=1, splits=("test",), show_progress=False)[
+        "test"
+    ]
+    shards = TokenShards.from_run(run_dir, "test")
+    first = documents(run_dir, "test")[0].text
+    assert shards.document(0)[0] == 254
+    assert bytes(shards.document(0)[1:].tolist()) == first.encode("utf-8")
+    assert ByteTokenizer().decode(shards.document(0)) == first
+    assert meta["tokenizer"]["kind"] == "bytes" and meta["vocab_size"] == 256
+
+
+def test_token_dtype_bounds() -> None:
+    assert token_dtype_for(65536).name == "uint16"
+    assert token_dtype_for(65537).name == "uint32"
+    with pytest.raises(FidelError, match="too large"):
+        token_dtype_for(2**32 + 1)
+
+
+def test_clear_errors(run_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(FidelError, match="does not exist"):
+        tokenize_splits(tmp_path, run_dir / "tokenizer")
+    with pytest.raises(FidelError, match=r"tokenizer directory .* does not exist"):
+        tokenize_splits(run_dir, tmp_path / "missing")
+    (tmp_path / "data" / "splits" / "train").mkdir(parents=True)
+    with pytest.raises(FidelError, match=r"no \*\.jsonl\.gz shards"):
+        tokenize_splits(tmp_path, run_dir / "tokenizer")
+    with pytest.raises(FidelError, match="no token shards"):
+        TokenShards(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"id": "a", "metadata": {}}, "field 'text'"),
+        ({"text": "x", "metadata": {}}, "field 'id'"),
+        ({"text": "x", "id": "a", "metadata": {"weight": -1}}, "metadata.weight"),
+        ({"text": "x", "id": "a", "metadata": {"weight": "2"}}, "metadata.weight"),
+        ({"text": "x", "id": "a", "metadata": {"source": 3}}, "metadata.source"),
+    ],
+)
+def test_bad_lines_name_file_line_and_field(tmp_path: Path, record: dict, message: str) -> None:
+    good = {"text": "ሰላም", "id": "ok", "metadata": {"source": "s", "weight": 1.0}}
+    [path] = write_split(tmp_path, "train", [good, record], files=1)
+    with pytest.raises(FidelError, match=f"{path.name}:2: .*{message}"):
+        list(read_split_file(path))
+
+
+def test_invalid_json_and_gzip(tmp_path: Path) -> None:
+    path = tmp_path / "bad.jsonl.gz"
+    with gzip.open(path, "wt") as handle:
+        handle.write(json.dumps({"text": "a", "id": "1"}) + "\n{not json\n")
+    with pytest.raises(FidelError, match=r"bad\.jsonl\.gz:2: not valid JSON"):
+        list(read_split_file(path))
+    path.write_bytes(b"not gzip")
+    with pytest.raises(FidelError, match="cannot read gzip"):
+        list(read_split_file(path))

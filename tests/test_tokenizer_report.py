@@ -1,0 +1,103 @@
+"""Tokenizer report: FLORES counts, the vocabulary sweep, anchors labelled published, and the CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from fidellm.errors import FidelError
+from fidellm.paths import resolve_data_dir
+from fidellm.tokenizer.base import load_tokenizer
+from fidellm.tokenizer.bytes import ByteTokenizer
+from fidellm.tokenizer.cli import tokenizer as tokenizer_cli
+from fidellm.tokenizer.report import (
+    PUBLISHED_ANCHORS,
+    build_report,
+    flores_lines,
+    locate,
+    measure,
+    run_normalization,
+    write_report,
+)
+from fixtures.tokenizer.build_run import build_run
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_run(tmp_path_factory.mktemp("run"), articles=150, book_chunks=20)
+
+
+def test_flores_lines_match_the_published_word_count() -> None:
+    lines = flores_lines(resolve_data_dir())
+    assert len(lines) == 2009
+    assert sum(len(line.split()) for line in lines) == 34_221
+    folded = flores_lines(resolve_data_dir(), fold_homophones=True)
+    assert folded != lines and len(folded) == len(lines)
+
+
+def test_measure_counts() -> None:
+    row = measure("bytes", ByteTokenizer(), ["ሰላም ለዓለም", "ok"])
+    assert (row.lines, row.words, row.chars, row.bytes, row.tokens) == (2, 3, 10, 24, 24)
+    assert row.roundtrip_rate == 1.0 and row.bytes_per_token == 1.0
+    assert row.tokens_per_word == 8.0
+
+
+def test_report_sweep(run_dir: Path, tmp_path: Path) -> None:
+    report = build_report(run_dir, (512, 1024), show_progress=False)
+    names = [row["name"] for row in report["measured"]]
+    assert names == ["bytes (UTF-8, 256 ids)", "BPE 512", "BPE 1024"]  # no tokenizer trained in this run yet
+    rows = {row["name"]: row for row in report["measured"]}
+    assert all(row["roundtrip_rate"] == 1.0 for row in rows.values())
+    assert (
+        rows["BPE 1024"]["tokens_per_word"]
+        < rows["BPE 512"]["tokens_per_word"]
+        < rows["bytes (UTF-8, 256 ids)"]["tokens_per_word"]
+    )
+    assert report["eval_set"]["words"] == 34_221 and report["eval_set"]["lines"] == 2009
+    assert report["target"]["met"] is None
+    assert [a["name"] for a in report["published"]] == [a.name for a in PUBLISHED_ANCHORS]
+    md_path, json_path = write_report(report, tmp_path)
+    markdown = md_path.read_text(encoding="utf-8")
+    assert "| published |" in markdown and "| measured |" in markdown and "not measured" in markdown
+    assert json.loads(json_path.read_text(encoding="utf-8"))["measured"] == report["measured"]
+
+
+def test_normalization_follows_the_run(tmp_path: Path) -> None:
+    assert run_normalization(tmp_path)["from"] == "defaults"
+    (tmp_path / "data").mkdir()
+    config = {"config": {"normalize": {"fold_homophones": True, "fold_labialized": False}}}
+    (tmp_path / "data" / "report.json").write_text(json.dumps(config))
+    assert run_normalization(tmp_path)["fold_homophones"] is True
+    (tmp_path / "data" / "report.json").write_text("{}")
+    with pytest.raises(FidelError, match=r"config\.normalize"):
+        run_normalization(tmp_path)
+
+
+def test_locate(run_dir: Path, tmp_path: Path) -> None:
+    assert locate(run_dir) == (None, run_dir)
+    with pytest.raises(FidelError, match="neither a tokenizer directory nor a run directory"):
+        locate(tmp_path)
+
+
+def test_cli_train_then_report(tmp_path: Path) -> None:
+    run_dir = build_run(tmp_path, articles=150, book_chunks=20)
+    runner = CliRunner()
+    trained = runner.invoke(tokenizer_cli, ["train", str(run_dir), "--vocab-size", "1024", "--quiet"])
+    assert trained.exit_code == 0, trained.output
+    assert "BPE with 1,024 ids" in trained.output
+    assert locate(run_dir / "tokenizer") == (run_dir / "tokenizer", run_dir)
+    reported = runner.invoke(tokenizer_cli, ["report", str(run_dir), "--vocab-sizes", "1024", "--quiet"])
+    assert reported.exit_code == 0, reported.output
+    report = json.loads((run_dir / "tokenizer" / "report.json").read_text(encoding="utf-8"))
+    given, _, swept = report["measured"]
+    assert given["name"] == "given tokenizer (bpe)"
+    assert given["tokens"] == swept["tokens"]  # same text, same size: the same tokenizer
+    bad = runner.invoke(tokenizer_cli, ["report", str(run_dir), "--vocab-sizes", "8k"])
+    assert isinstance(bad.exception, FidelError)
+    as_bytes = runner.invoke(tokenizer_cli, ["train", str(run_dir), "--kind", "bytes"])
+    assert as_bytes.exit_code == 0, as_bytes.output
+    assert isinstance(load_tokenizer(run_dir / "tokenizer"), ByteTokenizer)
+    assert sorted(path.name for path in (run_dir / "tokenizer").iterdir()) == ["fidellm_tokenizer.json"]
