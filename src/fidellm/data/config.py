@@ -47,9 +47,9 @@ class BoilerplateConfig:
 class FilterConfig:
     min_ethiopic_share: float = 0.5
     languages: list[str] = field(default_factory=lambda: ["am"])
-    min_chars: int = 20
+    min_chars: int = 10  # non-space characters; 20 would drop real 3-word tweets ("የኔ ጀግና በሰላም ተመለስ")
     min_words: int = 3
-    min_quality: float = 20.0
+    min_quality: float = 50.0  # scores split into 0-10 (spam, refrains) and >= 50; every FLORES line >= 87
 
 
 @dataclass
@@ -67,6 +67,8 @@ class DecontamConfig:
     enabled: bool = True
     sets: list[str] | None = None  # None: every eval set in the registry
     n: int = 8
+    min_shared: int = 3  # a line must share min(min_shared, ceil(min_coverage * N)) of a unit's N n-grams
+    min_coverage: float = 0.5
     max_contaminated_fraction: float = 0.5
 
 

@@ -220,6 +220,8 @@ def build_stages(
                 sets=config.decontam.sets,
                 n=config.decontam.n,
                 max_contaminated_fraction=config.decontam.max_contaminated_fraction,
+                min_shared=config.decontam.min_shared,
+                min_coverage=config.decontam.min_coverage,
                 exclusion_writer=layout.dropped_writer("contaminated"),
             )
         )

@@ -110,6 +110,7 @@ def collect(layout: PrepareLayout, specs: list[SourceSpec]) -> dict[str, Any]:
 
     dropped: dict[str, Counter[str]] = defaultdict(Counter)
     languages: Counter[str] = Counter()
+    lang_rules: Counter[str] = Counter()
     for step_dir in sorted(p for p in layout.dropped.glob("*") if p.is_dir()):
         for record in iter_jsonl(step_dir):
             meta = record.get("metadata", {})
@@ -127,6 +128,7 @@ def collect(layout: PrepareLayout, specs: list[SourceSpec]) -> dict[str, Any]:
             kept[meta["source"]][split].add(record["text"])
             lengths.append(len(record["text"]))
             languages[meta.get("lang", "unknown")] += 1
+            lang_rules[meta.get("lang_rule", "unknown")] += 1
             line_removals["boilerplate_lines"] += meta.get("boilerplate_lines", 0)
             line_removals["non_text_lines"] += meta.get("non_text_lines", 0)
             for eval_set, n_lines in (meta.get("decontam_sets") or {}).items():
@@ -163,6 +165,7 @@ def collect(layout: PrepareLayout, specs: list[SourceSpec]) -> dict[str, Any]:
         "sources": sources,
         "rejected_examples": rejected_examples,
         "languages": dict(languages.most_common()),
+        "lang_rules": dict(lang_rules.most_common()),
         "line_removals": dict(line_removals),
         "decontam": {k: dict(v) for k, v in sorted(decontam.items())},
         "lengths": lengths,
@@ -204,6 +207,7 @@ def write_report(
         "language_id": {
             "counts": facts["languages"],
             "amharic_share": round(facts["languages"].get("am", 0) / n_lang, 4) if n_lang else 0.0,
+            "kept_by_rule": facts["lang_rules"],
         },
         "boilerplate": {**facts["line_removals"], "top_removed": merge_examples(layout.boilerplate_examples)},
         "decontamination": facts["decontam"],
@@ -301,7 +305,11 @@ def render_markdown(report: dict[str, Any]) -> str:
         if report["decontamination"]
         else "No overlap with any evaluation set found.",
         "## Language identification (every document that reached the language filter)",
-        f"Amharic share: {report['language_id']['amharic_share']:.2%}.",
+        f"Share CLD2 identifies as Amharic: {report['language_id']['amharic_share']:.2%}. Kept documents by "
+        "rule (`cld2`: CLD2 said Amharic; `ethiopic_fallback`: CLD2 could not score the text, mostly short "
+        "texts, and it is mostly Ethiopic script): "
+        + ", ".join(f"{k} {v:,}" for k, v in report["language_id"]["kept_by_rule"].items())
+        + ".",
         _table(
             ["language", "documents"], [[k, f"{v:,}"] for k, v in report["language_id"]["counts"].items()]
         ),
