@@ -18,7 +18,23 @@ from fidellm.data.sources import iter_documents, load_registry
 from fidellm.errors import FidelError
 from fidellm.paths import resolve_data_dir
 
-FIXTURES = Path(__file__).parent / "fixtures" / "filters"
+
+def _source_text(source: str, orig_id_prefix: str) -> str:
+    """The text of one real document, read from the shared data (never copied into the repo)."""
+    for doc in iter_documents(load_registry()[source], resolve_data_dir()):
+        if isinstance(doc, Document) and doc.metadata["orig_id"].startswith(orig_id_prefix):
+            return doc.text
+    raise AssertionError(f"{source} has no document {orig_id_prefix}")
+
+
+def _whole_lines(text: str, max_bytes: int) -> str:
+    kept, size = [], 0
+    for line in text.splitlines(keepends=True):
+        size += len(line.encode())
+        if size > max_bytes:
+            break
+        kept.append(line)
+    return "".join(kept)
 
 
 def _doc(text: str, i: int = 0) -> Document:
@@ -68,7 +84,7 @@ def test_language_filter_amharic_kept_by_cld2(flores):
 
 def test_language_filter_drops_tigrinya_and_english(english):
     step = LanguageFilter()
-    tigrinya = _doc((FIXTURES / "tigrinya_enh_weyin_19901108.txt").read_text(encoding="utf-8"))
+    tigrinya = _doc(_source_text("enh_corpus", "ጋዜጣዎች/ወይን/ማውጫ/1990/ሐምሌ/08/ወይን.19901108.1.html"))
     assert step.filter(tigrinya) == (False, "lang_ti")
     assert tigrinya.metadata["lang"] == "ti"
     assert step.filter(_doc(" ".join(english[:3]))) == (False, "lang_en")
@@ -88,7 +104,9 @@ def test_language_filter_short_amharic_that_cld2_cannot_score():
 
 
 def test_language_filter_geez_book_is_unknown():
-    text = (FIXTURES / "geez_mezmure_kristos_excerpt.txt").read_text(encoding="utf-8")
+    # the first 18 KB (whole lines) of a Ge'ez liturgical book of the GFF eBooks (A2)
+    book = _source_text("geez_ebooks_amharic", "amharic/religious/MezmureKristos-AleqaTaye")
+    text = _whole_lines(book, 18_053)
     assert len(text.encode()) > LanguageFilter().fallback_max_bytes
     doc = _doc(text)
     assert LanguageFilter().filter(doc) == (False, "lang_un")
