@@ -15,7 +15,8 @@ from datatrove.data import Document
 
 from fidellm.data.amharic import HOMOPHONES, match_key, words
 from fidellm.data.decontam import Decontaminate, EvalNgramIndex, ngram_hashes
-from fidellm.data.sources import iter_documents, iter_eval_units, load_registry
+from fidellm.data.registry import load_registry
+from fidellm.data.sources import iter_documents, iter_eval_units
 from fidellm.errors import FidelError
 from fidellm.paths import resolve_data_dir
 
@@ -150,7 +151,7 @@ def test_number_runs_do_not_match():
 
 
 def _unit(set_name: str, text: str, i: int = 0):
-    from fidellm.data.sources import EvalUnit
+    from fidellm.data.registry import EvalUnit
 
     return EvalUnit(set_name, f"{set_name}/test:{i}", text)
 

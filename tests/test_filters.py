@@ -14,7 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fidellm.data.filters import LanguageFilter, LengthFilter, QualityFilter, ScriptFilter, detect_language
-from fidellm.data.sources import iter_documents, load_registry
+from fidellm.data.registry import load_registry
+from fidellm.data.sources import iter_documents
 from fidellm.errors import FidelError
 from fidellm.paths import resolve_data_dir
 

@@ -11,14 +11,10 @@ import pytest
 from datatrove.data import Document
 
 from fidellm.data.readers import Rejection
+from fidellm.data.registry import LICENCE_FAMILIES, SECTIONS, licence_family_of, load_registry, select_sources
 from fidellm.data.sources import (
-    LICENCE_FAMILIES,
-    SECTIONS,
     iter_documents,
     iter_eval_units,
-    licence_family_of,
-    load_registry,
-    select_sources,
     source_files,
 )
 from fidellm.errors import FidelError

@@ -117,7 +117,7 @@ def download(data_dir: Path | None, sources: str | None, retries: int) -> None:
 @click.option("--registry", type=click.Path(dir_okay=False, path_type=Path), help="Extra user registry YAML.")
 def list_sources(registry: Path | None) -> None:
     """List the registry: every source with its section, format and licence."""
-    from fidellm.data.sources import load_registry
+    from fidellm.data.registry import load_registry
 
     for name, spec in load_registry(registry).items():
         click.echo(f"{name:34s} {spec.section:9s} {spec.license_family:13s} {spec.license}")

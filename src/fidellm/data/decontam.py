@@ -37,7 +37,8 @@ from datatrove.pipeline.writers.disk_base import DiskWriter
 from datatrove.utils.logging import logger
 
 from fidellm.data.amharic import match_key, sentences, words
-from fidellm.data.sources import EvalUnit, iter_eval_units
+from fidellm.data.registry import EvalUnit
+from fidellm.data.sources import iter_eval_units
 from fidellm.errors import FidelError
 
 MAX_SETS = 64

@@ -24,7 +24,7 @@ from pathlib import Path
 import zstandard
 
 from fidellm.data.readers import COMPRESSED_SUFFIXES, iter_chunks
-from fidellm.data.sources import DownloadFile, SourceSpec, load_registry
+from fidellm.data.registry import DownloadFile, SourceSpec, load_registry
 from fidellm.errors import FidelError
 
 COMPRESS_ABOVE = 256 * 1024

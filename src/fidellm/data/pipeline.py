@@ -46,7 +46,8 @@ from fidellm.data.decontam import Decontaminate
 from fidellm.data.dedup import AmharicWordTokenizer, minhash_config
 from fidellm.data.filters import LanguageFilter, LengthFilter, QualityFilter, ScriptFilter
 from fidellm.data.readers import Rejection
-from fidellm.data.sources import SourceSpec, iter_documents, load_registry, select_sources
+from fidellm.data.registry import SourceSpec, load_registry, select_sources
+from fidellm.data.sources import iter_documents
 from fidellm.errors import FidelError
 from fidellm.paths import RunLayout
 

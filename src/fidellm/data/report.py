@@ -20,7 +20,8 @@ from typing import TYPE_CHECKING, Any
 
 from fidellm.data.boilerplate import merge_examples
 from fidellm.data.config import PrepareConfig
-from fidellm.data.sources import SourceSpec, source_files
+from fidellm.data.registry import SourceSpec
+from fidellm.data.sources import source_files
 from fidellm.errors import FidelError
 
 if TYPE_CHECKING:

@@ -1,0 +1,75 @@
+"""The `fidellm` command end to end on a small real source: prepare -> tokenizer train/report -> tokenize."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from fidellm.cli import cli, main
+from fidellm.tokenizer.shards import TokenShards
+
+
+def test_every_command_has_help():
+    runner = CliRunner()
+    for args in (
+        [],
+        ["data"],
+        ["data", "prepare"],
+        ["data", "tokenize"],
+        ["data", "download"],
+        ["data", "sources"],
+        ["tokenizer"],
+        ["tokenizer", "train"],
+        ["tokenizer", "report"],
+    ):
+        result = runner.invoke(cli, [*args, "--help"])
+        assert result.exit_code == 0, (args, result.output)
+        assert "Usage:" in result.output and len(result.output) > 200
+
+
+def test_sources_lists_registry():
+    result = CliRunner().invoke(cli, ["data", "sources"])
+    assert result.exit_code == 0
+    assert "enh_corpus" in result.output and "flores200" in result.output
+
+
+def test_pipeline_end_to_end_on_small_source(tmp_path):
+    run = tmp_path / "run"
+    runner = CliRunner()
+    source = ["--sources", "african_storybook_am,amharic_fb_comments", "--workers", "1"]
+    result = runner.invoke(cli, ["data", "prepare", str(run), *source], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    assert "kept" in result.output and (run / "data" / "report.md").is_file()
+    report = json.loads((run / "data" / "report.json").read_text())
+    assert set(report["sources"]) == {"african_storybook_am", "amharic_fb_comments"}
+
+    result = runner.invoke(cli, ["tokenizer", "train", str(run), "--vocab-size", "1024", "--quiet"])
+    assert result.exit_code == 0, result.output
+    report_args = ["tokenizer", "report", str(run / "tokenizer"), "--vocab-sizes", "none", "--quiet"]
+    result = runner.invoke(cli, report_args)
+    assert result.exit_code == 0, result.output
+    tok_report = json.loads((run / "tokenizer" / "report.json").read_text())
+    assert tok_report["measured"][0]["roundtrip_rate"] == 1.0
+
+    result = runner.invoke(cli, ["data", "tokenize", str(run), "--workers", "1"])
+    assert result.exit_code == 0, result.output
+    shards = TokenShards.from_run(run, "train")
+    kept_train = report["sources"]["amharic_fb_comments"]["kept_by_split"]["train"]["docs"]
+    kept_train += report["sources"]["african_storybook_am"]["kept_by_split"].get("train", {}).get("docs", 0)
+    assert len(shards) == kept_train
+
+
+def test_user_errors_are_one_line_exit_2(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["data", "prepare", str(tmp_path / "r"), "--sources", "no_such_source"])
+    assert stop.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "no_such_source" in err
+    with pytest.raises(SystemExit) as stop:
+        main(["data", "tokenize", str(tmp_path / "missing")])
+    assert stop.value.code == 2
+    with pytest.raises(SystemExit) as stop:
+        main(["tokenizer", "train", str(tmp_path / "missing")])
+    assert stop.value.code == 2
