@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from common import machine_description, markdown_row
+from common import MARKDOWN_HEADER, machine_description, markdown_row
 
 
 def main() -> None:
@@ -34,12 +34,13 @@ def main() -> None:
         times.append(time.perf_counter() - start)
     report = json.loads((Path(args.out) / "data" / "report.json").read_text())
     kept_mb = report["totals"]["kept_bytes"] / 1e6
+    print(MARKDOWN_HEADER)
     print(
         markdown_row(
             what=f"data prepare, all pretraining sources ({report['totals']['records_read']:,} records, "
             f"{kept_mb:.1f} MB kept), {args.workers} workers",
             command=f"python benchmarks/bench_prepare.py --repeats {args.repeats} --workers {args.workers}",
-            times=times,
+            values=times,
             unit="s",
         )
     )

@@ -11,16 +11,13 @@ from __future__ import annotations
 
 import io
 import json
-import os
-import platform
-import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import click
 import zstandard
+from common import MARKDOWN_HEADER, markdown_row
 
 from fidellm.data.amharic import normalize
 from fidellm.paths import resolve_data_dir
@@ -60,13 +57,6 @@ def time_texts(tokenizer: TextTokenizer, texts: list[str]) -> tuple[float, float
     return mb, time.perf_counter() - start
 
 
-def git_commit() -> str:
-    done = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    )
-    return done.stdout.strip() or "unknown"
-
-
 @click.command()
 @click.argument("run", required=False, type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--workers", type=int, default=2, show_default=True, help="Worker processes (RUN mode).")
@@ -88,17 +78,12 @@ def main(run: Path | None, workers: int, repeats: int, tokenizer_dir: Path | Non
         label = f"encode_batch(FLORES + 2,000 ENH articles), BPE {tokenizer.vocab_size}"
         samples = [time_texts(tokenizer, texts) for _ in range(repeats)]
     rates = [mb / seconds for mb, seconds in samples]
-    machine = f"{platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}"
     command = "python benchmarks/bench_tokenize.py " + " ".join(sys.argv[1:])
     click.echo(
         f"{label}: {samples[0][0]:.1f} MB per repeat, rates {', '.join(f'{r:.2f}' for r in rates)} MB/s"
     )
-    click.echo("| commit | machine | command | median MB/s | spread (min-max) |")
-    click.echo("|---|---|---|---|---|")
-    click.echo(
-        f"| {git_commit()} | {machine} | `{command.strip()}` | {statistics.median(rates):.2f} "
-        f"| {min(rates):.2f}-{max(rates):.2f} |"
-    )
+    click.echo(MARKDOWN_HEADER)
+    click.echo(markdown_row(f"{label}, {samples[0][0]:.1f} MB", command.strip(), rates, "MB/s"))
 
 
 if __name__ == "__main__":

@@ -32,10 +32,18 @@ def machine_description() -> str:
     return f"{cores} cores {cpu}, Python {platform.python_version()}"
 
 
-def markdown_row(what: str, command: str, times: list[float], unit: str) -> str:
-    """| what | median | spread (min-max) | repeats | commit | machine | command |"""
-    median = statistics.median(times)
+MARKDOWN_HEADER = "\n".join(
+    (
+        "| what | median | spread (min-max) | repeats | commit | machine | command |",
+        "|---|---|---|---|---|---|---|",
+    )
+)
+
+
+def markdown_row(what: str, command: str, values: list[float], unit: str) -> str:
+    """One row under MARKDOWN_HEADER: the median and spread of repeated measurements."""
+    median = statistics.median(values)
     return (
-        f"| {what} | {median:.2f} {unit} | {min(times):.2f}-{max(times):.2f} {unit} | {len(times)} | "
+        f"| {what} | {median:.2f} {unit} | {min(values):.2f}-{max(values):.2f} {unit} | {len(values)} | "
         f"{git_commit()} | {machine_description()} | `{command}` |"
     )
