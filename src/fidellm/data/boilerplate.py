@@ -13,7 +13,6 @@ removal pass keeps exactly one document per key — the one with the smallest id
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import re
 import unicodedata
@@ -27,13 +26,9 @@ from datatrove.pipeline.writers.disk_base import DiskWriter
 
 from fidellm.data.amharic import match_key
 from fidellm.data.config import BoilerplateConfig
+from fidellm.hashing import stable_hash64
 
 _DIGIT_RUN = re.compile(r"[0-9\u1369-\u137C]+")
-
-
-def stable_hash64(text: str) -> int:
-    """A 64-bit hash that is the same in every process and on every machine (unlike `hash`)."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little")
 
 
 def line_shape(line: str) -> str:

@@ -23,7 +23,6 @@ it builds the index (`EvalNgramIndex.summary`).
 
 from __future__ import annotations
 
-import hashlib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from fidellm.data.amharic import match_key, sentences, words
 from fidellm.data.registry import EvalUnit
 from fidellm.data.sources import iter_eval_units
 from fidellm.errors import FidelError
+from fidellm.hashing import stable_hash64
 
 MAX_SETS = 64
 _MULT = np.uint64(0x9E3779B97F4A7C15)
@@ -49,7 +49,7 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 
 @lru_cache(maxsize=1 << 20)
 def _word_hash(word: str) -> int:
-    return int.from_bytes(hashlib.blake2b(word.encode("utf-8"), digest_size=8).digest(), "little")
+    return stable_hash64(word)
 
 
 @lru_cache(maxsize=1 << 20)
@@ -59,9 +59,7 @@ def _has_letter(word: str) -> bool:
 
 def key_hash(key: str) -> int:
     """Deterministic 64-bit hash of a whole match key (blake2b, 8 bytes)."""
-    return int.from_bytes(
-        hashlib.blake2b(key.encode("utf-8"), digest_size=8, person=b"unit").digest(), "little"
-    )
+    return stable_hash64(key, person=b"unit")
 
 
 def ngram_hashes(ws: list[str], n: int) -> np.ndarray:

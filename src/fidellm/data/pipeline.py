@@ -17,7 +17,6 @@ read = kept + dropped + rejected for every source.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -49,6 +48,7 @@ from fidellm.data.readers import Rejection
 from fidellm.data.registry import SourceSpec, load_registry, select_sources
 from fidellm.data.sources import iter_documents
 from fidellm.errors import FidelError
+from fidellm.hashing import unit_interval
 from fidellm.paths import RunLayout
 
 SPLITS = ("train", "val", "test")
@@ -139,8 +139,7 @@ class Normalize(PipelineStep):
 
 def split_of(doc_id: str, config: SplitConfig) -> str:
     """train / val / test from a hash of the document id: stable across runs, machines and worker counts."""
-    digest = hashlib.blake2b(f"{config.seed}:{doc_id}".encode(), digest_size=8).digest()
-    u = int.from_bytes(digest, "little") / 2**64
+    u = unit_interval(f"{config.seed}:{doc_id}")
     if u < config.test_fraction:
         return "test"
     if u < config.test_fraction + config.val_fraction:

@@ -8,7 +8,6 @@ read = kept + dropped + rejected is checked for every source, not assumed.
 from __future__ import annotations
 
 import gzip
-import hashlib
 import json
 import platform
 import re
@@ -23,6 +22,7 @@ from fidellm.data.config import PrepareConfig
 from fidellm.data.registry import SourceSpec
 from fidellm.data.sources import source_files
 from fidellm.errors import FidelError
+from fidellm.hashing import file_sha256
 
 if TYPE_CHECKING:
     from fidellm.data.pipeline import PrepareLayout
@@ -38,14 +38,6 @@ def iter_jsonl(folder: Path) -> Iterator[dict]:
         with opener(path, "rt", encoding="utf-8") as handle:
             for line in handle:
                 yield json.loads(line)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _display_path(path: Path, data_dir: Path) -> str:
@@ -218,7 +210,7 @@ def write_report(
         "provenance": {
             "data_dir": str(data_dir),
             "files": {
-                spec.name: {_display_path(p, data_dir): _sha256(p) for p in source_files(spec, data_dir)}
+                spec.name: {_display_path(p, data_dir): file_sha256(p) for p in source_files(spec, data_dir)}
                 for spec in specs
             },
             "commit": _git_commit(),

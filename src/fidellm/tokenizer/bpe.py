@@ -28,8 +28,9 @@ from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, 
 from tqdm import tqdm
 
 from fidellm.errors import FidelError
+from fidellm.hashing import file_sha256, unit_interval
 from fidellm.tokenizer.base import META_FILE, TextTokenizer, id_list, sha256_text
-from fidellm.tokenizer.shards import file_sha256, read_split_file, split_files, unit_hash
+from fidellm.tokenizer.shards import read_split_file, split_files
 from fidellm.tokenizer.special import BOS, BOS_ID, CHAT_TOKENS, PAD, PAD_ID, RESERVED_TOKENS
 
 DEFAULT_VOCAB_SIZE = 32000
@@ -257,7 +258,7 @@ class TrainingSample:
     def __iter__(self) -> Iterator[str]:
         for path in self.files:
             for doc in read_split_file(path):
-                if doc.weight > 0 and unit_hash(f"sample:{doc.id}") < self.threshold:
+                if doc.weight > 0 and unit_interval(f"sample:{doc.id}") < self.threshold:
                     yield doc.text
 
     def describe(self, run_dir: Path) -> dict[str, Any]:
@@ -288,7 +289,7 @@ def sample_train_split(
     documents = (doc for path in files for doc in read_split_file(path))
     for doc in tqdm(documents, desc="sizing training text", unit=" docs", disable=not show_progress):
         if doc.weight > 0:
-            keys.append(unit_hash(f"sample:{doc.id}"))
+            keys.append(unit_interval(f"sample:{doc.id}"))
             sizes.append(len(doc.text.encode("utf-8")))
     if not keys:
         raise FidelError(

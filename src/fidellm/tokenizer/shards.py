@@ -13,7 +13,6 @@ its id falls below frac(w) (weight 0 drops it); val and test are never reweighte
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import multiprocessing
@@ -30,6 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from fidellm.errors import FidelError
+from fidellm.hashing import file_sha256, unit_interval
 from fidellm.paths import RunLayout
 from fidellm.tokenizer.base import TextTokenizer, load_tokenizer
 
@@ -105,25 +105,10 @@ def _parse_line(line: bytes, location: str) -> SplitDocument:
     return SplitDocument(record["text"], doc_id, source, float(weight), location)
 
 
-def unit_hash(key: str) -> float:
-    """A deterministic number in [0, 1) from a string (blake2b), the same on every machine and run."""
-    digest = hashlib.blake2b(key.encode("utf-8"), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2.0**64
-
-
 def copies(doc_id: str, weight: float) -> int:
     """How many times a train document of this weight is emitted: floor(w) + [hash(id) < frac(w)]."""
     whole = math.floor(weight)
-    return whole + int(unit_hash(f"weight:{doc_id}") < weight - whole)
-
-
-def file_sha256(path: Path) -> str:
-    """Hex sha256 of a file's bytes, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return whole + int(unit_interval(f"weight:{doc_id}") < weight - whole)
 
 
 _WORKER_TOKENIZER: TextTokenizer | None = None
