@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from fidellm.data.compressed import read_bytes
 from fidellm.data.download import CONVERTED_NOTE, content_sha256, download_sources
-from fidellm.data.readers import read_bytes
 from fidellm.data.registry import load_registry
 from fidellm.errors import FidelError
 from fidellm.paths import resolve_data_dir

@@ -10,14 +10,8 @@ from pathlib import Path
 import pytest
 import zstandard
 
-from fidellm.data.readers import (
-    RawRecord,
-    Rejection,
-    iter_chunks,
-    iter_raw_lines,
-    logical_name,
-    read_records,
-)
+from fidellm.data.compressed import iter_chunks, iter_raw_lines, logical_name
+from fidellm.data.readers import RawRecord, Rejection, read_records
 from fidellm.errors import FidelError
 
 FIX = Path(__file__).parent / "fixtures" / "readers"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import zstandard
 
-from fidellm.data.readers import COMPRESSED_SUFFIXES, iter_chunks
+from fidellm.data.compressed import COMPRESSED_SUFFIXES, iter_chunks
 from fidellm.data.registry import DownloadFile, SourceSpec, load_registry
 from fidellm.errors import FidelError
 

@@ -15,14 +15,8 @@ from typing import Any
 
 from datatrove.data import Document
 
-from fidellm.data.readers import (
-    COMPRESSED_SUFFIXES,
-    RawRecord,
-    Rejection,
-    get_path,
-    logical_name,
-    read_records,
-)
+from fidellm.data.compressed import COMPRESSED_SUFFIXES, logical_name
+from fidellm.data.readers import RawRecord, Rejection, get_path, read_records
 from fidellm.data.registry import EvalUnit, SourceSpec, licence_family_of, load_registry
 from fidellm.errors import FidelError
 
