@@ -343,20 +343,25 @@ def _plot(report: dict[str, Any], lengths: list[int], path: Path) -> None:
         axes[0].set_xscale("log")
     axes[0].set(title="Kept document length", xlabel="characters", ylabel="documents")
     names = list(report["sources"])
-    kept = [report["sources"][n]["kept"]["docs"] for n in names]
-    dropped = [report["sources"][n]["dropped"] for n in names]
-    rejected = [report["sources"][n]["rejected"] for n in names]
+    parts = {
+        "kept": [report["sources"][n]["kept"]["docs"] for n in names],
+        "dropped": [report["sources"][n]["dropped"] for n in names],
+        "rejected": [report["sources"][n]["rejected"] for n in names],
+    }
+    read = np.maximum(np.sum(list(parts.values()), axis=0), 1)
     y = np.arange(len(names))
-    axes[1].barh(y, kept, label="kept")
-    axes[1].barh(y, dropped, left=kept, label="dropped")
-    axes[1].barh(y, rejected, left=np.add(kept, dropped), label="rejected")
-    axes[1].set_yticks(y, names, fontsize=8)
-    axes[1].set_xscale("symlog")
-    axes[1].set(title="Documents per source", xlabel="documents")
-    axes[1].legend()
+    left = np.zeros(len(names))
+    for label, counts in parts.items():
+        share = 100 * np.asarray(counts) / read
+        axes[1].barh(y, share, left=left, label=label)
+        left += share
+    axes[1].set_yticks(y, [f"{n} ({r:,})" for n, r in zip(names, read, strict=True)], fontsize=8)
+    axes[1].set(title="Records per source (records read)", xlabel="% of records read", xlim=(0, 100))
+    axes[1].legend(loc="upper center", bbox_to_anchor=(0.5, -0.12), ncol=3, fontsize=8)
     reasons = report["dropped_by_reason"]
     axes[2].barh(list(reasons), list(reasons.values()))
-    axes[2].set(title="Dropped documents by reason", xlabel="documents")
+    axes[2].set_xscale("log")
+    axes[2].set(title="Dropped documents by reason", xlabel="documents (log scale)")
     axes[2].tick_params(axis="y", labelsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
