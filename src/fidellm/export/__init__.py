@@ -1,0 +1,1 @@
+"""Exporters to formats other tools load: Hugging Face directories (and later GGUF)."""

@@ -1,0 +1,194 @@
+"""Export to, and load from, a Hugging Face Llama directory (no remote code, transformers 4.x and 5.x).
+
+The directory follows shared/design/ecosystem.md: `model.safetensors` with HF Llama names (no
+`lm_head.weight` when tied, metadata {"format": "pt"}), `config.json` with both `rope_theta` and
+`rope_parameters` and both `torch_dtype` and `dtype`, `generation_config.json`, and the tokenizer files
+written by `BPETokenizer.save` with the model's context as `model_max_length`.
+Our parameter names are HF's, so export is a dtype cast and a copy; loading reads safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from fidellm.errors import FidelError
+from fidellm.models.llama import LlamaConfig, LlamaForCausalLM
+from fidellm.tokenizer.bpe import BPETokenizer
+
+WEIGHTS_FILE = "model.safetensors"
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+TIED_KEY = "lm_head.weight"
+
+
+def hf_config(config: LlamaConfig, dtype: str) -> dict[str, Any]:
+    """config.json contents; `dtype` is the dtype the weights are stored in."""
+    return {
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "intermediate_size": config.intermediate_size,
+        "num_hidden_layers": config.num_hidden_layers,
+        "num_attention_heads": config.num_attention_heads,
+        "num_key_value_heads": config.num_key_value_heads,
+        "head_dim": config.head_dim,
+        "hidden_act": "silu",
+        "max_position_embeddings": config.max_position_embeddings,
+        "rms_norm_eps": config.rms_norm_eps,
+        # transformers 5 reads rope_parameters; 4.x reads rope_theta (and silently defaults to 10000).
+        "rope_theta": config.rope_theta,
+        "rope_parameters": {"rope_theta": config.rope_theta, "rope_type": "default"},
+        "rope_scaling": None,
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "mlp_bias": False,
+        "pretraining_tp": 1,
+        "initializer_range": 0.02,
+        "use_cache": True,
+        "tie_word_embeddings": config.tie_word_embeddings,
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": list(config.eos_token_id),
+        "pad_token_id": config.pad_token_id,
+        "torch_dtype": dtype,
+        "dtype": dtype,
+    }
+
+
+def generation_config(config: LlamaConfig) -> dict[str, Any]:
+    """generation_config.json: the special ids generation stops at and pads with."""
+    return {
+        "bos_token_id": config.bos_token_id,
+        "eos_token_id": list(config.eos_token_id),
+        "pad_token_id": config.pad_token_id,
+    }
+
+
+def _write_json(path: Path, content: dict[str, Any]) -> None:
+    path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def export_hf(
+    model: LlamaForCausalLM,
+    config: LlamaConfig,
+    tokenizer_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    dtype: str = "bfloat16",
+) -> Path:
+    """Write a Hugging Face Llama directory for `model` and the tokenizer saved in `tokenizer_dir`.
+
+    Weights are cast to `dtype` ("bfloat16" for serving, "float32" for exact comparisons); the configs
+    state that dtype. Returns `out_dir`.
+    """
+    if dtype not in DTYPES:
+        raise FidelError(f"export dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    tokenizer = BPETokenizer.load(tokenizer_dir)
+    if tokenizer.vocab_size > config.vocab_size:
+        raise FidelError(
+            f"tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} ids, more than the model's"
+            f" vocab_size {config.vocab_size}"
+        )
+    state = model.state_dict()
+    tied = config.tie_word_embeddings
+    if tied and state[TIED_KEY].data_ptr() != state["model.embed_tokens.weight"].data_ptr():
+        raise FidelError("config says tie_word_embeddings but the model's lm_head is not the embedding")
+    tensors = {
+        name: tensor.detach().to("cpu", DTYPES[dtype]).contiguous()
+        for name, tensor in state.items()
+        if not (tied and name == TIED_KEY)
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    _write_json(out / "config.json", hf_config(config, dtype))
+    _write_json(out / "generation_config.json", generation_config(config))
+    tokenizer.save(out, model_max_length=config.max_position_embeddings)
+    return out
+
+
+def _config_from_hf(data: dict[str, Any], path: Path) -> LlamaConfig:
+    """Our config from a Llama config.json, refusing features our model does not implement."""
+    if data.get("model_type") != "llama":
+        raise FidelError(f"{path}: model_type is {data.get('model_type')!r}, expected 'llama'")
+    checks = {
+        "hidden_act": (data.get("hidden_act", "silu"), "silu"),
+        "attention_bias": (data.get("attention_bias", False), False),
+        "mlp_bias": (data.get("mlp_bias", False), False),
+    }
+    for field, (found, expected) in checks.items():
+        if found != expected:
+            raise FidelError(f"{path}: {field} is {found!r}; only {expected!r} is supported")
+    rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise FidelError(f"{path}: rope_type {rope.get('rope_type')!r} is not supported, only 'default'")
+    rope_theta = data.get("rope_theta", rope.get("rope_theta"))
+    if rope_theta is None:
+        raise FidelError(f"{path}: neither rope_theta nor rope_parameters.rope_theta is set")
+    eos = data.get("eos_token_id")
+    try:
+        return LlamaConfig.from_dict(
+            {
+                **data,
+                "num_key_value_heads": data.get("num_key_value_heads", data["num_attention_heads"]),
+                "head_dim": data.get("head_dim") or data["hidden_size"] // data["num_attention_heads"],
+                "rope_theta": float(rope_theta),
+                "tie_word_embeddings": data.get("tie_word_embeddings", True),
+                "dropout": data.get("attention_dropout", 0.0),
+                "eos_token_id": tuple(eos) if isinstance(eos, list) else (eos,),
+            }
+        )
+    except (KeyError, TypeError) as error:
+        raise FidelError(f"{path}: missing or malformed field {error}") from error
+
+
+def load_hf_dir(
+    directory: str | os.PathLike, dtype: torch.dtype = torch.float32
+) -> tuple[LlamaForCausalLM, LlamaConfig]:
+    """Load a Llama HF directory (config.json + model.safetensors) into our class, in `dtype`, eval mode."""
+    directory = Path(directory)
+    config_path, weights_path = directory / "config.json", directory / WEIGHTS_FILE
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise FidelError(f"{path} does not exist")
+    try:
+        data = json.loads(config_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as error:
+        raise FidelError(f"{config_path}: invalid JSON: {error}") from error
+    config = _config_from_hf(data, config_path)
+    model = LlamaForCausalLM(config)
+    expected = model.state_dict()
+    try:
+        with safe_open(str(weights_path), framework="pt") as handle:
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
+    except Exception as error:  # safetensors raises its own error types for malformed files
+        raise FidelError(f"{weights_path}: cannot read safetensors: {error}") from error
+    if config.tie_word_embeddings and TIED_KEY in tensors:
+        if not torch.equal(tensors[TIED_KEY], tensors.get("model.embed_tokens.weight", tensors[TIED_KEY])):
+            raise FidelError(f"{weights_path}: tie_word_embeddings is set but lm_head.weight differs")
+        del tensors[TIED_KEY]
+    wanted = {name for name in expected if not (config.tie_word_embeddings and name == TIED_KEY)}
+    missing, unexpected = sorted(wanted - tensors.keys()), sorted(tensors.keys() - wanted)
+    if missing or unexpected:
+        raise FidelError(
+            f"{weights_path}: missing tensors {missing[:5]}, unexpected tensors {unexpected[:5]}"
+        )
+    for name in wanted:
+        if tensors[name].shape != expected[name].shape:
+            raise FidelError(
+                f"{weights_path}: {name} has shape {tuple(tensors[name].shape)},"
+                f" config.json implies {tuple(expected[name].shape)}"
+            )
+    if config.tie_word_embeddings:
+        tensors[TIED_KEY] = tensors["model.embed_tokens.weight"]
+    model.load_state_dict(tensors, strict=True)
+    return model.to(dtype).eval(), config

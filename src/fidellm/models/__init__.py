@@ -1,0 +1,1 @@
+"""Model architectures: the shared Transformer blocks and the Llama-style decoder."""

@@ -1,0 +1,179 @@
+"""The Llama-style decoder: causality, KV-cache equivalence, loss, parameter counts and presets."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fidellm.errors import FidelError
+from fidellm.models.blocks import KVCache
+from fidellm.models.llama import (
+    IGNORE_INDEX,
+    NAME_TOLERANCE,
+    NOMINAL_PARAMS,
+    PRESET_DEPTHS,
+    LlamaConfig,
+    LlamaForCausalLM,
+    count_parameters,
+    format_preset_table,
+    pad_vocab,
+    preset,
+    preset_table,
+)
+
+
+def small_config(**overrides) -> LlamaConfig:
+    """A random-test shape with grouped-query attention (4 query heads share 2 KV heads)."""
+    values = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=160,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=96,
+        rope_theta=1000.0,
+    )
+    return LlamaConfig(**{**values, **overrides})
+
+
+def random_model(config: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:
+    """A model with large random weights (norm gains too) so that differences cannot hide."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" in name:
+                param.uniform_(0.5, 1.5)
+            else:
+                param.normal_(0.0, 0.1)
+    return model.eval()
+
+
+def test_state_dict_has_hf_llama_names() -> None:
+    config = small_config(num_hidden_layers=2)
+    keys = set(LlamaForCausalLM(config).state_dict())
+    expected = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
+    for i in range(2):
+        expected |= {f"model.layers.{i}.self_attn.{p}_proj.weight" for p in "qkvo"}
+        expected |= {f"model.layers.{i}.mlp.{p}_proj.weight" for p in ("gate", "up", "down")}
+        expected |= {f"model.layers.{i}.{n}.weight" for n in ("input_layernorm", "post_attention_layernorm")}
+    assert keys == expected
+
+
+def test_future_tokens_do_not_change_past_logits() -> None:
+    model = random_model(small_config())
+    torch.manual_seed(1)
+    ids = torch.randint(0, 320, (2, 48))
+    t = 20
+    changed = ids.clone()
+    changed[:, t + 1 :] = torch.randint(0, 320, (2, 48 - t - 1))
+    assert not torch.equal(ids[:, t + 1 :], changed[:, t + 1 :])
+    with torch.no_grad():
+        before, after = model(ids).logits, model(changed).logits
+    assert torch.equal(before[:, : t + 1], after[:, : t + 1])
+    assert not torch.allclose(before[:, t + 1 :], after[:, t + 1 :])
+
+
+def test_cached_decoding_matches_full_forward() -> None:
+    model = random_model(small_config())
+    torch.manual_seed(2)
+    ids = torch.randint(0, 320, (3, 40))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache()
+        steps = [model(ids[:, :16], cache=cache).logits]  # prompt
+        steps += [model(ids[:, i : i + 1], cache=cache).logits for i in range(16, 30)]  # one at a time
+        steps.append(model(ids[:, 30:], cache=cache).logits)  # a chunk after a filled cache
+    cached = torch.cat(steps, dim=1)
+    assert all(layer.length == 40 for layer in cache)
+    assert (cached - full).abs().max().item() <= 1e-5
+
+
+def test_kv_cache_appends_along_positions() -> None:
+    cache = KVCache()
+    assert cache.length == 0
+    k, v = torch.zeros(1, 2, 3, 4), torch.ones(1, 2, 3, 4)
+    cache.append(k, v)
+    all_k, all_v = cache.append(k[:, :, :1], v[:, :, :1])
+    assert cache.length == 4 and all_k.shape == (1, 2, 4, 4) and torch.equal(all_v, torch.ones(1, 2, 4, 4))
+
+
+def test_context_overflow_is_a_clear_error() -> None:
+    model = random_model(small_config(max_position_embeddings=16))
+    cache = model.new_cache()
+    model(torch.zeros(1, 10, dtype=torch.long), cache=cache)
+    with pytest.raises(FidelError, match="exceed the model's context of 16"):
+        model(torch.zeros(1, 7, dtype=torch.long), cache=cache)
+
+
+def test_loss_is_cross_entropy_on_shifted_targets_ignoring_minus_100() -> None:
+    model = random_model(small_config())
+    torch.manual_seed(3)
+    ids = torch.randint(0, 320, (2, 25))
+    inputs, targets = ids[:, :-1], ids[:, 1:].clone()
+    targets[0, :5] = IGNORE_INDEX
+    out = model(inputs, targets=targets)
+    keep = targets != IGNORE_INDEX
+    manual = F.cross_entropy(out.logits[keep], targets[keep])
+    assert out.loss is not None and torch.allclose(out.loss, manual, atol=1e-6)
+    out.loss.backward()
+    assert model.model.embed_tokens.weight.grad is not None
+    assert model(inputs).loss is None
+
+
+def test_num_parameters_counts_tied_embedding_once() -> None:
+    config = small_config()
+    tied = LlamaForCausalLM(config)
+    h, f, v, layers = 64, 160, 320, 3
+    per_layer = h * 4 * 16 * 2 + h * 2 * 16 * 2 + 3 * h * f + 2 * h
+    assert tied.num_parameters(exclude_embeddings=True) == layers * per_layer + h
+    assert tied.num_parameters() == layers * per_layer + h + v * h
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    untied = LlamaForCausalLM(small_config(tie_word_embeddings=False))
+    assert untied.num_parameters() == tied.num_parameters() + v * h
+    assert untied.num_parameters(exclude_embeddings=True) == tied.num_parameters(exclude_embeddings=True)
+    assert count_parameters(config) == (tied.num_parameters(), tied.num_parameters(exclude_embeddings=True))
+
+
+@pytest.mark.parametrize("name", sorted(NOMINAL_PARAMS))
+def test_preset_names_match_true_counts(name: str) -> None:
+    nominal, exclude_embeddings = NOMINAL_PARAMS[name]
+    total, non_embedding = count_parameters(preset(name, 32000))
+    count = non_embedding if exclude_embeddings else total
+    assert abs(count - nominal) <= NAME_TOLERANCE * nominal, (name, count)
+
+
+def test_presets_serve_well() -> None:
+    rows = preset_table(32000)
+    assert [row["name"] for row in rows] == list(PRESET_DEPTHS)
+    for name in PRESET_DEPTHS:
+        config = preset(name, 31990)
+        assert config.vocab_size == 32000 and config.vocab_size % 64 == 0
+        assert config.head_dim in (64, 128)
+        assert config.num_attention_heads * config.head_dim == config.hidden_size
+    chat = preset("chat-512", 16000)
+    assert (chat.hidden_size, chat.num_hidden_layers, chat.intermediate_size) == (512, 8, 1536)
+    sizes = [row["params"] for row in rows]
+    assert sizes == sorted(sizes)
+    assert "| 25m | 6 | 384 |" in format_preset_table()
+
+
+def test_tiny_preset_counts_are_true() -> None:
+    model = LlamaForCausalLM(preset("tiny", 1000))
+    assert model.config.vocab_size == pad_vocab(1000) == 1024
+    assert count_parameters(model.config) == (
+        sum(p.numel() for p in set(model.parameters())),
+        sum(p.numel() for p in set(model.parameters())) - 1024 * 192,
+    )
+
+
+def test_bad_configs_are_refused() -> None:
+    with pytest.raises(FidelError, match="not a multiple"):
+        small_config(num_key_value_heads=3)
+    with pytest.raises(FidelError, match="unknown model preset"):
+        preset("huge", 32000)
+    with pytest.raises(FidelError, match="outside the vocabulary"):
+        small_config(vocab_size=1, pad_token_id=1)
