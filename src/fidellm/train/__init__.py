@@ -1,0 +1,1 @@
+"""The training engine: packed data, optimizer and schedules, atomic checkpoints, monitoring, the loop."""

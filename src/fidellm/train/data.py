@@ -1,0 +1,145 @@
+"""Packed training batches from token shards, with a deterministic, resumable order.
+
+The shards already hold every document back to back, each starting with BOS, so packing is the flat
+token stream itself: window i covers tokens[i·seq_len : i·seq_len + seq_len + 1] (inputs are the first
+seq_len tokens, targets the last seq_len; neighbouring windows share one token). Each epoch visits the
+windows in a permutation drawn from (seed, epoch) alone, so the data position (epoch, step) fully
+determines every later batch: resuming continues exactly, without saving any data RNG state.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fidellm.errors import FidelError
+from fidellm.tokenizer.base import TextTokenizer
+from fidellm.tokenizer.shards import TokenShards
+
+
+def window_count(n_tokens: int, seq_len: int) -> int:
+    """Number of full windows of seq_len + 1 tokens starting at multiples of seq_len."""
+    return max(0, (n_tokens - 1) // seq_len)
+
+
+def windows_to_tensors(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[Tensor, Tensor]:
+    """(inputs, targets), both int64 (len(starts), seq_len), from windows starting at `starts`."""
+    rows = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts])
+    batch = torch.from_numpy(rows)
+    return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
+
+
+@dataclass
+class DataPosition:
+    """Where the loader stands: `step` batches of epoch `epoch` have been consumed."""
+
+    epoch: int = 0
+    step: int = 0
+
+    def to_dict(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "step": self.step}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> DataPosition:
+        return cls(int(data["epoch"]), int(data["step"]))
+
+
+class PackedBatches:
+    """Shuffled fixed-length windows of a split; `next_batch()` returns (inputs, targets) and advances."""
+
+    def __init__(self, shards: TokenShards, seq_len: int, batch_size: int, seed: int):
+        self.shards = shards
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.seed = seed
+        self.n_windows = window_count(len(shards.tokens), seq_len)
+        self.steps_per_epoch = self.n_windows // batch_size
+        if self.steps_per_epoch == 0:
+            raise FidelError(
+                f"{shards.directory}: {len(shards.tokens)} tokens make {self.n_windows} windows of"
+                f" {seq_len + 1} tokens, fewer than one batch of {batch_size};"
+                " lower --seq-len or --batch-size"
+            )
+        self.position = DataPosition()
+        self._order_epoch = -1
+        self._order = np.zeros(0, dtype=np.int64)
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The window permutation of `epoch` (a function of the seed and the epoch only)."""
+        if epoch != self._order_epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
+            self._order_epoch = epoch
+        return self._order
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        """The batch at the current position; the position moves on (to the next epoch after the last)."""
+        if self.position.step >= self.steps_per_epoch:
+            self.position = DataPosition(self.position.epoch + 1, 0)
+        step = self.position.step
+        windows = self.order(self.position.epoch)[step * self.batch_size : (step + 1) * self.batch_size]
+        self.position = DataPosition(self.position.epoch, step + 1)
+        return windows_to_tensors(self.shards.tokens, windows * self.seq_len, self.seq_len)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.position.to_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = DataPosition.from_dict(state)
+
+
+def validation_batches(
+    shards: TokenShards, seq_len: int, batch_size: int, max_batches: int
+) -> list[tuple[Tensor, Tensor]]:
+    """The first `max_batches` batches of consecutive windows of the val split (same every evaluation)."""
+    n_windows = window_count(len(shards.tokens), seq_len)
+    if n_windows == 0:
+        raise FidelError(f"{shards.directory}: {len(shards.tokens)} tokens are too few for one window")
+    starts = np.arange(min(n_windows, batch_size * max_batches), dtype=np.int64) * seq_len
+    return [
+        windows_to_tensors(shards.tokens, starts[i : i + batch_size], seq_len)
+        for i in range(0, len(starts), batch_size)
+    ]
+
+
+def _byte_level_decoder() -> dict[str, int]:
+    """GPT-2's printable-character alphabet for bytes, inverted: character -> byte value."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    chars = list(printable)
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
+
+
+def token_byte_lengths(tokenizer: TextTokenizer) -> np.ndarray:
+    """UTF-8 bytes each id stands for (int64, one per id); control tokens (BOS, pad, chat markers) are 0.
+
+    Bits per byte divides the NLL of text tokens by these lengths' sum; targets of length 0 are left
+    out of both sums (they are not text). Byte-level BPE tokens are mapped back through GPT-2's byte
+    alphabet, so a token holding part of an Ethiopic character counts its 1-2 bytes exactly.
+    """
+    if tokenizer.kind == "bytes":
+        lengths = np.ones(tokenizer.vocab_size, dtype=np.int64)
+        lengths[[tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id]] = 0
+        return lengths
+    hf = tokenizer.hf  # type: ignore[attr-defined]
+    alphabet = _byte_level_decoder()
+    added = hf.get_added_tokens_decoder()
+    lengths = np.zeros(tokenizer.vocab_size, dtype=np.int64)
+    for index in range(tokenizer.vocab_size):
+        if index in added:
+            token = added[index]
+            lengths[index] = 0 if token.special else len(token.content.encode("utf-8"))
+            continue
+        piece = hf.id_to_token(index)
+        if piece is None or any(ch not in alphabet for ch in piece):
+            raise FidelError(f"tokenizer id {index} ({piece!r}) is not a byte-level BPE token")
+        lengths[index] = len(piece)
+    return lengths

@@ -1,0 +1,278 @@
+"""The pretraining loop: `train(run_dir, config)` reads RUN/tokens and RUN/tokenizer and writes RUN/train/.
+
+RUN/train/ holds config.json, metrics.jsonl, curves.png and checkpoints/step_*/ (see checkpoint.py).
+Every check on the config and the data happens before the first step. With `resume` (the default) the
+newest checkpoint is loaded and training continues exactly where it stopped: the data order is a
+function of (seed, epoch, step), and model, optimizer, schedule step and RNG states are all restored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.checkpoint import checkpoint as activation_checkpoint
+
+from fidellm.errors import FidelError
+from fidellm.models.llama import LlamaConfig, LlamaForCausalLM, preset
+from fidellm.paths import RunLayout
+from fidellm.tokenizer.base import load_tokenizer
+from fidellm.tokenizer.shards import TokenShards
+from fidellm.train.checkpoint import latest_checkpoint, read_checkpoint, restore_checkpoint, save_checkpoint
+from fidellm.train.data import PackedBatches, token_byte_lengths, validation_batches
+from fidellm.train.monitor import Monitor, flops_per_token
+from fidellm.train.optim import SCHEDULES, build_optimizer, learning_rate
+
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a pretraining run depends on (stored in RUN/train/config.json and every checkpoint)."""
+
+    preset: str = "tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    """LlamaConfig fields replacing the preset's (e.g. {"num_hidden_layers": 2, "dropout": 0.1})."""
+    seq_len: int = 256
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_steps: int = 1000
+    stop_at_step: int | None = None
+    """Stop (with a checkpoint) after this step although the schedule spans max_steps; resume later."""
+    lr: float = 3e-3
+    schedule: str = "cosine"
+    warmup_steps: int = 100
+    min_lr_ratio: float = 0.1
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    seed: int = 0
+    dtype: str = "auto"
+    """auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler."""
+    compile: bool = False
+    gradient_checkpointing: bool = False
+    device: str = "auto"
+    eval_every: int = 200
+    eval_batches: int = 20
+    log_every: int = 10
+    save_every: int = 500
+    keep_last: int = 3
+    resume: bool = True
+    echo: bool = True
+
+    def validate(self) -> None:
+        """Reject impossible settings before anything is loaded."""
+        positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "log_every")
+        for name in (*positive, "save_every", "eval_batches"):
+            if getattr(self, name) < (1 if name in positive else 0):
+                raise FidelError(f"train config: {name} must be positive, got {getattr(self, name)}")
+        if self.schedule not in SCHEDULES:
+            raise FidelError(f"train config: schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.dtype not in DTYPES:
+            raise FidelError(f"train config: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or self.warmup_steps < 0 or self.grad_clip < 0:
+            raise FidelError("train config: lr must be positive and finite, warmup_steps and grad_clip >= 0")
+        if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.decay_fraction <= 1:
+            raise FidelError("train config: min_lr_ratio and decay_fraction must lie in [0, 1]")
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def model_config(config: TrainConfig, tokenizer_vocab: int) -> LlamaConfig:
+    """The preset for this tokenizer with `model_overrides` applied; checked against tokenizer and seq_len."""
+    base = preset(config.preset, tokenizer_vocab, max_position_embeddings=max(2048, config.seq_len))
+    unknown = set(config.model_overrides) - {f.name for f in dataclasses.fields(LlamaConfig)}
+    if unknown:
+        raise FidelError(f"train config: unknown model fields {sorted(unknown)}")
+    model = LlamaConfig.from_dict({**dataclasses.asdict(base), **config.model_overrides})
+    if model.vocab_size < tokenizer_vocab:
+        raise FidelError(
+            f"model vocab_size {model.vocab_size} is smaller than the tokenizer's {tokenizer_vocab} ids"
+        )
+    if config.seq_len > model.max_position_embeddings:
+        raise FidelError(
+            f"seq_len {config.seq_len} exceeds the model's max_position_embeddings"
+            f" {model.max_position_embeddings}"
+        )
+    return model
+
+
+def load_shards(run: RunLayout, split: str, fingerprint: str, vocab: int) -> TokenShards:
+    """Shards of `split`, checked to come from this run's tokenizer."""
+    shards = TokenShards.from_run(run.root, split)
+    made_by = shards.meta.get("tokenizer", {}).get("fingerprint")
+    if made_by != fingerprint or shards.meta.get("vocab_size") != vocab:
+        raise FidelError(
+            f"{shards.directory}: shards were made by another tokenizer than {run.tokenizer}"
+            " (fingerprint differs); rerun `fidellm data tokenize RUN`"
+        )
+    return shards
+
+
+def enable_gradient_checkpointing(model: LlamaForCausalLM) -> None:
+    """Recompute each block's activations in the backward pass instead of storing them."""
+    for layer in model.model.layers:
+        layer.forward = functools.partial(activation_checkpoint, layer.forward, use_reentrant=False)
+
+
+@torch.no_grad()
+def evaluate(
+    model: torch.nn.Module, batches: list, byte_lengths: torch.Tensor, device: torch.device, autocast: Any
+) -> tuple[float, float]:
+    """(mean loss in nats per token over all targets, bits per UTF-8 byte over text targets)."""
+    was_training = model.training
+    model.eval()
+    nll_sum = 0.0
+    count = 0
+    text_bits = 0.0
+    text_bytes = 0
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(device), targets.to(device)
+        with autocast():
+            logits = model(inputs).logits
+        nll = torch.nn.functional.cross_entropy(
+            logits.float().flatten(0, 1), targets.flatten(), reduction="none"
+        )
+        nbytes = byte_lengths[targets.flatten()]
+        nll_sum += nll.sum().item()
+        count += nll.numel()
+        text_bits += (nll[nbytes > 0].sum() / math.log(2)).item()
+        text_bytes += int(nbytes.sum().item())
+    model.train(was_training)
+    return nll_sum / count, text_bits / max(1, text_bytes)
+
+
+def train(run_dir: str | Path, config: TrainConfig) -> dict[str, Any]:
+    """Pretrain (or resume) the model of `config` on RUN/tokens; returns a summary with per-step losses."""
+    config.validate()
+    if config.gradient_checkpointing and config.compile:
+        raise FidelError("train config: gradient_checkpointing with compile is not supported together")
+    run = RunLayout(run_dir)
+    tokenizer = load_tokenizer(run.tokenizer)
+    train_shards = load_shards(run, "train", tokenizer.fingerprint(), tokenizer.vocab_size)
+    val_shards = load_shards(run, "val", tokenizer.fingerprint(), tokenizer.vocab_size)
+    mconfig = model_config(config, tokenizer.vocab_size)
+    device = pick_device(config.device)
+    dtype = config.dtype if config.dtype != "auto" else ("bf16" if device.type == "cuda" else "fp32")
+    if dtype == "fp16" and device.type != "cuda":
+        raise FidelError("train config: fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
+    out = run.root / "train"
+    ckpt_dir = out / "checkpoints"
+
+    batches = PackedBatches(train_shards, config.seq_len, config.batch_size, config.seed)
+    val_set = validation_batches(val_shards, config.seq_len, config.batch_size, config.eval_batches)
+    byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer))
+    byte_lengths = torch.cat(
+        [byte_lengths, torch.zeros(mconfig.vocab_size - len(byte_lengths), dtype=torch.int64)]
+    )
+    byte_lengths = byte_lengths.to(device)
+
+    torch.manual_seed(config.seed)
+    np.random.seed(config.seed)
+    model = LlamaForCausalLM(mconfig).to(device)
+    optimizer = build_optimizer(model, config.lr, config.weight_decay, (config.beta1, config.beta2))
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
+    step = 0
+    previous = latest_checkpoint(ckpt_dir) if config.resume else None
+    if previous is not None:
+        loaded = read_checkpoint(previous)
+        if loaded.state.get("model_config") != json.loads(json.dumps(dataclasses.asdict(mconfig))):
+            raise FidelError(f"{previous}: its model config differs from this run's; pass a new run dir")
+        restore_checkpoint(loaded, model, optimizer, scaler)
+        batches.load_state_dict(loaded.state["data"])
+        step = loaded.step
+    if config.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    forward = torch.compile(model) if config.compile else model
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
+    autocast = functools.partial(
+        torch.autocast, device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
+    )
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(
+        json.dumps({"train": dataclasses.asdict(config), "model": dataclasses.asdict(mconfig)}, indent=2)
+        + "\n"
+    )
+    monitor = Monitor(
+        out, device, flops_per_token(model, config.seq_len), config.max_steps, step, config.echo
+    )
+
+    def save(at: int) -> Path:
+        state = {
+            "data": batches.state_dict(),
+            "model_config": dataclasses.asdict(mconfig),
+            "train_config": dataclasses.asdict(config),
+        }
+        return save_checkpoint(ckpt_dir, at, model, optimizer, state, config.keep_last, scaler)
+
+    stop = min(config.max_steps, config.stop_at_step or config.max_steps)
+    losses: list[float] = []
+    val: dict[str, float] = {}
+    start_step, started = step, time.perf_counter()
+    model.train()
+    while step < stop:
+        lr = learning_rate(
+            config.schedule, step, config.lr, config.warmup_steps, config.max_steps,
+            config.min_lr_ratio, config.decay_fraction,
+        )  # fmt: skip
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        total = torch.zeros((), device=device)
+        for _ in range(config.grad_accum):
+            inputs, targets = (t.to(device, non_blocking=True) for t in batches.next_batch())
+            with autocast():
+                loss = forward(inputs, targets).loss / config.grad_accum
+            scaler.scale(loss).backward()
+            total += loss.detach()
+        loss_value = total.item()
+        if not math.isfinite(loss_value):
+            optimizer.zero_grad(set_to_none=True)
+            path = save(step)
+            raise FidelError(
+                f"non-finite loss ({loss_value}) at step {step + 1}; the state before it is saved in {path}"
+            )
+        scaler.unscale_(optimizer)
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
+        scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        losses.append(loss_value)
+        monitor.count(config.batch_size * config.grad_accum * config.seq_len)
+        if step % config.log_every == 0 or step == stop:
+            monitor.log_train(step, loss_value, lr, norm.item())
+        if step % config.eval_every == 0 or step == stop:
+            val_loss, bpb = evaluate(forward, val_set, byte_lengths, device, autocast)
+            monitor.log_val(step, val_loss, bpb)
+            val = {"val_loss": val_loss, "val_bpb": bpb}
+        if (config.save_every and step % config.save_every == 0) or step == stop:
+            save(step)
+    monitor.plot()
+    seconds = time.perf_counter() - started
+    trained = step - start_step
+    return {
+        "run_dir": str(run.root),
+        "resumed_from": start_step,
+        "step": step,
+        "losses": losses,
+        "seconds": seconds,
+        "tokens_per_s": trained * config.batch_size * config.grad_accum * config.seq_len / max(seconds, 1e-9),
+        "parameters": model.num_parameters(),
+        "checkpoint": str(latest_checkpoint(ckpt_dir)),
+        **val,
+    }

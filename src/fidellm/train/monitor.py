@@ -1,0 +1,171 @@
+"""Training telemetry: one log line per interval (step, loss, lr, tok/s, MFU, ETA, memory), metrics JSONL
+and PNG curves. MFU needs the device's peak dense bf16 FLOP/s, looked up by device name; where the
+device is unknown (or a CPU) MFU is reported as n/a rather than guessed."""
+
+from __future__ import annotations
+
+import json
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM (HBM3)
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 70e12),
+    ("RTX 4090", 165e12),
+)
+"""(substring of torch.cuda.get_device_name, dense bf16 tensor-core FLOP/s from the vendor datasheet);
+the first matching row wins, so more specific names come first."""
+
+
+def peak_flops(device: torch.device) -> float | None:
+    """Peak dense bf16 FLOP/s of `device`, or None when it is a CPU or not in the table."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((flops for key, flops in PEAK_BF16_FLOPS if key in name), None)
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: 6 per matmul parameter (the token lookup excluded, the output head
+    included) plus attention scores and values, 12·layers·heads·head_dim·seq_len (PaLM's estimate)."""
+    config = model.config  # type: ignore[attr-defined]
+    matmul = model.num_parameters(exclude_embeddings=True) + model.lm_head.weight.numel()  # type: ignore[operator]
+    attention = 12 * config.num_hidden_layers * config.num_attention_heads * config.head_dim * seq_len
+    return 6.0 * matmul + attention
+
+
+def memory_gib(device: torch.device) -> float:
+    """Peak CUDA memory allocated on `device`, or this process's peak resident memory on CPU, in GiB."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def format_seconds(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class Monitor:
+    """Measures throughput between log lines and appends every record to metrics.jsonl."""
+
+    def __init__(
+        self,
+        out_dir: Path,
+        device: torch.device,
+        flops_per_tok: float,
+        total_steps: int,
+        resume_step: int = 0,
+        echo: bool = True,
+    ):
+        self.metrics_path = out_dir / "metrics.jsonl"
+        self.out_dir = out_dir
+        self.device = device
+        self.flops_per_tok = flops_per_tok
+        self.peak = peak_flops(device)
+        self.total_steps = total_steps
+        self.echo = echo
+        out_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate_after(resume_step)
+        self._last_time = time.perf_counter()
+        self._tokens = 0
+        self._steps = 0
+
+    def _truncate_after(self, step: int) -> None:
+        """Drop records past the resumed step (written by a run that died before its next checkpoint)."""
+        if not self.metrics_path.exists():
+            return
+        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        self.metrics_path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+
+    def count(self, tokens: int) -> None:
+        """Add one finished optimizer step of `tokens` tokens since the last log line."""
+        self._tokens += tokens
+        self._steps += 1
+
+    def write(self, record: dict[str, Any]) -> None:
+        with self.metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(json.dumps(record) + "\n")
+
+    def log_train(self, step: int, loss: float, lr: float, grad_norm: float) -> dict[str, Any]:
+        """Record step `step` (1-based count of finished steps) and print its line; resets the timer."""
+        now = time.perf_counter()
+        elapsed = max(now - self._last_time, 1e-9)
+        tok_s = self._tokens / elapsed
+        mfu = None if self.peak is None else tok_s * self.flops_per_tok / self.peak
+        record = {
+            "kind": "train",
+            "step": step,
+            "loss": loss,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tok_per_s": tok_s,
+            "mfu": mfu,
+            "memory_gib": memory_gib(self.device),
+            "time": time.time(),
+        }
+        record["eta_s"] = (self.total_steps - step) * elapsed / self._steps if self._steps else None
+        self._last_time, self._tokens, self._steps = now, 0, 0
+        self.write(record)
+        if self.echo:
+            eta = "n/a" if record["eta_s"] is None else format_seconds(record["eta_s"])
+            mfu_text = "n/a" if mfu is None else f"{100 * mfu:.1f}%"
+            print(
+                f"step {step}/{self.total_steps} | loss {loss:.4f} | lr {lr:.2e} | {tok_s:,.0f} tok/s"
+                f" | MFU {mfu_text} | ETA {eta} | mem {record['memory_gib']:.2f} GiB",
+                flush=True,
+            )
+        return record
+
+    def log_val(self, step: int, loss: float, bpb: float) -> None:
+        """Record a validation result and print it."""
+        self.write({"kind": "val", "step": step, "val_loss": loss, "val_bpb": bpb, "time": time.time()})
+        if self.echo:
+            print(f"step {step} | val loss {loss:.4f} | val bits/byte {bpb:.4f}", flush=True)
+
+    def plot(self) -> Path | None:
+        """Loss (train, val), lr and tok/s against step in curves.png; None when nothing was logged."""
+        if not self.metrics_path.exists():
+            return None
+        records = [json.loads(line) for line in self.metrics_path.read_text(encoding="utf-8").splitlines()]
+        train = [r for r in records if r["kind"] == "train"]
+        val = [r for r in records if r["kind"] == "val"]
+        if not train:
+            return None
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        steps = [r["step"] for r in train]
+        axes[0].plot(steps, [r["loss"] for r in train], label="train")
+        if val:
+            axes[0].plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
+        axes[0].set(xlabel="step", ylabel="loss (nats/token)", title="loss")
+        axes[0].legend()
+        axes[1].plot(steps, [r["lr"] for r in train])
+        axes[1].set(xlabel="step", ylabel="learning rate", title="learning rate")
+        axes[2].plot(steps, [r["tok_per_s"] for r in train])
+        axes[2].set(xlabel="step", ylabel="tokens/s", title="throughput")
+        fig.tight_layout()
+        path = self.out_dir / "curves.png"
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+        return path

@@ -1,0 +1,104 @@
+"""AdamW with weight decay on matrices only, and the learning-rate schedules as plain functions of step.
+
+Decay policy: only the weights of Linear layers (2-D, not embeddings) are decayed. Norm gains are never
+decayed (decay would pull them towards 0, not towards their init of 1), there are no biases, and the
+token embedding — which is also the output matrix when tied — is not decayed either: rows of rare
+tokens get few gradient updates, so decay would shrink them step after step towards zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from fidellm.errors import FidelError
+
+SCHEDULES = ("cosine", "wsd")
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed (non-embedding matrices) and undecayed (embeddings, norms, vectors).
+
+    Tied parameters appear once; frozen parameters are left out.
+    """
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    seen: set[int] = set()
+    for param in model.parameters():
+        if id(param) in seen or not param.requires_grad:
+            continue
+        seen.add(id(param))
+        (decay if param.ndim >= 2 and id(param) not in embeddings else no_decay).append(param)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float,
+    betas: tuple[float, float] = (0.9, 0.95),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    """AdamW over `param_groups`, fused when the parameters live on CUDA."""
+    fused = next(model.parameters()).device.type == "cuda"
+    return torch.optim.AdamW(
+        param_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused or None
+    )
+
+
+def _warmup(step: int, warmup_steps: int) -> float | None:
+    """Linear warmup factor (step + 1) / warmup_steps during warmup, else None."""
+    return (step + 1) / warmup_steps if step < warmup_steps else None
+
+
+def cosine_lr(step: int, base_lr: float, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup, then cosine from base_lr down to base_lr·min_lr_ratio at total_steps (held after)."""
+    factor = _warmup(step, warmup_steps)
+    if factor is not None:
+        return base_lr * factor
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return base_lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def wsd_lr(
+    step: int,
+    base_lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float,
+    decay_fraction: float,
+) -> float:
+    """Warmup-stable-decay: linear warmup, base_lr held, then a linear decay to base_lr·min_lr_ratio over
+    the last round(decay_fraction·total_steps) steps (reached at total_steps and held after)."""
+    factor = _warmup(step, warmup_steps)
+    if factor is not None:
+        return base_lr * factor
+    decay_steps = round(decay_fraction * total_steps)
+    decay_start = total_steps - decay_steps
+    if step < decay_start:
+        return base_lr
+    progress = min(1.0, (step - decay_start) / max(1, decay_steps))
+    return base_lr * (1 - (1 - min_lr_ratio) * progress)
+
+
+def learning_rate(
+    schedule: str,
+    step: int,
+    base_lr: float,
+    warmup_steps: int,
+    total_steps: int,
+    min_lr_ratio: float = 0.1,
+    decay_fraction: float = 0.2,
+) -> float:
+    """The learning rate of optimizer step `step` (0-based) under `schedule` ("cosine" or "wsd")."""
+    if schedule == "cosine":
+        return cosine_lr(step, base_lr, warmup_steps, total_steps, min_lr_ratio)
+    if schedule == "wsd":
+        return wsd_lr(step, base_lr, warmup_steps, total_steps, min_lr_ratio, decay_fraction)
+    raise FidelError(f"unknown schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
