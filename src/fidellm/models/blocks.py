@@ -46,8 +46,12 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", 1.0 / (theta**exponents), persistent=False)
 
     def forward(self, positions: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-        """cos and sin of shape (len(positions), head_dim), computed in fp32, returned in `dtype`."""
-        freqs = torch.outer(positions.float(), self.inv_freq.float())
+        """cos and sin of shape (*positions.shape, head_dim), computed in fp32, returned in `dtype`.
+
+        `positions` is (seq,) for one shared position range or (batch, seq) for per-row positions
+        (left-padded batches in generation).
+        """
+        freqs = positions.float()[..., None] * self.inv_freq.float()
         angles = torch.cat((freqs, freqs), dim=-1)
         return angles.cos().to(dtype), angles.sin().to(dtype)
 
@@ -103,8 +107,17 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(dim, n_kv_heads * head_dim, bias=False)
         self.o_proj = nn.Linear(n_heads * head_dim, dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
-        """x: (batch, seq, dim); cos/sin: (seq, head_dim) for x's positions; cache is updated in place."""
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        """x: (batch, seq, dim); cos/sin: (seq, head_dim) or (batch, 1, seq, head_dim) for x's positions;
+        cache is updated in place. `attn_mask` (batch, 1, seq, past + seq), True = may attend, replaces
+        the built-in causal mask (padded batches); without it attention is plainly causal."""
         batch, seq, _ = x.shape
         q = self.q_proj(x).view(batch, seq, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, seq, self.n_kv_heads, self.head_dim).transpose(1, 2)
@@ -118,8 +131,8 @@ class Attention(nn.Module):
         if groups > 1:  # repeat_interleave over heads; SDPA's enable_gqa needs torch >= 2.5
             k = k.repeat_interleave(groups, dim=1)
             v = v.repeat_interleave(groups, dim=1)
-        mask = None
-        if past and seq > 1:
+        mask = attn_mask
+        if mask is None and past and seq > 1:
             # SDPA's is_causal aligns the mask top-left; with a cache query i sees keys 0..past+i.
             keys = torch.arange(past + seq, device=x.device)
             mask = keys[None, :] <= (keys[past:, None])
@@ -168,6 +181,13 @@ class TransformerBlock(nn.Module):
         self.mlp = SwiGLU(dim, ffn_dim)
         self.resid_dropout = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, cache: KVCache | None = None) -> Tensor:
-        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache))
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        cache: KVCache | None = None,
+        attn_mask: Tensor | None = None,
+    ) -> Tensor:
+        x = x + self.resid_dropout(self.self_attn(self.input_layernorm(x), cos, sin, cache, attn_mask))
         return x + self.resid_dropout(self.mlp(self.post_attention_layernorm(x)))

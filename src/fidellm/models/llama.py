@@ -113,8 +113,18 @@ class LlamaModel(nn.Module):
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.max_positions = config.max_position_embeddings
 
-    def forward(self, input_ids: Tensor, cache: list[KVCache] | None = None) -> Tensor:
-        """Final hidden states (batch, seq, hidden) of `input_ids` placed after the cached positions."""
+    def forward(
+        self,
+        input_ids: Tensor,
+        cache: list[KVCache] | None = None,
+        attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """Final hidden states (batch, seq, hidden) of `input_ids` placed after the cached positions.
+
+        `attention_mask` (batch, cached + seq), 1 = real token, 0 = padding, covers the cached positions
+        too (HF's convention). With it, padding keys are hidden and each row's positions count only
+        its real tokens, so a left-padded row gets exactly the logits it would get alone.
+        """
         if cache is not None and len(cache) != len(self.layers):
             raise FidelError(f"KV cache has {len(cache)} layers, the model has {len(self.layers)}")
         offset = cache[0].length if cache else 0
@@ -125,11 +135,37 @@ class LlamaModel(nn.Module):
                 f" {self.max_positions} (max_position_embeddings)"
             )
         x = self.embed_tokens(input_ids)
-        positions = torch.arange(offset, offset + seq, device=input_ids.device)
-        cos, sin = self.rotary_emb(positions, x.dtype)
+        mask = None
+        if attention_mask is None:
+            positions = torch.arange(offset, offset + seq, device=input_ids.device)
+            cos, sin = self.rotary_emb(positions, x.dtype)
+        else:
+            positions, mask = padded_positions_and_mask(attention_mask, input_ids.shape[0], offset, seq)
+            cos, sin = (t.unsqueeze(1) for t in self.rotary_emb(positions, x.dtype))
         for index, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, None if cache is None else cache[index])
+            x = layer(x, cos, sin, None if cache is None else cache[index], mask)
         return self.norm(x)
+
+
+def padded_positions_and_mask(
+    attention_mask: Tensor, batch: int, offset: int, seq: int
+) -> tuple[Tensor, Tensor]:
+    """Per-row positions (batch, seq) and the attention mask (batch, 1, seq, offset + seq) of a padded batch.
+
+    A real token sees the real tokens at or before it; a padding query sees only itself, so no row
+    of the softmax is empty (its output is never used).
+    """
+    if attention_mask.shape != (batch, offset + seq):
+        raise FidelError(
+            f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(batch, offset + seq)}"
+            " (batch, cached + new positions)"
+        )
+    valid = attention_mask.bool()
+    positions = (valid.long().cumsum(-1) - 1).clamp(min=0)[:, offset:]
+    keys = torch.arange(offset + seq, device=attention_mask.device)
+    queries = keys[offset:, None]
+    mask = ((keys[None, :] <= queries) & valid[:, None, :]) | (keys[None, :] == queries)
+    return positions, mask.unsqueeze(1)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -161,16 +197,21 @@ class LlamaForCausalLM(nn.Module):
         return [KVCache() for _ in self.model.layers]
 
     def forward(
-        self, input_ids: Tensor, targets: Tensor | None = None, cache: list[KVCache] | None = None
+        self,
+        input_ids: Tensor,
+        targets: Tensor | None = None,
+        cache: list[KVCache] | None = None,
+        attention_mask: Tensor | None = None,
     ) -> LMOutput:
         """Logits of the next token at every position of `input_ids` (batch, seq).
 
         `targets` (batch, seq) are the next tokens themselves, already shifted: targets[:, t] is the
         token that follows input_ids[:, t]; IGNORE_INDEX (-100) positions do not count. (HF's `labels`
         equal the inputs and are shifted inside; here the data loader shifts, once.) `cache` is
-        extended in place with the new positions.
+        extended in place with the new positions. `attention_mask` (batch, cached + seq; 0 = padding)
+        serves left-padded batches (see `LlamaModel.forward`).
         """
-        logits = self.lm_head(self.model(input_ids, cache))
+        logits = self.lm_head(self.model(input_ids, cache, attention_mask))
         loss = None
         if targets is not None:
             loss = F.cross_entropy(

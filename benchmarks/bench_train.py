@@ -1,0 +1,88 @@
+"""Training throughput (tok/s) and MFU of `fidellm.train.loop.train` per preset, on real token shards.
+
+Usage: python benchmarks/bench_train.py RUN [--presets 25m,125m] [--seq-len 1024] [--batch-size 64]
+       [--steps 60] [--compile/--no-compile] [--dtype auto] [--out DIR]
+RUN must hold tokens/ and tokenizer/ (as `make demo` leaves them). Each preset trains in its own run
+directory under --out (symlinks to RUN's tokens and tokenizer). The first two log intervals (compilation,
+warm-up) are left out; the median and spread of the remaining intervals are printed as markdown rows.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from common import MARKDOWN_HEADER, markdown_row
+
+from fidellm.train.loop import TrainConfig, train
+
+
+def bench_preset(run: Path, out: Path, preset: str, args: argparse.Namespace) -> dict:
+    """Train `preset` for args.steps steps and return the steady-state log records."""
+    work = out / preset
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("tokens", "tokenizer"):
+        link = work / name
+        if not link.exists():
+            link.symlink_to((run / name).resolve())
+    config = TrainConfig(
+        preset=preset,
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_steps=args.steps,
+        warmup_steps=10,
+        lr=args.lr,
+        dtype=args.dtype,
+        compile=args.compile,
+        eval_every=args.steps + 1,
+        log_every=args.log_every,
+        save_every=0,
+        resume=False,
+    )
+    summary = train(work, config)
+    records = [json.loads(line) for line in (work / "train" / "metrics.jsonl").read_text().splitlines()]
+    steady = [r for r in records if r.get("kind") == "train"][2:]
+    if not steady:
+        raise SystemExit(f"{preset}: too few log intervals; raise --steps")
+    return {"summary": summary, "steady": steady}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--presets", default="25m,125m")
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--log-every", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--out", type=Path, default=Path("runs/bench_train"))
+    args = parser.parse_args()
+    command = "python benchmarks/bench_train.py " + " ".join(sys.argv[1:])
+    rows = []
+    for preset in args.presets.split(","):
+        result = bench_preset(args.run, args.out, preset, args)
+        steady = result["steady"]
+        tok_s = [r["tok_per_s"] for r in steady]
+        what = (
+            f"train {preset}, seq {args.seq_len}, batch {args.batch_size}, dtype {args.dtype}, "
+            f"compile {args.compile}, {result['summary']['parameters']:,} params"
+        )
+        rows.append(markdown_row(what + ": tok/s", command, tok_s, "tok/s"))
+        mfu = [100 * r["mfu"] for r in steady if r.get("mfu") is not None]
+        if mfu:
+            rows.append(markdown_row(what + ": MFU", command, mfu, "%"))
+        memory = max(r["memory_gib"] for r in steady)
+        median = statistics.median(tok_s)
+        print(f"{preset}: median {median:,.0f} tok/s, peak memory {memory:.1f} GiB", flush=True)
+    print(MARKDOWN_HEADER)
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()
