@@ -1,0 +1,102 @@
+"""A quality run: train a preset on a prepared run's shards, then score FLORES amh second-half bits.
+
+Usage: python benchmarks/quality_run.py RUN --preset 25m --steps 2400 [--batch-size 64] [--seq-len 1024]
+       [--lr 2e-3] [--dropout 0.1] [--eval-every 240] [--data-dir DIR] [--out runs/quality]
+RUN holds tokens/ and tokenizer/; DIR holds flores200/amh_Ethi.{dev,devtest} (default: the data dir).
+Prints the validation curve's best step and the FLORES scores (evaluation.md) of the final checkpoint,
+and writes them to OUT/<preset>.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from fidellm.eval.lm import load_checkpoint_model, score_lines
+from fidellm.paths import resolve_data_dir
+from fidellm.tokenizer.base import load_tokenizer
+from fidellm.tokenizer.report import flores_lines
+from fidellm.train.checkpoint import latest_checkpoint
+from fidellm.train.loop import TrainConfig, train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--preset", default="25m")
+    parser.add_argument("--steps", type=int, default=2400)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--seq-len", type=int, default=1024)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--warmup", type=int, default=100)
+    parser.add_argument("--dropout", type=float, default=0.1)
+    parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--eval-every", type=int, default=240)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--data-dir", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=Path("runs/quality"))
+    args = parser.parse_args()
+
+    name = f"{args.preset}-lr{args.lr:g}-do{args.dropout:g}-s{args.steps}"
+    work = args.out / name
+    work.mkdir(parents=True, exist_ok=True)
+    for sub in ("tokens", "tokenizer"):
+        if not (work / sub).exists():
+            (work / sub).symlink_to((args.run / sub).resolve())
+    config = TrainConfig(
+        preset=args.preset,
+        model_overrides={"dropout": args.dropout} if args.dropout else {},
+        seq_len=args.seq_len,
+        batch_size=args.batch_size,
+        max_steps=args.steps,
+        warmup_steps=args.warmup,
+        lr=args.lr,
+        weight_decay=args.weight_decay,
+        compile=args.compile,
+        eval_every=args.eval_every,
+        save_every=0,
+        keep_last=1,
+        resume=False,
+    )
+    start = time.perf_counter()
+    summary = train(work, config)
+    train_seconds = time.perf_counter() - start
+    records = [json.loads(line) for line in (work / "train" / "metrics.jsonl").read_text().splitlines()]
+    val = [(r["step"], r["val_loss"], r["val_bpb"]) for r in records if r.get("kind") == "val"]
+    best = min(val, key=lambda v: v[1])
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_checkpoint_model(latest_checkpoint(work / "train" / "checkpoints"), device)
+    tokenizer = load_tokenizer(args.run / "tokenizer")
+    lines = flores_lines(resolve_data_dir(args.data_dir))
+    scores = score_lines(model, tokenizer, lines, device)
+    result = {
+        "name": name,
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "parameters": summary["parameters"],
+        "train_seconds": round(train_seconds, 1),
+        "tokens_per_s": summary["tokens_per_s"],
+        "final_val_loss": summary.get("val_loss"),
+        "final_val_bpb": summary.get("val_bpb"),
+        "best_val": {"step": best[0], "val_loss": best[1], "val_bpb": best[2]},
+        "val_curve": val,
+        "flores": dataclasses.asdict(scores),
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+    }
+    (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
+    print(
+        f"{name}: {summary['parameters']:,} params, {train_seconds:.0f} s; "
+        f"val loss {summary.get('val_loss'):.4f} "
+        f"(best {best[1]:.4f} at step {best[0]}); FLORES second-half bits {scores.second_half_bits:.2f}, "
+        f"bits/byte {scores.bits_per_byte:.4f}, bits/char {scores.bits_per_char:.4f}",
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()

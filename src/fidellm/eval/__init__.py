@@ -1,0 +1,1 @@
+"""Evaluation: language-modelling scores comparable with published numbers."""
