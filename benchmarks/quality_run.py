@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from fidellm.eval.lm import load_checkpoint_model, score_lines
+from fidellm.eval.lm import score_lines
+from fidellm.models.load import load_checkpoint_model
 from fidellm.paths import resolve_data_dir
 from fidellm.tokenizer.base import load_tokenizer
 from fidellm.tokenizer.report import flores_lines

@@ -5,17 +5,25 @@ set -euo pipefail
 RUN=${RUN:-runs/demo}
 WORKERS=${WORKERS:-2}
 
-echo "== 1/4 data prepare: all Amharic pretraining sources -> $RUN/data"
+echo "== 1/6 data prepare: all Amharic pretraining sources -> $RUN/data"
 fidellm data prepare "$RUN" --workers "$WORKERS" --overwrite
 
-echo "== 2/4 tokenizer train: 32K BPE with byte fallback -> $RUN/tokenizer"
+echo "== 2/6 tokenizer train: 32K BPE with byte fallback -> $RUN/tokenizer"
 fidellm tokenizer train "$RUN" --vocab-size 32000 --sample-mb "${TOKENIZER_SAMPLE_MB:-40}"
 
-echo "== 3/4 tokenizer report: fertility and round trip on FLORES amh dev+devtest"
+echo "== 3/6 tokenizer report: fertility and round trip on FLORES amh dev+devtest"
 fidellm tokenizer report "$RUN/tokenizer" --vocab-sizes 8000,16000,32000,64000 --sample-mb "${SWEEP_SAMPLE_MB:-20}"
 
-echo "== 4/4 data tokenize: splits -> memory-mapped token shards in $RUN/tokens"
+echo "== 4/6 data tokenize: splits -> memory-mapped token shards in $RUN/tokens"
 fidellm data tokenize "$RUN" --workers "$WORKERS"
+
+echo "== 5/6 train: the tiny preset for a couple of minutes on CPU -> $RUN/train"
+rm -rf "$RUN/train"  # a fresh smoke run each time
+fidellm train "$RUN" --preset tiny --steps "${TRAIN_STEPS:-180}" --seq-len 256 --batch-size 8 \
+  --warmup 20 --eval-every 60 --log-every 20
+
+echo "== 6/6 generate: the probe prompts of evaluation.md, sampled with a fixed seed"
+fidellm generate "$RUN" ይፈልጋሉ አማርኛ ኢትዮጵያ ቡና ሰላም --max-new-tokens 24 --seed 0 --device cpu
 
 echo
 echo "== summary"
@@ -36,5 +44,9 @@ for row in tok["measured"]:
 for split in ("train", "val", "test"):
     meta = json.loads((run / "tokens" / split / "meta.json").read_text())
     print(f"tokens:    {split}: {meta['n_docs']:,} documents, {meta['n_tokens']:,} tokens")
-print(f"reports:   {run}/data/report.md  {run}/tokenizer/report.md")
+val = [json.loads(line) for line in (run / "train" / "metrics.jsonl").read_text().splitlines()]
+val = [r for r in val if r.get("kind") == "val"][-1]
+print(f"train:     tiny preset, step {val['step']}: val loss {val['val_loss']:.3f}, "
+      f"val bits/byte {val['val_bpb']:.3f} (a CPU smoke run; GPU numbers in benchmarks/RESULTS.md)")
+print(f"reports:   {run}/data/report.md  {run}/tokenizer/report.md  {run}/train/curves.png")
 EOF

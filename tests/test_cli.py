@@ -23,6 +23,10 @@ def test_every_command_has_help():
         ["tokenizer"],
         ["tokenizer", "train"],
         ["tokenizer", "report"],
+        ["train"],
+        ["generate"],
+        ["export"],
+        ["export", "hf"],
     ):
         result = runner.invoke(cli, [*args, "--help"])
         assert result.exit_code == 0, (args, result.output)
@@ -59,6 +63,23 @@ def test_pipeline_end_to_end_on_small_source(tmp_path):
     kept_train = report["sources"]["amharic_fb_comments"]["kept_by_split"]["train"]["docs"]
     kept_train += report["sources"]["african_storybook_am"]["kept_by_split"].get("train", {}).get("docs", 0)
     assert len(shards) == kept_train
+
+    train_args = ["train", str(run), "--steps", "6", "--seq-len", "64", "--batch-size", "2", "--warmup", "2"]
+    result = runner.invoke(cli, [*train_args, "--eval-every", "3", "--save-every", "3"])
+    assert result.exit_code == 0, result.output
+    assert "val bits/byte" in result.output and (run / "train" / "metrics.jsonl").is_file()
+
+    generate_args = ["--max-new-tokens", "6", "--temperature", "0", "--device", "cpu"]
+    result = runner.invoke(cli, ["generate", str(run), "ሰላም", *generate_args])
+    assert result.exit_code == 0, result.output
+    streamed = result.output.strip()
+    assert streamed.startswith("ሰላም")
+
+    export_dir = tmp_path / "hf"
+    result = runner.invoke(cli, ["export", "hf", str(run), str(export_dir), "--dtype", "float32"])
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(cli, ["generate", str(export_dir), "ሰላም", *generate_args])
+    assert result.exit_code == 0 and result.output.strip() == streamed  # same weights, same greedy text
 
 
 def test_user_errors_are_one_line_exit_2(tmp_path, capsys):

@@ -11,8 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from fidellm.errors import FidelError
-from fidellm.eval.lm import load_checkpoint_model, score_lines, token_bits
+from fidellm.eval.lm import score_lines, token_bits
 from fidellm.models.llama import LlamaConfig, LlamaForCausalLM, LMOutput
+from fidellm.models.load import load_checkpoint_model, load_model
 from fidellm.tokenizer.bytes import ByteTokenizer
 from fidellm.train.checkpoint import latest_checkpoint, save_checkpoint
 
@@ -83,3 +84,10 @@ def test_checkpoint_model_scores_like_the_trained_one(tmp_path):
     loaded = load_checkpoint_model(latest_checkpoint(tmp_path))
     tok = ByteTokenizer()
     assert score_lines(loaded, tok, LINES, "cpu") == score_lines(model, tok, LINES, "cpu")
+    run = tmp_path / "run"
+    save_checkpoint(run / "train" / "checkpoints", 9, model, optimizer, state, keep_last=1)
+    from_run, tokenizer_dir = load_model(run)
+    assert tokenizer_dir == run / "tokenizer"
+    assert score_lines(from_run, tok, LINES, "cpu") == score_lines(model, tok, LINES, "cpu")
+    with pytest.raises(FidelError, match="no model here"):
+        load_model(tmp_path / "empty")

@@ -9,7 +9,10 @@ import click
 from fidellm import __version__
 from fidellm.data.cli import data
 from fidellm.errors import FidelError
+from fidellm.export.cli import export
+from fidellm.generate.cli import generate_command
 from fidellm.tokenizer.cli import tokenizer
+from fidellm.train.cli import train_command
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
@@ -18,12 +21,15 @@ def cli() -> None:
     """fidel-lm: raw Amharic text to a small language model, every stage measured.
 
     Stages read and write plain files in a run directory:
-    data prepare -> tokenizer train -> data tokenize -> (train, eval, export, serve).
+    data prepare -> tokenizer train -> data tokenize -> train -> generate / export.
     """
 
 
 cli.add_command(data)
 cli.add_command(tokenizer)
+cli.add_command(train_command)
+cli.add_command(generate_command)
+cli.add_command(export)
 
 
 def main(argv: list[str] | None = None) -> None:

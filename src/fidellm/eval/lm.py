@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -19,9 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fidellm.errors import FidelError
-from fidellm.models.llama import LlamaConfig, LlamaForCausalLM
 from fidellm.tokenizer.base import TextTokenizer
-from fidellm.train.checkpoint import read_checkpoint, restore_checkpoint
 
 
 @dataclass
@@ -96,12 +93,3 @@ def score_lines(
         bits_per_char=total / sum(len(line) for line in lines),
         tokens=sum(len(s) for s in sequences),
     )
-
-
-def load_checkpoint_model(path: Path, device: torch.device | str = "cpu") -> LlamaForCausalLM:
-    """The model saved in a training checkpoint directory (weights only, safetensors)."""
-    checkpoint = read_checkpoint(Path(path))
-    config = LlamaConfig.from_dict(checkpoint.state["model_config"])
-    model = LlamaForCausalLM(config).to(device)
-    restore_checkpoint(checkpoint, model, restore_rng=False)
-    return model.eval()

@@ -1,0 +1,47 @@
+"""`fidellm generate`: continue prompts with a trained or exported model, streaming one prompt."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("generate")
+@click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.argument("prompts", nargs=-1, required=True)
+@click.option("--max-new-tokens", default=128, show_default=True)
+@click.option("--temperature", default=0.8, show_default=True, help="0 = greedy.")
+@click.option("--top-k", default=0, show_default=True, help="0 = off.")
+@click.option("--top-p", default=0.95, show_default=True)
+@click.option("--repetition-penalty", default=1.1, show_default=True)
+@click.option("--stop", "stop_strings", multiple=True, help="Stop string (repeatable).")
+@click.option("--seed", default=None, type=int, help="Same seed, same text.")
+@click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
+def generate_command(
+    model: Path,
+    prompts: tuple[str, ...],
+    device: str | None,
+    stop_strings: tuple[str, ...],
+    **options: object,
+) -> None:
+    """Continue PROMPTS with MODEL: a run directory (latest checkpoint), a checkpoint or an exported HF
+    directory. One prompt streams as it is generated; several run as one batch."""
+    import torch
+
+    from fidellm.generate.engine import GenerationConfig, generate, stream_generate
+    from fidellm.models.load import load_model
+    from fidellm.tokenizer.base import load_tokenizer
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    network, tokenizer_dir = load_model(model, device)
+    tokenizer = load_tokenizer(tokenizer_dir)
+    config = GenerationConfig(stop_strings=stop_strings, **options)
+    if len(prompts) == 1:
+        click.echo(prompts[0], nl=False)
+        for chunk in stream_generate(network, tokenizer, prompts[0], config):
+            click.echo(chunk, nl=False)
+        click.echo()
+        return
+    for prompt, result in zip(prompts, generate(network, tokenizer, list(prompts), config), strict=True):
+        click.echo(f"{prompt}{result.text}\n  [{result.finish_reason}, {len(result.token_ids)} tokens]")

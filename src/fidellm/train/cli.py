@@ -1,0 +1,59 @@
+"""`fidellm train`: pretrain a model on a run's token shards (resumes by default)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+
+@click.command("train")
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option(
+    "--preset", default="tiny", show_default=True, help="Model size: tiny, 25m, chat-512, 85m, 125m, 300m."
+)
+@click.option("--seq-len", default=256, show_default=True, help="Tokens per training window.")
+@click.option("--batch-size", default=8, show_default=True, help="Windows per micro-batch.")
+@click.option("--grad-accum", default=1, show_default=True, help="Micro-batches per optimizer step.")
+@click.option(
+    "--steps", "max_steps", default=1000, show_default=True, help="Optimizer steps the schedule spans."
+)
+@click.option("--lr", default=3e-3, show_default=True, help="Peak learning rate.")
+@click.option("--schedule", type=click.Choice(["cosine", "wsd"]), default="cosine", show_default=True)
+@click.option("--warmup", "warmup_steps", default=100, show_default=True, help="Linear warmup steps.")
+@click.option("--weight-decay", default=0.1, show_default=True, help="AdamW decay of the weight matrices.")
+@click.option("--dropout", default=0.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option(
+    "--dtype",
+    type=click.Choice(["auto", "fp32", "bf16", "fp16"]),
+    default="auto",
+    show_default=True,
+    help="auto: bf16 autocast on CUDA, fp32 on CPU.",
+)
+@click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the model.")
+@click.option(
+    "--eval-every", default=200, show_default=True, help="Validation loss and bits/byte every N steps."
+)
+@click.option("--log-every", default=10, show_default=True)
+@click.option(
+    "--save-every", default=500, show_default=True, help="Checkpoint every N steps (and at the end)."
+)
+@click.option(
+    "--resume/--no-resume", default=True, show_default=True, help="Continue from the latest checkpoint."
+)
+def train_command(run_dir: Path, dropout: float, **options: object) -> None:
+    """Pretrain on RUN_DIR/tokens; writes RUN_DIR/train/ (metrics.jsonl, curves.png, checkpoints/).
+
+    Every log line shows step, loss, lr, tok/s, MFU (GPU), ETA and memory.
+    """
+    from fidellm.train.loop import TrainConfig, train
+
+    config = TrainConfig(**options, model_overrides={"dropout": dropout} if dropout else {})
+    summary = train(run_dir, config)
+    val = summary.get("val_loss")
+    click.echo(
+        f"step {summary['step']}: {summary['parameters']:,} parameters, "
+        + (f"val loss {val:.4f}, val bits/byte {summary['val_bpb']:.4f}; " if val is not None else "")
+        + f"checkpoint {summary['checkpoint']}"
+    )
