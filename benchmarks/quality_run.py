@@ -3,7 +3,8 @@
 Usage: python benchmarks/quality_run.py RUN --preset 25m --steps 2400 [--batch-size 64] [--seq-len 1024]
        [--lr 2e-3] [--dropout 0.1] [--eval-every 240] [--data-dir DIR] [--out runs/quality]
 RUN holds tokens/ and tokenizer/; DIR holds flores200/amh_Ethi.{dev,devtest} (default: the data dir).
-Prints the validation curve's best step and the FLORES scores (evaluation.md) of the final checkpoint,
+Prints the validation curve's best step and the FLORES scores (evaluation.md) of the best-validation
+weights (RUN/train/best) and of the final checkpoint,
 and writes them to OUT/<preset>.json.
 """
 
@@ -72,10 +73,11 @@ def main() -> None:
     best = min(val, key=lambda v: v[1])
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    model = load_checkpoint_model(latest_checkpoint(work / "train" / "checkpoints"), device)
     tokenizer = load_tokenizer(args.run / "tokenizer")
     lines = flores_lines(resolve_data_dir(args.data_dir))
-    scores = score_lines(model, tokenizer, lines, device)
+    final_model = load_checkpoint_model(latest_checkpoint(work / "train" / "checkpoints"), device)
+    final_scores = score_lines(final_model, tokenizer, lines, device)
+    scores = score_lines(load_checkpoint_model(work / "train" / "best", device), tokenizer, lines, device)
     result = {
         "name": name,
         "args": {k: str(v) for k, v in vars(args).items()},
@@ -86,14 +88,16 @@ def main() -> None:
         "final_val_bpb": summary.get("val_bpb"),
         "best_val": {"step": best[0], "val_loss": best[1], "val_bpb": best[2]},
         "val_curve": val,
-        "flores": dataclasses.asdict(scores),
+        "flores": dataclasses.asdict(scores),  # the best-validation weights (train/best)
+        "flores_final_step": dataclasses.asdict(final_scores),
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
     }
     (args.out / f"{name}.json").write_text(json.dumps(result, indent=2))
     print(
         f"{name}: {summary['parameters']:,} params, {train_seconds:.0f} s; "
         f"val loss {summary.get('val_loss'):.4f} "
-        f"(best {best[1]:.4f} at step {best[0]}); FLORES second-half bits {scores.second_half_bits:.2f}, "
+        f"(best {best[1]:.4f} at step {best[0]}); FLORES second-half bits {scores.second_half_bits:.2f} "
+        f"(best-validation weights; final step {final_scores.second_half_bits:.2f}), "
         f"bits/byte {scores.bits_per_byte:.4f}, bits/char {scores.bits_per_char:.4f}",
         flush=True,
     )

@@ -182,3 +182,22 @@ def test_loss_goes_down_on_real_text(flores_run: Path, tmp_path: Path) -> None:
     start, end = sum(summary["losses"][:3]) / 3, sum(summary["losses"][-5:]) / 5
     assert start > math.log(512) - 0.5 and end < start - 0.6, (start, end)  # measured: 6.18 -> 5.37
     assert summary["val_loss"] < math.log(512) - 0.6 and 0 < summary["val_bpb"] < 3.0
+
+
+def test_best_validation_weights_are_kept(flores_run: Path, tmp_path: Path, monkeypatch) -> None:
+    from safetensors.torch import load_file
+
+    from fidellm.models.load import load_model
+    from fidellm.train import loop
+
+    scripted = iter([5.0, 4.0, 4.5, 4.8, 4.2, 4.9])  # validation gets worse after step 4
+    monkeypatch.setattr(loop, "evaluate", lambda *args: (next(scripted), 1.0))
+    run = fresh_run(flores_run, tmp_path / "best")
+    summary = train(run, small_config(max_steps=12, eval_every=2, save_every=2, keep_last=10))
+    kept = json.loads((run / "train/best/state.json").read_text())
+    assert kept["step"] == summary["best"]["step"] == 4 and kept["val_loss"] == 4.0
+    best = load_file(run / "train/best/model.safetensors")
+    at_step_4 = load_file(run / "train/checkpoints/step_00000004/model.safetensors")
+    assert best.keys() == at_step_4.keys() and all(torch.equal(best[k], at_step_4[k]) for k in best)
+    model, tokenizer_dir = load_model(run / "train" / "best")
+    assert tokenizer_dir == run / "tokenizer" and model.config.num_hidden_layers == SMALL["num_hidden_layers"]

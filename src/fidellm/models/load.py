@@ -26,14 +26,15 @@ def load_checkpoint_model(path: Path, device: torch.device | str = "cpu") -> Lla
 
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[LlamaForCausalLM, Path]:
-    """(model, tokenizer directory) from an exported HF directory, a checkpoint directory, or a run
-    directory (its latest checkpoint in RUN/train/checkpoints)."""
+    """(model, tokenizer directory) from an exported HF directory, a checkpoint directory (also
+    RUN/train/best, the best-validation weights), or a run directory (its latest checkpoint)."""
     path = Path(path)
     if (path / "config.json").is_file() and (path / WEIGHTS_FILE).is_file():
         model, _ = load_hf_dir(path)
         return model.to(device), path
-    if (path / STATE_FILE).is_file():
-        return load_checkpoint_model(path, device), path.parents[2] / "tokenizer"
+    if (path / STATE_FILE).is_file():  # RUN/train/checkpoints/step_N or RUN/train/best
+        run = next((p for p in path.parents if (p / "tokenizer").is_dir()), path.parents[2])
+        return load_checkpoint_model(path, device), run / "tokenizer"
     latest = latest_checkpoint(path / "train" / "checkpoints")
     if latest is not None:
         return load_checkpoint_model(latest, device), path / "tokenizer"

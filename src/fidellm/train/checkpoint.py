@@ -16,6 +16,7 @@ import json
 import os
 import random
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -99,9 +100,8 @@ def save_checkpoint(
     for stale in directory.glob(f"{TMP_PREFIX}*"):
         shutil.rmtree(stale, ignore_errors=True)
     final = directory / checkpoint_name(step)
-    tmp = directory / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
-    tmp.mkdir()
-    try:
+
+    def write(tmp: Path) -> None:
         plain_rng, tensor_rng = rng_state()
         save_model(model, str(tmp / "model.safetensors"))
         extra = {"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {}
@@ -109,6 +109,32 @@ def save_checkpoint(
         torch.save(tensor_rng, tmp / "rng.pt")
         payload = {"step": step, "rng": plain_rng, **state}
         (tmp / STATE_FILE).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+
+    _replace_atomically(final, write)
+    if keep_last > 0:
+        for old in list_checkpoints(directory)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def save_weights(directory: Path, step: int, model: nn.Module, state: dict[str, Any]) -> Path:
+    """Weights and a state.json only (no optimizer or RNG), atomically: e.g. the best-validation model."""
+    directory.parent.mkdir(parents=True, exist_ok=True)
+
+    def write(tmp: Path) -> None:
+        save_model(model, str(tmp / "model.safetensors"))
+        payload = {"step": step, **state}
+        (tmp / STATE_FILE).write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+
+    return _replace_atomically(directory, write)
+
+
+def _replace_atomically(final: Path, write: Callable[[Path], None]) -> Path:
+    """Fill a hidden temp directory with `write`, fsync its files, then move it to `final` in one rename."""
+    tmp = final.parent / f"{TMP_PREFIX}{final.name}-{os.getpid()}"
+    tmp.mkdir()
+    try:
+        write(tmp)
         for path in tmp.iterdir():
             _fsync(path)
         if final.exists():
@@ -117,9 +143,6 @@ def save_checkpoint(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if keep_last > 0:
-        for old in list_checkpoints(directory)[:-keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

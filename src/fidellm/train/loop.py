@@ -26,7 +26,13 @@ from fidellm.models.llama import LlamaConfig, LlamaForCausalLM, preset
 from fidellm.paths import RunLayout
 from fidellm.tokenizer.base import load_tokenizer
 from fidellm.tokenizer.shards import TokenShards
-from fidellm.train.checkpoint import latest_checkpoint, read_checkpoint, restore_checkpoint, save_checkpoint
+from fidellm.train.checkpoint import (
+    latest_checkpoint,
+    read_checkpoint,
+    restore_checkpoint,
+    save_checkpoint,
+    save_weights,
+)
 from fidellm.train.data import PackedBatches, token_byte_lengths, validation_batches
 from fidellm.train.monitor import Monitor, flops_per_token
 from fidellm.train.optim import SCHEDULES, build_optimizer, learning_rate
@@ -220,6 +226,11 @@ def train(run_dir: str | Path, config: TrainConfig) -> dict[str, Any]:
         }
         return save_checkpoint(ckpt_dir, at, model, optimizer, state, config.keep_last, scaler)
 
+    best_dir = out / "best"
+    best = {"step": 0, "val_loss": math.inf}  # the best-validation model is kept in train/best
+    if previous is not None and (best_dir / "state.json").is_file():
+        kept = json.loads((best_dir / "state.json").read_text(encoding="utf-8"))
+        best = {"step": kept["step"], "val_loss": kept["val_loss"], "val_bpb": kept["val_bpb"]}
     stop = min(config.max_steps, config.stop_at_step or config.max_steps)
     losses: list[float] = []
     val: dict[str, float] = {}
@@ -260,6 +271,10 @@ def train(run_dir: str | Path, config: TrainConfig) -> dict[str, Any]:
             val_loss, bpb = evaluate(forward, val_set, byte_lengths, device, autocast)
             monitor.log_val(step, val_loss, bpb)
             val = {"val_loss": val_loss, "val_bpb": bpb}
+            if val_loss < best["val_loss"]:
+                best = {"step": step, **val}
+                state = {"model_config": dataclasses.asdict(mconfig), "val_loss": val_loss, "val_bpb": bpb}
+                save_weights(best_dir, step, model, state)
         if (config.save_every and step % config.save_every == 0) or step == stop:
             save(step)
     monitor.plot()
@@ -274,5 +289,6 @@ def train(run_dir: str | Path, config: TrainConfig) -> dict[str, Any]:
         "tokens_per_s": trained * config.batch_size * config.grad_accum * config.seq_len / max(seconds, 1e-9),
         "parameters": model.num_parameters(),
         "checkpoint": str(latest_checkpoint(ckpt_dir)),
+        "best": {**best, "path": str(best_dir)},
         **val,
     }
