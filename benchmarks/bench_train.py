@@ -15,19 +15,14 @@ import statistics
 import sys
 from pathlib import Path
 
-from common import MARKDOWN_HEADER, markdown_row
+from common import MARKDOWN_HEADER, markdown_row, training_workdir
 
 from fidellm.train.loop import TrainConfig, train
 
 
 def bench_preset(run: Path, out: Path, preset: str, args: argparse.Namespace) -> dict:
     """Train `preset` for args.steps steps and return the steady-state log records."""
-    work = out / preset
-    work.mkdir(parents=True, exist_ok=True)
-    for name in ("tokens", "tokenizer"):
-        link = work / name
-        if not link.exists():
-            link.symlink_to((run / name).resolve())
+    work = training_workdir(run, out / preset)
     config = TrainConfig(
         preset=preset,
         seq_len=args.seq_len,

@@ -47,3 +47,12 @@ def markdown_row(what: str, command: str, values: list[float], unit: str) -> str
         f"| {what} | {median:.2f} {unit} | {min(values):.2f}-{max(values):.2f} {unit} | {len(values)} | "
         f"{git_commit()} | {machine_description()} | `{command}` |"
     )
+
+
+def training_workdir(run: Path, work: Path) -> Path:
+    """A run directory for one training experiment sharing `run`'s tokens and tokenizer (symlinks)."""
+    work.mkdir(parents=True, exist_ok=True)
+    for name in ("tokens", "tokenizer"):
+        if not (work / name).exists():
+            (work / name).symlink_to((run / name).resolve())
+    return work

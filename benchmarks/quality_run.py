@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import torch
+from common import training_workdir
 
 from fidellm.eval.lm import score_lines
 from fidellm.models.load import load_checkpoint_model
@@ -45,11 +46,7 @@ def main() -> None:
     args = parser.parse_args()
 
     name = f"{args.preset}-lr{args.lr:g}-do{args.dropout:g}-s{args.steps}"
-    work = args.out / name
-    work.mkdir(parents=True, exist_ok=True)
-    for sub in ("tokens", "tokenizer"):
-        if not (work / sub).exists():
-            (work / sub).symlink_to((args.run / sub).resolve())
+    work = training_workdir(args.run, args.out / name)
     config = TrainConfig(
         preset=args.preset,
         model_overrides={"dropout": args.dropout} if args.dropout else {},

@@ -12,10 +12,11 @@ from torch import nn
 
 from fidellm.errors import FidelError
 from fidellm.eval.lm import score_lines, token_bits
-from fidellm.models.llama import LlamaConfig, LlamaForCausalLM, LMOutput
+from fidellm.models.llama import LlamaForCausalLM, LMOutput
 from fidellm.models.load import load_checkpoint_model, load_model
 from fidellm.tokenizer.bytes import ByteTokenizer
 from fidellm.train.checkpoint import latest_checkpoint, save_checkpoint
+from fixtures.models import gqa_config
 
 LINES = ["ሰላም ለዓለም።", "ኢትዮጵያ በአፍሪካ ቀንድ የምትገኝ ሀገር ናት።", "a", "ab cd", "ቡና"]
 
@@ -43,15 +44,14 @@ def test_uniform_over_bytes_is_exactly_8_bits_per_byte():
 
 def _tiny_model(seed: int = 0) -> LlamaForCausalLM:
     torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = gqa_config(
         vocab_size=256,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=8,
         max_position_embeddings=128,
+        rope_theta=10000.0,
     )
     return LlamaForCausalLM(config).eval()
 

@@ -15,6 +15,7 @@ from fidellm.export.hf import export_hf, hf_config, load_hf_dir
 from fidellm.models.llama import IGNORE_INDEX, LlamaConfig, LlamaForCausalLM
 from fidellm.paths import resolve_data_dir
 from fidellm.tokenizer.bpe import BPETokenizer, train_bpe
+from fixtures.models import gqa_config, random_llama
 
 VOCAB = 768
 PARITY_ATOL = 1e-5
@@ -31,27 +32,14 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def random_model(tie: bool = True, seed: int = 0) -> tuple[LlamaForCausalLM, LlamaConfig]:
     """A tiny GQA model with random weights (norm gains too), so every tensor's mapping matters."""
-    config = LlamaConfig(
+    config = gqa_config(
         vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=160,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
         max_position_embeddings=128,
         rope_theta=500.0,
         tie_word_embeddings=tie,
     )
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-            else:
-                param.normal_(0.0, 0.1)
-    return model.eval(), config
+    return random_llama(config, seed), config
 
 
 def amharic_ids(directory: Path) -> torch.Tensor:

@@ -11,9 +11,10 @@ from fidellm.errors import FidelError
 from fidellm.generate import GenerationConfig, generate, stream_generate
 from fidellm.generate.engine import left_pad
 from fidellm.generate.sampling import apply_repetition_penalty, top_k_filter, top_p_filter
-from fidellm.models.llama import LlamaConfig, LlamaForCausalLM, pad_vocab
+from fidellm.models.llama import LlamaForCausalLM, pad_vocab
 from fidellm.paths import resolve_data_dir
 from fidellm.tokenizer.bpe import BPETokenizer, train_bpe
+from fixtures.models import gqa_config, random_llama
 
 
 @pytest.fixture(scope="module")
@@ -25,23 +26,14 @@ def tokenizer() -> BPETokenizer:
 
 def make_model(vocab_size: int, max_positions: int = 128, seed: int = 0) -> LlamaForCausalLM:
     """A random 2-layer GQA model with large weights (so differences cannot hide), fp32, eval mode."""
-    torch.manual_seed(seed)
-    config = LlamaConfig(
+    config = gqa_config(
         vocab_size=pad_vocab(vocab_size),
-        hidden_size=64,
         intermediate_size=128,
         num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
         max_position_embeddings=max_positions,
+        rope_theta=10000.0,
     )
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" not in name:
-                param.normal_(0.0, 0.1)
-    return model.eval()
+    return random_llama(config, seed, random_norms=False)
 
 
 @pytest.fixture(scope="module")

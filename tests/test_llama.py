@@ -13,7 +13,6 @@ from fidellm.models.llama import (
     NAME_TOLERANCE,
     NOMINAL_PARAMS,
     PRESET_DEPTHS,
-    LlamaConfig,
     LlamaForCausalLM,
     count_parameters,
     format_preset_table,
@@ -21,39 +20,11 @@ from fidellm.models.llama import (
     preset,
     preset_table,
 )
-
-
-def small_config(**overrides) -> LlamaConfig:
-    """A random-test shape with grouped-query attention (4 query heads share 2 KV heads)."""
-    values = dict(
-        vocab_size=320,
-        hidden_size=64,
-        intermediate_size=160,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=16,
-        max_position_embeddings=96,
-        rope_theta=1000.0,
-    )
-    return LlamaConfig(**{**values, **overrides})
-
-
-def random_model(config: LlamaConfig, seed: int = 0) -> LlamaForCausalLM:
-    """A model with large random weights (norm gains too) so that differences cannot hide."""
-    torch.manual_seed(seed)
-    model = LlamaForCausalLM(config)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" in name:
-                param.uniform_(0.5, 1.5)
-            else:
-                param.normal_(0.0, 0.1)
-    return model.eval()
+from fixtures.models import gqa_config, random_llama
 
 
 def test_state_dict_has_hf_llama_names() -> None:
-    config = small_config(num_hidden_layers=2)
+    config = gqa_config(num_hidden_layers=2)
     keys = set(LlamaForCausalLM(config).state_dict())
     expected = {"model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"}
     for i in range(2):
@@ -64,7 +35,7 @@ def test_state_dict_has_hf_llama_names() -> None:
 
 
 def test_future_tokens_do_not_change_past_logits() -> None:
-    model = random_model(small_config())
+    model = random_llama(gqa_config())
     torch.manual_seed(1)
     ids = torch.randint(0, 320, (2, 48))
     t = 20
@@ -78,7 +49,7 @@ def test_future_tokens_do_not_change_past_logits() -> None:
 
 
 def test_cached_decoding_matches_full_forward() -> None:
-    model = random_model(small_config())
+    model = random_llama(gqa_config())
     torch.manual_seed(2)
     ids = torch.randint(0, 320, (3, 40))
     with torch.no_grad():
@@ -102,7 +73,7 @@ def test_kv_cache_appends_along_positions() -> None:
 
 
 def test_context_overflow_is_a_clear_error() -> None:
-    model = random_model(small_config(max_position_embeddings=16))
+    model = random_llama(gqa_config(max_position_embeddings=16))
     cache = model.new_cache()
     model(torch.zeros(1, 10, dtype=torch.long), cache=cache)
     with pytest.raises(FidelError, match="exceed the model's context of 16"):
@@ -110,7 +81,7 @@ def test_context_overflow_is_a_clear_error() -> None:
 
 
 def test_loss_is_cross_entropy_on_shifted_targets_ignoring_minus_100() -> None:
-    model = random_model(small_config())
+    model = random_llama(gqa_config())
     torch.manual_seed(3)
     ids = torch.randint(0, 320, (2, 25))
     inputs, targets = ids[:, :-1], ids[:, 1:].clone()
@@ -125,14 +96,14 @@ def test_loss_is_cross_entropy_on_shifted_targets_ignoring_minus_100() -> None:
 
 
 def test_num_parameters_counts_tied_embedding_once() -> None:
-    config = small_config()
+    config = gqa_config()
     tied = LlamaForCausalLM(config)
     h, f, v, layers = 64, 160, 320, 3
     per_layer = h * 4 * 16 * 2 + h * 2 * 16 * 2 + 3 * h * f + 2 * h
     assert tied.num_parameters(exclude_embeddings=True) == layers * per_layer + h
     assert tied.num_parameters() == layers * per_layer + h + v * h
     assert tied.lm_head.weight is tied.model.embed_tokens.weight
-    untied = LlamaForCausalLM(small_config(tie_word_embeddings=False))
+    untied = LlamaForCausalLM(gqa_config(tie_word_embeddings=False))
     assert untied.num_parameters() == tied.num_parameters() + v * h
     assert untied.num_parameters(exclude_embeddings=True) == tied.num_parameters(exclude_embeddings=True)
     assert count_parameters(config) == (tied.num_parameters(), tied.num_parameters(exclude_embeddings=True))
@@ -172,8 +143,8 @@ def test_tiny_preset_counts_are_true() -> None:
 
 def test_bad_configs_are_refused() -> None:
     with pytest.raises(FidelError, match="not a multiple"):
-        small_config(num_key_value_heads=3)
+        gqa_config(num_key_value_heads=3)
     with pytest.raises(FidelError, match="unknown model preset"):
         preset("huge", 32000)
     with pytest.raises(FidelError, match="outside the vocabulary"):
-        small_config(vocab_size=1, pad_token_id=1)
+        gqa_config(vocab_size=1, pad_token_id=1)
