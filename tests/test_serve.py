@@ -388,6 +388,12 @@ def test_uvicorn_stream_and_disconnect_cancels(model: LlamaForCausalLM, tokenize
         for _, _chunk in zip(range(3), stream, strict=False):
             pass
         stream.close()  # the client goes away after a few tokens
+        engine = app.state.server.engine
+        freed_by = time.monotonic() + 5  # noticed within one disconnect poll, then dropped at the next step
+        while (engine.running or engine.active_rows) and time.monotonic() < freed_by:
+            time.sleep(0.05)
+        assert not engine.running and engine.active_rows == 0, "the abandoned sequence still holds its slot"
+        assert metric(httpx2.get(base + "/metrics").text, "fidellm:num_requests_running") == 0
         started = time.monotonic()
         reply = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=2)
         assert reply.choices[0].finish_reason in ("stop", "length")

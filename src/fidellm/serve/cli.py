@@ -36,6 +36,13 @@ if TYPE_CHECKING:
     help="Requests that may wait for the model; more get 503.",
 )
 @click.option(
+    "--max-batch",
+    default=16,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Sequences decoded together (continuous batching); more wait in the queue.",
+)
+@click.option(
     "--timeout",
     "timeout_s",
     default=600.0,
@@ -100,6 +107,7 @@ def serve_command(
     model_name: str | None,
     max_tokens_cap: int,
     queue_size: int,
+    max_batch: int,
     timeout_s: float,
     max_body_mb: float,
     api_keys: tuple[str, ...],
@@ -126,6 +134,7 @@ def serve_command(
         model_name=model_name or model_dir.resolve().name,
         max_tokens_cap=max_tokens_cap,
         queue_size=queue_size,
+        max_batch=max_batch,
         api_keys=tuple(api_keys),
         request_timeout_s=timeout_s,
         max_body_bytes=int(max_body_mb * 1024 * 1024),

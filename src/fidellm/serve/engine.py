@@ -1,10 +1,15 @@
-"""The serving engine: a bounded queue in front of one decoding worker.
+"""The serving engine: a bounded queue in front of one continuously batched decoding loop.
 
-Requests are served one at a time, in arrival order (no continuous batching yet: the shared
-`BatchDecoder` decodes a fixed batch, so a request's `n` choices or completion prompts decode together,
-but separate requests do not). Decoding runs in a worker thread so the event loop keeps accepting
-requests, answering /health and streaming. A full queue refuses new work (503); a request past its
-deadline, or whose client went away, stops between two decode steps and frees the worker.
+Continuous batching: a single worker steps every running sequence together, and between two decode
+steps it admits waiting requests (their prompts are prefilled as one batch, then merged into the
+running batch; `fidellm.generate.batch`) and drops the sequences that finished, were cancelled (the
+client went away) or ran past their deadline, so their slots are free at the next step. At most
+`max_batch` sequences decode at once; a request whose `n` choices or prompts exceed it runs alone.
+H-Net batches cannot merge (per-level routing caches), so each admitted group of H-Net requests
+decodes as its own batch, all groups advancing one step per iteration.
+
+Model work runs in a worker thread so the event loop keeps accepting requests, answering /health and
+streaming. A full queue refuses new work (503).
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ import torch
 from torch import nn
 
 from fidellm.errors import FidelError
-from fidellm.generate.engine import BatchDecoder, GenerationConfig, GenerationResult
+from fidellm.generate.batch import DecodeBatch, DecodeRow, new_rows
+from fidellm.generate.engine import GenerationConfig, GenerationResult
 from fidellm.serve.metrics import ServerMetrics
 from fidellm.tokenizer.base import TextTokenizer
 
@@ -56,6 +62,12 @@ class Job:
     cancelled: threading.Event = field(default_factory=threading.Event)
     events: asyncio.Queue[tuple[Any, ...]] = field(default_factory=asyncio.Queue)
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
+    rows: list[DecodeRow] = field(default_factory=list)
+    last_step: float | None = None
+
+    @property
+    def deadline(self) -> float:
+        return self.arrival + self.timeout
 
     def emit(self, *event: Any) -> None:
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
@@ -65,13 +77,28 @@ class Job:
 
 
 class Engine:
-    """Owns the model: a bounded asyncio queue of jobs and one worker that decodes them in a thread."""
+    """Owns the model: a bounded asyncio queue of jobs and one continuously batched decoding loop."""
 
-    def __init__(self, model: nn.Module, tokenizer: TextTokenizer, queue_size: int, metrics: ServerMetrics):
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: TextTokenizer,
+        queue_size: int,
+        metrics: ServerMetrics,
+        max_batch: int = 16,
+    ):
         self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
-        self.queue_size = queue_size
+        self.queue_size, self.max_batch = queue_size, max_batch
         self._queue: asyncio.Queue[Job] | None = None
         self._worker: asyncio.Task[None] | None = None
+        self._held: Job | None = None  # taken from the queue, waiting for free slots
+        self.running: list[Job] = []
+        self.batches: list[DecodeBatch] = []
+
+    @property
+    def active_rows(self) -> int:
+        """Sequences decoding now (finished rows of an H-Net batch still hold their slot)."""
+        return sum(len(batch.rows) for batch in self.batches)
 
     def _ensure_worker(self) -> asyncio.Queue[Job]:
         """Start the worker on the running loop the first time (works without ASGI lifespan events)."""
@@ -87,75 +114,164 @@ class Engine:
             queue.put_nowait(job)
         except asyncio.QueueFull as error:
             raise QueueFullError from error
-        self.metrics.waiting.set(queue.qsize())
+        self._update_gauges()
 
     async def stop(self) -> None:
         if self._worker is not None:
             self._worker.cancel()
 
+    def _update_gauges(self) -> None:
+        waiting = (self._queue.qsize() if self._queue is not None else 0) + (self._held is not None)
+        self.metrics.waiting.set(waiting)
+        self.metrics.running.set(len(self.running))
+
     async def _work(self) -> None:
         assert self._queue is not None
         while True:
-            job = await self._queue.get()
-            self.metrics.waiting.set(self._queue.qsize())
+            if not self.running and self._held is None:
+                self._held = await self._queue.get()
+            admitted = self._admit()
+            self._update_gauges()
+            await asyncio.to_thread(self._iterate, admitted)
+            self._update_gauges()
+
+    def _admit(self) -> list[Job]:
+        """Waiting jobs (in arrival order) whose rows fit in the free slots; an oversized job only when
+        nothing else runs."""
+        assert self._queue is not None
+        admitted: list[Job] = []
+        free = self.max_batch - self.active_rows
+        while True:
+            if self._held is None:
+                if self._queue.empty():
+                    break
+                self._held = self._queue.get_nowait()
+            job = self._held
+            fits = len(job.prompts) <= free or (not self.running and not admitted)
+            if not job.cancelled.is_set() and not fits:
+                break
+            self._held = None
             if not job.cancelled.is_set():
-                await asyncio.to_thread(self._run, job)
+                admitted.append(job)
+                free -= len(job.prompts)
+        return admitted
 
-    def _run(self, job: Job) -> None:
-        """Decode `job` in the worker thread; its outcome becomes the final event (none if cancelled).
-        The running gauge drops before the client can see the outcome."""
-        self.metrics.running.set(1)
+    def _iterate(self, admitted: list[Job]) -> None:
+        """One engine iteration in the worker thread: a decode step of every running batch, the prefill
+        of the admitted jobs, then results for finished jobs and free slots for gone ones."""
         try:
-            outcome = self._outcome(job)
-        finally:
-            self.metrics.running.set(0)
-        if outcome is not None:
-            job.emit(*outcome)
+            with torch.inference_mode():
+                self._decode_step()
+                self._prefill(admitted)
+                self._retire()
+        except Exception as error:  # a bug must not kill the worker; its clients get a 500
+            log.exception("generation failed")
+            for job in self.running:
+                job.emit("error", error)
+            self.running, self.batches = [], []
 
-    def _outcome(self, job: Job) -> tuple[Any, ...] | None:
-        """("done", results, scores), ("error", exception), or None when the client went away."""
-        deadline = job.arrival + job.timeout
-        try:
-            if time.perf_counter() > deadline:
-                raise RequestTimeoutError
+    def _decode_step(self) -> None:
+        for batch in self.batches:
+            self._emit_chunks(batch, batch.step())
+
+    def _prefill(self, admitted: list[Job]) -> None:
+        """Start the admitted jobs: scoring-only jobs finish at once; the others are prefilled together
+        and join the running batch (a batch of their own when it cannot merge)."""
+        rows: list[DecodeRow] = []
+        for job in admitted:
+            if time.perf_counter() > job.deadline:
+                job.emit("error", RequestTimeoutError())
+                continue
             self.metrics.prompt_tokens.inc(sum(len(p) for p in job.prompts))
             if job.config is None:
                 results = [GenerationResult(prompt_ids=list(p)) for p in job.prompts]
-            else:
-                results = self._decode(job, deadline)
-                if results is None:
-                    return None
-            scores = [self._score(result, job) for result in results] if job.score_top is not None else None
-            self.metrics.generation_tokens.inc(sum(len(r.token_ids) for r in results))
-            self.metrics.e2e.observe(time.perf_counter() - job.arrival)
-            for result in results:
-                self.metrics.requests.labels(result.finish_reason).inc()
-            return ("done", results, scores)
-        except (FidelError, RequestTimeoutError) as error:
-            return ("error", error)
-        except Exception as error:  # a bug must not kill the worker; the client gets a 500
-            log.exception("generation failed")
-            return ("error", error)
+                self._complete(job, results)
+                continue
+            try:
+                job.rows = new_rows(self.model, self.tokenizer, job.prompts, job.config, owner=job)
+            except FidelError as error:
+                job.emit("error", error)
+                continue
+            rows.extend(job.rows)
+            self.running.append(job)
+        if not rows:
+            return
+        batch = DecodeBatch(self.model, self.tokenizer, rows)
+        self._emit_chunks(batch, batch.step())
+        main = next((b for b in self.batches if b.reshapable), None)
+        if main is not None and batch.reshapable:
+            main.merge(batch)
+        else:
+            self.batches.append(batch)
 
-    def _decode(self, job: Job, deadline: float) -> list[GenerationResult] | None:
-        """Step the batch, emitting each step's text; None when the client went away."""
-        assert job.config is not None
-        decoder = BatchDecoder(self.model, self.tokenizer, job.prompts, job.config)
-        last = None
-        while not decoder.done:
-            if job.cancelled.is_set():
-                return None
-            if time.perf_counter() > deadline:
-                raise RequestTimeoutError
-            chunks = decoder.step()
-            moment = time.perf_counter()
-            if last is None:
+    def _emit_chunks(self, batch: DecodeBatch, chunks: list[str]) -> None:
+        """Send each live job the text its rows produced in this step, and time the step."""
+        texts: dict[int, list[str]] = {}
+        for row, text in zip(batch.rows, chunks, strict=True):
+            job = row.owner
+            if isinstance(job, Job):
+                texts.setdefault(id(job), [""] * len(job.rows))[job.rows.index(row)] = text
+        moment = time.perf_counter()
+        for job in self.running:
+            if id(job) not in texts:
+                continue
+            if job.last_step is None:
                 self.metrics.ttft.observe(moment - job.arrival)
             else:
-                self.metrics.itl.observe(moment - last)
-            last = moment
-            job.emit("chunks", chunks)
-        return decoder.results
+                self.metrics.itl.observe(moment - job.last_step)
+            job.last_step = moment
+            job.emit("chunks", texts[id(job)])
+
+    def _retire(self) -> None:
+        """Finish done jobs, stop cancelled and timed-out ones, and drop their rows from the batches.
+        The running gauge drops before any client can see its outcome."""
+        still, finished, late = [], [], []
+        now = time.perf_counter()
+        for job in self.running:
+            if job.cancelled.is_set():
+                self._stop_rows(job)
+            elif all(row.finished for row in job.rows):
+                finished.append(job)
+            elif now > job.deadline:
+                self._stop_rows(job)
+                late.append(job)
+            else:
+                still.append(job)
+        self.running = still
+        self.metrics.running.set(len(still))
+        for job in finished:
+            self._complete(job, [row.result for row in job.rows])
+        for job in late:
+            job.emit("error", RequestTimeoutError())
+        kept: list[DecodeBatch] = []
+        for batch in self.batches:
+            if batch.done:
+                continue
+            if batch.reshapable:
+                live = [i for i, row in enumerate(batch.rows) if not row.finished]
+                if len(live) < len(batch.rows):
+                    batch.keep(live)
+            kept.append(batch)
+        self.batches = kept
+
+    @staticmethod
+    def _stop_rows(job: Job) -> None:
+        for row in job.rows:
+            row.finished = True
+
+    def _complete(self, job: Job, results: list[GenerationResult]) -> None:
+        """The job's final event, with log-probabilities when asked; a scoring failure is its error."""
+        try:
+            scores = [self._score(result, job) for result in results] if job.score_top is not None else None
+        except Exception as error:
+            log.exception("scoring failed")
+            job.emit("error", error)
+            return
+        self.metrics.generation_tokens.inc(sum(len(r.token_ids) for r in results))
+        self.metrics.e2e.observe(time.perf_counter() - job.arrival)
+        for result in results:
+            self.metrics.requests.labels(result.finish_reason).inc()
+        job.emit("done", results, scores)
 
     @torch.inference_mode()
     def _score(self, result: GenerationResult, job: Job) -> list[TokenScore]:

@@ -1,0 +1,74 @@
+"""Decoding settings and results, shared by the engine, its row batches and their callers."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+from torch import nn
+
+from fidellm.errors import FidelError
+from fidellm.tokenizer.base import TextTokenizer
+
+FinishReason = Literal["stop", "length"]
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings. temperature 0 = greedy; top_k 0 and top_p 1.0 = no filter; repetition_penalty
+    1.0 = none (CTRL/HF definition, over prompt and generated ids). `stop_token_ids` None = the
+    tokenizer's EOS id plus the model config's `eos_token_id`s. `seed` None = drawn from torch's global
+    RNG (so `torch.manual_seed` still makes runs repeatable). `add_bos` applies to text prompts only."""
+
+    max_new_tokens: int = 128
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    stop_strings: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] | None = None
+    seed: int | None = None
+    add_bos: bool = True
+    skip_special_tokens: bool = True
+
+    def __post_init__(self) -> None:
+        self.stop_strings = tuple(self.stop_strings)
+        if self.stop_token_ids is not None:
+            self.stop_token_ids = tuple(int(i) for i in self.stop_token_ids)
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
+            raise FidelError(f"generation: max_new_tokens must be an integer, got {self.max_new_tokens!r}")
+        if self.max_new_tokens < 1:
+            raise FidelError(f"generation: max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise FidelError(f"generation: temperature must be a finite number >= 0, got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise FidelError(f"generation: top_k must be an integer >= 0 (0 = off), got {self.top_k!r}")
+        if not (math.isfinite(self.top_p) and 0 < self.top_p <= 1):
+            raise FidelError(f"generation: top_p must be in (0, 1], got {self.top_p}")
+        if not (math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0):
+            raise FidelError(f"generation: repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if any(not isinstance(stop, str) or not stop for stop in self.stop_strings):
+            raise FidelError(f"generation: stop strings must be non-empty strings, got {self.stop_strings!r}")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise FidelError(f"generation: seed must be an integer, got {self.seed!r}")
+
+
+@dataclass
+class GenerationResult:
+    """One prompt's output. `token_ids` are all sampled ids (a stop token included); `text` is their
+    decode, cut before the stop string and without the stop token. `stop` names what stopped it."""
+
+    prompt_ids: list[int]
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason = "length"
+    stop: str | int | None = None
+
+
+def default_stop_ids(model: nn.Module, tokenizer: TextTokenizer) -> tuple[int, ...]:
+    """The tokenizer's EOS id and the model config's `eos_token_id`s (plain documents and chat turns)."""
+    config_eos = getattr(getattr(model, "config", None), "eos_token_id", ()) or ()
+    if isinstance(config_eos, int):
+        config_eos = (config_eos,)
+    return tuple(dict.fromkeys((tokenizer.eos_id, *config_eos)))

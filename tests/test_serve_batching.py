@@ -1,0 +1,179 @@
+"""Continuous batching in the server: concurrent requests decode in one batch, each getting exactly the
+answer it gets alone; a request arriving mid-decode joins without waiting; `max_batch` is respected."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import openai
+import pytest
+import torch
+import uvicorn
+from torch import Tensor, nn
+
+from fidellm.models.hnet import HNetForCausalLM
+from fidellm.models.hnet import preset as hnet_preset
+from fidellm.models.llama import LlamaForCausalLM, LMOutput
+from fidellm.paths import resolve_data_dir
+from fidellm.serve.app import create_app
+from fidellm.serve.common import ServeSettings
+from fidellm.tokenizer.bpe import BPETokenizer, train_bpe
+from fidellm.tokenizer.bytes import ByteTokenizer
+from fixtures.models import gqa_config, random_llama
+from test_serve import run
+
+NAME = "tiny"
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BPETokenizer:
+    lines = (resolve_data_dir() / "flores200" / "amh_Ethi.dev").read_text(encoding="utf-8").splitlines()
+    directory = tmp_path_factory.mktemp("tokenizer")
+    train_bpe(lines[:400], 512, show_progress=False).save(directory)
+    return BPETokenizer.load(directory)
+
+
+class Recording(nn.Module):
+    """Wraps a model and records the batch size of every cached decode step (one new token per row);
+    `delay` seconds per step make decoding slow enough for requests to overlap."""
+
+    def __init__(self, inner: LlamaForCausalLM, delay: float = 0.0):
+        super().__init__()
+        self.inner, self.config, self.delay = inner, inner.config, delay
+        self.decode_batches: list[int] = []
+
+    def new_cache(self) -> Any:
+        return self.inner.new_cache()
+
+    def forward(self, input_ids: Tensor, cache: Any = None, attention_mask: Tensor | None = None) -> LMOutput:
+        if cache is not None and input_ids.shape[1] == 1:
+            self.decode_batches.append(input_ids.shape[0])
+            time.sleep(self.delay)
+        return self.inner(input_ids, cache=cache, attention_mask=attention_mask)
+
+
+@pytest.fixture(scope="module")
+def inner(tokenizer: BPETokenizer) -> LlamaForCausalLM:
+    config = gqa_config(vocab_size=768, num_hidden_layers=2, max_position_embeddings=512)
+    return random_llama(config, seed=0)
+
+
+def app_for(model: nn.Module, tokenizer: BPETokenizer, **settings: Any):
+    return create_app(model, tokenizer, ServeSettings(model_name=NAME, **{"max_tokens_cap": 64, **settings}))
+
+
+REQUESTS = [
+    dict(messages=[{"role": "user", "content": "ሰላም"}], max_tokens=12, temperature=0),
+    dict(messages=[{"role": "user", "content": "የኢትዮጵያ ዋና ከተማ የት ነው?"}], max_tokens=20, seed=4),
+    dict(messages=[{"role": "user", "content": "ሰኞ"}], max_tokens=7, seed=1, n=2, temperature=0.7),
+    dict(
+        messages=[{"role": "system", "content": "አጭር መልስ።"}, {"role": "user", "content": "ዛሬ"}],
+        max_tokens=16,
+        top_p=0.8,
+        seed=2,
+    ),
+]
+
+
+def answers(client: openai.AsyncOpenAI, concurrently: bool) -> Any:
+    async def one(request: dict[str, Any]) -> list[str]:
+        reply = await client.chat.completions.create(model=NAME, **request)
+        return [choice.message.content for choice in reply.choices]
+
+    async def all_of() -> list[list[str]]:
+        if concurrently:
+            return list(await asyncio.gather(*(one(r) for r in REQUESTS)))
+        return [await one(r) for r in REQUESTS]
+
+    return all_of()
+
+
+@pytest.mark.parametrize("max_batch", [16, 2])
+def test_concurrent_requests_batch_and_answer_as_alone(inner, tokenizer, max_batch: int) -> None:
+    solo_model = Recording(inner)
+    solo = run(app_for(solo_model, tokenizer), lambda client, _: answers(client, concurrently=False))
+    assert max(solo_model.decode_batches) == 2  # sequential: only the n=2 request has two rows
+    batched_model = Recording(inner, delay=0.002)
+    batched = run(
+        app_for(batched_model, tokenizer, max_batch=max_batch),
+        lambda client, _: answers(client, concurrently=True),
+    )
+    assert batched == solo
+    assert max(batched_model.decode_batches) == min(max_batch, 5)
+    assert len(batched_model.decode_batches) < len(solo_model.decode_batches)
+
+
+@contextmanager
+def loopback(app: Any) -> Iterator[str]:
+    """The app under uvicorn on 127.0.0.1 (real streaming; the in-process transport buffers bodies)."""
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not server.started and time.monotonic() < deadline:
+            time.sleep(0.02)
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
+
+
+def test_request_arriving_mid_decode_joins_the_running_batch(inner, tokenizer) -> None:
+    """B arrives while A streams 60 tokens (of random, mostly held-back bytes); B (5 tokens) joins A's
+    batch and is answered long before A ends."""
+    model = Recording(inner, delay=0.01)
+    events: list[str] = []
+
+    async def body(client: openai.AsyncOpenAI) -> None:
+        async def stream_a() -> None:
+            stream = await client.chat.completions.create(
+                model=NAME, messages=REQUESTS[0]["messages"], max_tokens=60, temperature=0, stream=True
+            )
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].finish_reason:
+                    events.append("A done")
+
+        async def request_b() -> None:
+            while len(model.decode_batches) < 5:  # A is decoding
+                await asyncio.sleep(0.005)
+            events.append("B sent")
+            await client.chat.completions.create(model=NAME, messages=REQUESTS[1]["messages"], max_tokens=5)
+            events.append("B done")
+
+        await asyncio.gather(stream_a(), request_b())
+
+    with loopback(app_for(model, tokenizer, max_tokens_cap=128)) as base:
+        client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="k", max_retries=0, timeout=30)
+        asyncio.run(body(client))
+    assert events == ["B sent", "B done", "A done"]
+    assert 2 in model.decode_batches and model.decode_batches[-1] == 1  # joined, then A alone again
+
+
+def test_hnet_requests_overlap_in_their_own_batches() -> None:
+    """H-Net caches cannot merge: requests admitted together share one right-padded batch, later ones
+    get a batch of their own stepped in turn; each gets its solo answer either way."""
+    torch.manual_seed(0)
+    hnet = HNetForCausalLM(hnet_preset("hnet-tiny", max_position_embeddings=256)).eval()
+    requests = [dict(r, max_tokens=12) for r in REQUESTS[:2]]
+
+    def answers_of(model: nn.Module, concurrently: bool) -> list[list[str]]:
+        async def body(client: openai.AsyncOpenAI, _: Any) -> list[list[str]]:
+            async def one(request: dict[str, Any]) -> list[str]:
+                reply = await client.chat.completions.create(model=NAME, **request)
+                return [choice.message.content for choice in reply.choices]
+
+            if concurrently:
+                return list(await asyncio.gather(*(one(r) for r in requests)))
+            return [await one(r) for r in requests]
+
+        return run(app_for(model, ByteTokenizer()), body)
+
+    recording = Recording(hnet, delay=0.002)
+    assert answers_of(recording, concurrently=True) == answers_of(hnet, concurrently=False)
+    assert max(recording.decode_batches) <= len(requests)
