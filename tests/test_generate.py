@@ -229,3 +229,10 @@ def test_bad_prompts_are_clear_errors(model, tokenizer) -> None:
         generate(model, tokenizer, [[0, 5], []])
     with pytest.raises(FidelError, match="outside the vocabulary"):
         generate(model, tokenizer, [[0, 10_000]])
+
+
+def test_tiny_positive_temperature_is_greedy(model, tokenizer) -> None:
+    """A temperature that would overflow the scaled logits (1e-72) decodes greedily instead of failing."""
+    greedy = generate(model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=6, temperature=0.0))
+    tiny = generate(model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=6, temperature=1e-72, seed=3))
+    assert [r.token_ids for r in tiny] == [r.token_ids for r in greedy]

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import nn
 
-from fidellm.chat.template import render_chat
+from fidellm.chat.template import encode_chat, render_chat
 from fidellm.errors import FidelError
 from fidellm.generate.engine import BatchDecoder, FinishReason, GenerationConfig, default_stop_ids
 from fidellm.serve.tools import ParsedCall, ToolCallFilter, parse_tool_calls
@@ -120,7 +120,7 @@ class ChatSession:
     def _render(self, messages: list[dict[str, Any]]) -> list[int]:
         system = [{"role": "system", "content": self.system}] if self.system else []
         text = render_chat(system + messages, tools=self.tools, add_generation_prompt=True)
-        return self.tokenizer.encode(text, add_bos=False)
+        return encode_chat(self.tokenizer, text)
 
     def fit(self) -> tuple[list[int], int]:
         """(prompt token ids, turn groups dropped): the oldest groups are dropped from the history until

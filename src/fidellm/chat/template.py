@@ -30,7 +30,7 @@ import copy
 import functools
 import json
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 import jinja2.ext
@@ -46,6 +46,9 @@ from fidellm.tokenizer.special import (
     TOOL_RESPONSE_END,
     TOOL_RESPONSE_START,
 )
+
+if TYPE_CHECKING:
+    from fidellm.tokenizer.base import TextTokenizer
 
 TOOLS_INTRO = (
     "# Tools\n\nYou can call functions to help with the request. Each function is described by a JSON"
@@ -227,3 +230,19 @@ def render_chat(
         )
     except jinja2.TemplateError as error:
         raise FidelError(f"chat template: {error}") from error
+
+
+def encode_chat(tokenizer: TextTokenizer, text: str) -> list[int]:
+    """Token ids of a rendered chat (`render_chat`'s text, or a prefix of it). With our BPE every
+    marker is one special id. A byte tokenizer (H-Net) has no ids for markers: the leading `<|bos|>`
+    becomes its BOS byte (254, as at the start of every pretraining document) and the turn markers stay
+    literal UTF-8 text, so the same conversation is one byte sequence in SFT, the chat CLI and the server."""
+    if text.startswith(BOS) and tokenizer.encode(BOS) != [tokenizer.bos_id]:
+        return [tokenizer.bos_id, *tokenizer.encode(text[len(BOS) :])]
+    return tokenizer.encode(text, add_bos=False)
+
+
+def end_of_turn_ids(tokenizer: TextTokenizer) -> list[int]:
+    """The ids that close a turn: `<|im_end|>` as one id (BPE) or as its bytes (byte tokenizer)."""
+    return tokenizer.encode(IM_END)
+

@@ -101,9 +101,15 @@ def pair_overlap(index: EvalNgramIndex, pair: Pair) -> list[str]:
     return index.names_of(index.match_mask(pair.amharic) | index.match_mask(pair.english))
 
 
-def _instruction(direction: str, pair_id: str) -> str:
+def translation_request(direction: str, text: str, pair_id: str) -> dict[str, str]:
+    """The user message asking to translate `text` in `direction` ("en-am" or "am-en"): an instruction
+    chosen by a hash of direction and `pair_id`, a blank line, the text. Training data and the
+    translation evaluation (`fidellm.eval.chat`) both ask this way."""
+    if direction not in INSTRUCTIONS:
+        raise FidelError(f"translation direction {direction!r} is not one of {', '.join(INSTRUCTIONS)}")
     options = INSTRUCTIONS[direction]
-    return options[stable_hash64(f"{direction}:{pair_id}", person=b"instr") % len(options)]
+    instruction = options[stable_hash64(f"{direction}:{pair_id}", person=b"instr") % len(options)]
+    return {"role": "user", "content": f"{instruction}\n\n{text}"}
 
 
 def pair_conversations(source: str, pair: Pair) -> list[Conversation]:
@@ -113,9 +119,6 @@ def pair_conversations(source: str, pair: Pair) -> list[Conversation]:
         ("en-am", pair.english, pair.amharic),
         ("am-en", pair.amharic, pair.english),
     ):
-        messages = [
-            {"role": "user", "content": f"{_instruction(direction, pair.id)}\n\n{prompt}"},
-            {"role": "assistant", "content": answer},
-        ]
+        messages = [translation_request(direction, prompt, pair.id), {"role": "assistant", "content": answer}]
         out.append(Conversation(f"{pair.id}/{direction}", source, messages, group=pair.id))
     return out

@@ -9,6 +9,8 @@ import click
 from fidellm.data.cli import DATA_DIR_OPTION
 
 DEFAULT_TASKS = "flores,heldout,baselines,probes,sib200,afrisenti,masakhanews,masakhaner"
+CHAT_GROUP = "chat"
+"""Added to DEFAULT_TASKS when MODEL is a chat fine-tune (fidellm.eval.chat)."""
 
 
 @click.command("eval")
@@ -21,7 +23,18 @@ DEFAULT_TASKS = "flores,heldout,baselines,probes,sib200,afrisenti,masakhanews,ma
     help="Run directory for the held-out split and the compressors' training context (default: MODEL"
     " itself when it is a run directory).",
 )
-@click.option("--tasks", default=DEFAULT_TASKS, show_default=True, help="Comma-separated tasks.")
+@click.option(
+    "--tasks",
+    default=None,
+    help=f"Comma-separated tasks or groups. Default: {DEFAULT_TASKS}, plus the group {CHAT_GROUP!r}"
+    " (sft-heldout,tool-calls,translation,instructions-am,chat-bench) when MODEL is a `fidellm sft` run.",
+)
+@click.option(
+    "--chat-dir",
+    type=click.Path(exists=True, file_okay=False, path_type=Path),
+    help="`fidellm data chat` output whose eval.jsonl the chat tasks read (default: the directory MODEL"
+    " was fine-tuned on, else RUN/chat).",
+)
 @click.option("--limit", type=int, default=None, help="At most N items per task split (quick checks).")
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), help="Default: RUN/eval or MODEL/eval."
@@ -32,15 +45,19 @@ def eval_command(
     model: Path,
     data_dir: Path | None,
     run_dir: Path | None,
-    tasks: str,
+    tasks: str | None,
+    chat_dir: Path | None,
     limit: int | None,
     out: Path | None,
     device: str,
     seed: int,
 ) -> None:
     """Evaluate MODEL (a run directory, a checkpoint or an exported HF directory): FLORES second-half
-    bits, bits/byte and bits/char, held-out documents, compressor baselines, generation probes and the
-    downstream tasks; writes results.json (every figure with its provenance)."""
+    bits, bits/byte and bits/char, held-out documents, compressor baselines, generation probes, the
+    downstream tasks and, for a chat model, the chat tasks (translation chrF++/BLEU, SFT held-out loss,
+    tool-call validity, answers saved to OUT/generations); writes results.json (every figure with its
+    provenance)."""
+    from fidellm.eval.chat_data import sft_chat_dir
     from fidellm.eval.suite import EvalContext, default_out_dir, run_suite
     from fidellm.models.load import load_model
     from fidellm.paths import resolve_data_dir
@@ -51,6 +68,13 @@ def eval_command(
     network, tokenizer_dir = load_model(model, torch_device)
     if run_dir is None and (tokenizer_dir.parent / "data" / "splits").is_dir():
         run_dir = tokenizer_dir.parent
+    tuned_on = sft_chat_dir(model.resolve())
+    if tasks is None:
+        tasks = DEFAULT_TASKS + (f",{CHAT_GROUP}" if tuned_on is not None else "")
+    if chat_dir is None:
+        chat_dir = tuned_on or (
+            run_dir / "chat" if run_dir is not None and (run_dir / "chat").is_dir() else None
+        )
     names = [t.strip() for t in tasks.split(",") if t.strip()]
     if run_dir is None and "heldout" in names:
         names.remove("heldout")
@@ -64,6 +88,7 @@ def eval_command(
         limit,
         seed,
         tokenizer_dir=tokenizer_dir,
+        chat_dir=chat_dir,
     )
     out_dir = out or default_out_dir(model)
     run_suite(context, names, model, out_dir, echo=click.echo)

@@ -4,8 +4,10 @@ Inputs are each run's eval/results.json (from `fidellm eval`) and, where present
 (train/metrics.jsonl, train/config.json). Output: OUT/report.md (a table of every metric per run, the
 compressor baselines and the published anchors labelled as published, tokenizer fertility),
 OUT/curves.png (validation loss per step), OUT/compute.png (FLORES second-half bits against training
-compute ≈ 6·N·D) and OUT/report.json (the same numbers, the sha256 of every results.json read, the
-commit and the command), so each figure traces back to the command that made it.
+compute ≈ 6·N·D), for chat models a chat section (translation chrF++/BLEU per set and direction,
+tool-call validity, SFT held-out loss, where the answers were saved), and OUT/report.json (the same
+numbers, the sha256 of every results.json read, the commit and the command), so each figure traces back
+to the command that made it.
 """
 
 from __future__ import annotations
@@ -136,6 +138,7 @@ def render_markdown(runs: list[RunSummary], plots: list[str]) -> str:
             f" | {flores['bytes_per_token']:.2f} |"
         )
     lines += probe_section(runs)
+    lines += chat_section(runs)
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "## Provenance", ""]
     for run in runs:
@@ -161,6 +164,46 @@ def probe_section(runs: list[RunSummary]) -> list[str]:
             for seed, text in zip(probe["seeds"], probe["samples"], strict=True):
                 shown = " ".join(text.split())
                 lines.append(f"- {probe['prompt']} → {shown} _(seed {seed})_")
+    return lines
+
+
+CHAT_TASK_PREFIXES = ("sft-heldout", "tool-calls", "translation/", "instructions-am", "chat/")
+"""Task names of fidellm.eval.chat's results."""
+
+
+def _chat_cell(result: dict[str, Any] | None) -> str:
+    if result is None:
+        return "–"
+    if result["metric"] == "validity":
+        return f"{result['details']['valid']}/{result['details']['total']} ({result['value']:.1%})"
+    return f"{_cell(result['value'])} (n={result['n']})"
+
+
+def chat_section(runs: list[RunSummary]) -> list[str]:
+    """The chat evaluations (fidellm.eval.chat) of the runs that have them: each figure with its item
+    count (tool-call validity as valid/total), sacrebleu's signatures and where the answers were saved."""
+    chat = {
+        run.label: [r for r in run.results["results"] if r["task"].startswith(CHAT_TASK_PREFIXES)]
+        for run in runs
+    }
+    chat = {label: results for label, results in chat.items() if results}
+    if not chat:
+        return []
+    lines = ["", "## Chat evaluations", "", "| task | metric | " + " | ".join(chat) + " |"]
+    lines += ["|---|---|" + "---|" * len(chat)]
+    found = {label: {(r["task"], r["metric"]): r for r in results} for label, results in chat.items()}
+    for task, metric in dict.fromkeys(key for results in found.values() for key in results):
+        cells = [_chat_cell(results.get((task, metric))) for results in found.values()]
+        lines.append(f"| {task} | {metric} | " + " | ".join(cells) + " |")
+    signatures = {
+        r["metric"]: r["details"]["signature"] for results in chat.values() for r in results
+        if "signature" in r["details"]
+    }  # fmt: skip
+    lines += ["", *(f"sacrebleu {metric} signature: `{sig}`" for metric, sig in signatures.items())]
+    lines += ["", "Answers saved for reading (JSONL: prompt, reference, answer):", ""]
+    for label, results in chat.items():
+        paths = dict.fromkeys(r["details"]["generations"] for r in results if "generations" in r["details"])
+        lines.append(f"- `{label}`: " + ", ".join(f"`{path}`" for path in paths))
     return lines
 
 

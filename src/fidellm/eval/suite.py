@@ -2,10 +2,11 @@
 
 Tasks (evaluation.md): "flores" (second-half bits, bits/byte, bits/char), "heldout" (bits/byte and
 bits/char of the prepared corpus's test documents; needs the run directory), "baselines" (compressors
-on FLORES, alone and primed with training text), "probes" (generation probes), and the downstream
-tasks registered in `fidellm.eval.downstream`. results.json holds every TaskResult, the tokenizer's
-fertility on FLORES, the published anchors, sha256 of the data files read, the command and the
-provenance (commit, hardware, wall time), so each number can be traced and rerun.
+on FLORES, alone and primed with training text), "probes" (generation probes), the downstream tasks
+registered in `fidellm.eval.downstream` and the chat tasks of `fidellm.eval.chat` (the `chat` group).
+results.json holds every TaskResult, the tokenizer's fertility on FLORES, the published anchors, sha256
+of the data files read, the command and the provenance (commit, hardware, wall time), so each number
+can be traced and rerun.
 """
 
 from __future__ import annotations
@@ -49,6 +50,8 @@ class EvalContext:
     seed: int = 0
     context_chars: int = 4_000_000
     tokenizer_dir: Path | None = None
+    chat_dir: Path | None = None
+    out_dir: Path | None = None
     files_read: dict[str, str] = dataclasses.field(default_factory=dict)
     _flores: list[str] | None = dataclasses.field(default=None, repr=False)
 
@@ -127,26 +130,41 @@ TASKS: dict[str, TaskFunction] = {
     "baselines": task_baselines,
     "probes": task_probes,
 }
-"""Task name -> function; downstream tasks add themselves in fidellm.eval.downstream.registry."""
+"""Task name -> function; downstream tasks add themselves in fidellm.eval.downstream.registry, chat tasks
+in fidellm.eval.chat."""
 
 
 def all_tasks() -> dict[str, TaskFunction]:
-    """The built-in tasks and the downstream ones."""
+    """The built-in tasks, the downstream ones and the chat ones."""
+    from fidellm.eval.chat import CHAT_TASKS
     from fidellm.eval.downstream.registry import DOWNSTREAM_TASKS
 
-    return {**TASKS, **DOWNSTREAM_TASKS}
+    return {**TASKS, **DOWNSTREAM_TASKS, **CHAT_TASKS}
+
+
+def expand_groups(tasks: list[str]) -> list[str]:
+    """`tasks` with each group name (e.g. "chat") replaced by its tasks, each task once, in order."""
+    from fidellm.eval.chat import TASK_GROUPS
+
+    return list(dict.fromkeys(name for task in tasks for name in TASK_GROUPS.get(task, (task,))))
 
 
 def run_suite(
     ctx: EvalContext, tasks: list[str], model_path: Path, out_dir: Path, echo: Callable[[str], Any] = print
 ) -> dict[str, Any]:
-    """Run `tasks` in order, write OUT/results.json after each (a crash keeps what finished); return it."""
+    """Run `tasks` (groups expanded) in order, write OUT/results.json after each (a crash keeps what
+    finished); return it. Tasks that save files (the chat generations) write them under OUT."""
     known = all_tasks()
+    tasks = expand_groups(tasks)
     unknown = [t for t in tasks if t not in known]
     if unknown:
-        raise FidelError(f"unknown eval task(s) {', '.join(unknown)}; known: {', '.join(known)}")
+        from fidellm.eval.chat import TASK_GROUPS
+
+        names = ", ".join([*known, *(f"{group} (group)" for group in TASK_GROUPS)])
+        raise FidelError(f"unknown eval task(s) {', '.join(unknown)}; known: {names}")
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
+    ctx.out_dir = out_dir
     fertility = measure("model tokenizer", ctx.tokenizer, ctx.flores()).to_dict()
     report: dict[str, Any] = {
         "model": str(model_path),

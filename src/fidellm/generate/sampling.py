@@ -1,7 +1,9 @@
 """The logits processors and the token choice of one decoding step, on (batch, vocab) fp32 logits.
 
 Order (Hugging Face's): repetition penalty, then temperature, top-k, top-p, then a draw from each
-row's own `torch.Generator`. Temperature 0 means greedy: the argmax of the penalized logits.
+row's own `torch.Generator`. Temperature 0 means greedy: the argmax of the penalized logits; so does
+any temperature below `GREEDY_BELOW` (as in vLLM), where dividing by it would overflow fp32 logits to
+infinities (a temperature of 1e-72 is greedy in all but name).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ from collections.abc import Sequence
 
 import torch
 from torch import Tensor
+
+GREEDY_BELOW = 1e-5
 
 
 def apply_repetition_penalty(logits: Tensor, seen: Tensor, penalty: float) -> Tensor:
@@ -52,9 +56,10 @@ def top_p_filter(logits: Tensor, p: float) -> Tensor:
 def process_logits(
     logits: Tensor, seen: Tensor, temperature: float, top_k: int, top_p: float, repetition_penalty: float
 ) -> Tensor:
-    """Penalized, temperature-scaled and filtered logits; with temperature 0 only the penalty applies."""
+    """Penalized, temperature-scaled and filtered logits; greedy temperatures (< GREEDY_BELOW) get only
+    the penalty."""
     logits = apply_repetition_penalty(logits, seen, repetition_penalty)
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return logits
     return top_p_filter(top_k_filter(logits / temperature, top_k), top_p)
 
@@ -68,10 +73,11 @@ def choose_tokens(
     top_p: float = 1.0,
     repetition_penalty: float = 1.0,
 ) -> Tensor:
-    """The next token of every row (batch,): argmax when temperature is 0, else one draw per row from
-    the filtered softmax with that row's generator, so rows never share a random stream."""
+    """The next token of every row (batch,): argmax when temperature is greedy (< GREEDY_BELOW), else one
+    draw per row from the filtered softmax with that row's generator, so rows never share a random
+    stream."""
     processed = process_logits(logits.float(), seen, temperature, top_k, top_p, repetition_penalty)
-    if temperature == 0:
+    if temperature < GREEDY_BELOW:
         return processed.argmax(dim=-1)
     probs = torch.softmax(processed, dim=-1)
     return torch.cat(

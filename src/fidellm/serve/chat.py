@@ -7,7 +7,7 @@ from typing import Any
 
 from fastapi import Request
 
-from fidellm.chat.template import render_chat
+from fidellm.chat.template import encode_chat, render_chat
 from fidellm.errors import FidelError
 from fidellm.generate.engine import GenerationResult
 from fidellm.serve.common import APIError, ServerState, error_from_event, final_event, job_events, sse
@@ -70,7 +70,7 @@ def chat_prompt(state: ServerState, request: ChatCompletionRequest) -> tuple[str
     except FidelError as error:
         raise APIError(400, str(error), param="messages") from error
     prefix = forced_prefix(request)
-    return prefix, state.tokenizer.encode(text + prefix, add_bos=False)
+    return prefix, encode_chat(state.tokenizer, text + prefix)
 
 
 def logprob_content(state: ServerState, scores: list[TokenScore]) -> ChoiceLogprobs:

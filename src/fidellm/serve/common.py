@@ -106,17 +106,20 @@ class ServerState:
     def generation_config(
         self, request: SamplingFields, max_new_tokens: int, chat: bool = False
     ) -> GenerationConfig:
-        """Decoding settings of a request; a chat also stops at `<|im_end|>`, the end of its turn."""
-        stop_ids = default_stop_ids(self.model, self.tokenizer)
+        """Decoding settings of a request; a chat also stops at `<|im_end|>` (its id, or its text for a byte
+        model), the end of its turn."""
+        stop_ids, stop_strings = default_stop_ids(self.model, self.tokenizer), request.stop_strings()
         if chat and self.tokenizer.encode(IM_END) == [IM_END_ID]:
             stop_ids += (IM_END_ID,)
+        elif chat:  # a byte model writes the marker as text
+            stop_strings = (*stop_strings, IM_END)
         try:
             return GenerationConfig(
                 stop_token_ids=stop_ids,
                 max_new_tokens=max_new_tokens,
                 temperature=1.0 if request.temperature is None else request.temperature,
                 top_p=1.0 if request.top_p is None else request.top_p,
-                stop_strings=request.stop_strings(),
+                stop_strings=stop_strings,
                 seed=request.seed,
                 add_bos=False,
             )
