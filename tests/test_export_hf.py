@@ -128,6 +128,7 @@ def test_bfloat16_export_states_its_dtype(tokenizer_dir: Path, tmp_path: Path) -
     export_hf(model, config, tokenizer_dir, tmp_path)  # default: bfloat16
     data = json.loads((tmp_path / "config.json").read_text(encoding="utf-8"))
     assert data["torch_dtype"] == data["dtype"] == "bfloat16"
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644  # readable by a server's user
     with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as handle:
         assert {handle.get_tensor(name).dtype for name in handle.keys()} == {torch.bfloat16}  # noqa: SIM118
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype="auto")

@@ -112,6 +112,7 @@ def export_hf(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
+    (out / WEIGHTS_FILE).chmod(0o644)  # safetensors writes 0600; an export is read by servers and other users
     _write_json(out / "config.json", hf_config(config, dtype))
     _write_json(out / "generation_config.json", generation_config(config))
     tokenizer.save(out, model_max_length=config.max_position_embeddings, chat_template=CHAT_TEMPLATE)

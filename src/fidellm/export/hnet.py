@@ -73,6 +73,7 @@ def export_hnet(
     save_file(
         {k: v.contiguous() for k, v in weights.items()}, str(out / WEIGHTS_FILE), metadata={"format": "pt"}
     )
+    (out / WEIGHTS_FILE).chmod(0o644)  # safetensors writes 0600; an export is read by servers and other users
     text = json.dumps(hnet_config_json(model.config, dtype), indent=2) + "\n"
     (out / CONFIG_FILE).write_text(text, encoding="utf-8")
     tokenizer.save(out)
