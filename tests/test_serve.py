@@ -403,3 +403,16 @@ def test_uvicorn_stream_and_disconnect_cancels(model: LlamaForCausalLM, tokenize
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def test_default_completion_length_stays_within_a_small_cap(model, tokenizer) -> None:
+    """OpenAI's default max_tokens (16) is cut to a smaller --max-tokens-cap; asking for 16 is a 400."""
+    app = app_for(model, tokenizer, max_tokens_cap=8)
+
+    async def body(client: openai.AsyncOpenAI, raw: httpx2.AsyncClient) -> None:
+        reply = await client.completions.create(model=NAME, prompt="ሰላም", temperature=0)
+        assert reply.usage.completion_tokens <= 8
+        response = await raw.post("/v1/completions", json={"model": NAME, "prompt": "ሰላም", "max_tokens": 16})
+        assert response.status_code == 400 and error_of(response)["param"] == "max_tokens"
+
+    run(app, body)

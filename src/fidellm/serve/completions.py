@@ -71,7 +71,10 @@ async def completion(state: ServerState, request: CompletionRequest, http: Reque
     if request.stream and request.logprobs is not None:
         raise APIError(400, "logprobs are not supported with stream on this server.", param="logprobs")
     ids, texts = prompt_rows(state, request)
-    budget = state.budget(request.max_tokens, [len(row) for row in ids], "max_tokens")
+    requested = request.max_tokens
+    if "max_tokens" not in request.model_fields_set and requested is not None:
+        requested = min(requested, state.settings.max_tokens_cap)  # OpenAI's default 16, within our cap
+    budget = state.budget(requested, [len(row) for row in ids], "max_tokens")
     config = state.generation_config(request, budget) if budget > 0 else None
     rows = [row for row in ids for _ in range(request.n)]
     echoes = [text for text in texts for _ in range(request.n)]
