@@ -1,5 +1,5 @@
 """The FastAPI app: routes, OpenAI-style errors for every failure, API keys, per-key rate limits, a
-response cache for deterministic requests, and a body size limit."""
+response cache for deterministic requests, a body size limit, and the chat page at `/`."""
 
 from __future__ import annotations
 
@@ -7,11 +7,13 @@ import hmac
 import json
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
@@ -27,6 +29,14 @@ from fidellm.serve.metrics import ServerMetrics
 from fidellm.serve.ratelimit import RateLimitedError, RateLimiter, enforce
 from fidellm.serve.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now
 from fidellm.tokenizer.base import TextTokenizer
+
+STATIC = Path(__file__).parent / "static"
+PAGE_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; img-src data:;"
+    " base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+"""The chat page's Content-Security-Policy: only its own script and style run, requests go only to this
+server, and no other site may frame it."""
 
 
 class BodyLimit:
@@ -158,6 +168,13 @@ def create_app(
 
     chat = respond(chat_completion, "chat")
     complete = respond(completion, "completions")
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> FileResponse:
+        """The chat page: public (it holds no secrets); its API calls carry the key the user types."""
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_POLICY})
 
     @app.get("/health")
     async def health() -> dict[str, str]:
