@@ -15,7 +15,11 @@ import schemathesis
 import uvicorn
 from hypothesis import settings
 from schemathesis.checks import not_a_server_error
-from schemathesis.specs.openapi.checks import response_schema_conformance
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
 
 from fidellm.paths import resolve_data_dir
 from fidellm.serve.app import create_app
@@ -89,5 +93,10 @@ def test_no_server_errors(case: schemathesis.Case) -> None:
     case.call_and_validate(
         headers={"Authorization": f"Bearer {API_KEY}"},
         timeout=30,
-        checks=[not_a_server_error, response_schema_conformance],
+        checks=[
+            not_a_server_error,
+            response_schema_conformance,
+            status_code_conformance,
+            content_type_conformance,
+        ],
     )

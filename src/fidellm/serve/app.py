@@ -12,9 +12,11 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel
 from sse_starlette import EventSourceResponse
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -27,7 +29,16 @@ from fidellm.serve.completions import completion
 from fidellm.serve.engine import Engine
 from fidellm.serve.metrics import ServerMetrics
 from fidellm.serve.ratelimit import RateLimitedError, RateLimiter, enforce
-from fidellm.serve.schemas import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList, now
+from fidellm.serve.schemas import (
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionRequest,
+    ErrorBody,
+    ModelCard,
+    ModelList,
+    now,
+)
 from fidellm.tokenizer.base import TextTokenizer
 
 STATIC = Path(__file__).parent / "static"
@@ -89,6 +100,46 @@ def _validation_error(error: RequestValidationError) -> APIError:
     param = ".".join(location) or None
     where = f"{param}: " if param else ""
     return APIError(400, f"Invalid request: {where}{first.get('msg', 'malformed body')}", param=param)
+
+
+ERROR_STATUSES = {
+    400: "Invalid request (OpenAI's invalid_request_error: bad JSON, wrong types, limits, context length).",
+    401: "Missing or wrong API key.",
+    404: "Unknown model.",
+    413: "Request body too large.",
+    429: "Rate limit exceeded (see Retry-After).",
+    503: "Request queue full.",
+    504: "The request timed out.",
+}
+
+
+def documented(ok: type[BaseModel], *errors: int, stream: bool = False) -> dict[int | str, Any]:
+    """OpenAPI `responses` of a route: the success body (and the SSE stream when `stream`) and the
+    OpenAI-shaped errors it can answer with."""
+    responses: dict[int | str, Any] = {
+        code: {"model": ErrorBody, "description": ERROR_STATUSES[code]} for code in errors
+    }
+    success: dict[str, Any] = {"model": ok, "description": "Success."}
+    if stream:
+        success["description"] = "Success; with `stream`, server-sent events ending in `data: [DONE]`."
+        event = {"type": "object", "properties": {"data": {"type": "string"}}, "required": ["data"]}
+        success["content"] = {"text/event-stream": {"schema": event}}  # each event: JSON chunk or [DONE]
+    responses[200] = success
+    return responses
+
+
+def without_422(app: FastAPI) -> dict[str, Any]:
+    """The OpenAPI document without FastAPI's automatic 422 responses: validation errors are 400 here,
+    as in OpenAI's API (documented per route)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        for path in schema.get("paths", {}).values():
+            for operation in path.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 def create_app(
@@ -180,21 +231,36 @@ def create_app(
     async def health() -> dict[str, str]:
         return {"status": "ok"}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse)
     async def prometheus() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/v1/models", dependencies=[Depends(authorize_and_limit)])
+    limited = (401, 429)
+
+    @app.get(
+        "/v1/models", dependencies=[Depends(authorize_and_limit)], responses=documented(ModelList, *limited)
+    )
     async def models() -> dict[str, Any]:
         card = ModelCard(id=settings.model_name, created=now(), max_model_len=state.context)
         return ModelList(data=[card]).wire()
 
-    @app.post("/v1/chat/completions", dependencies=[Depends(authorize_and_limit)])
+    generation_errors = (400, 401, 404, 413, 429, 503, 504)
+
+    @app.post(
+        "/v1/chat/completions",
+        dependencies=[Depends(authorize_and_limit)],
+        responses=documented(ChatCompletion, *generation_errors, stream=True),
+    )
     async def chat_route(body: ChatCompletionRequest, request: Request) -> Response:
         return await chat(body, request)
 
-    @app.post("/v1/completions", dependencies=[Depends(authorize_and_limit)])
+    @app.post(
+        "/v1/completions",
+        dependencies=[Depends(authorize_and_limit)],
+        responses=documented(Completion, *generation_errors, stream=True),
+    )
     async def completions_route(body: CompletionRequest, request: Request) -> Response:
         return await complete(body, request)
 
+    app.openapi = lambda: without_422(app)  # type: ignore[method-assign]
     return app
