@@ -3,6 +3,7 @@ and the `fidellm sft` command (a small BPE trained on FLORES dev and a tiny rand
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -13,11 +14,13 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
-from fidellm.chat.template import render_chat
+from fidellm.chat.template import encode_chat, render_chat
 from fidellm.cli import cli
 from fidellm.errors import FidelError
 from fidellm.export.hf import export_hf
-from fidellm.models.factory import build_model, config_from_dict
+from fidellm.models.factory import build_model, config_from_dict, config_to_dict
+from fidellm.models.hnet import HNetForCausalLM
+from fidellm.models.hnet import preset as hnet_preset
 from fidellm.models.llama import IGNORE_INDEX
 from fidellm.models.load import load_model
 from fidellm.paths import resolve_data_dir
@@ -32,8 +35,9 @@ from fidellm.sft.data import (
 from fidellm.sft.lora import apply_lora, lora_spec, merge_lora, merge_run
 from fidellm.tokenizer.base import load_tokenizer
 from fidellm.tokenizer.bpe import BPETokenizer, train_bpe
-from fidellm.tokenizer.special import BOS_ID, IM_END, IM_END_ID, IM_START, PAD_ID
-from fidellm.train.checkpoint import latest_checkpoint, read_checkpoint, restore_checkpoint
+from fidellm.tokenizer.bytes import ByteTokenizer
+from fidellm.tokenizer.special import BOS, BOS_ID, BYTE_BOS_ID, IM_END, IM_END_ID, IM_START, PAD_ID
+from fidellm.train.checkpoint import latest_checkpoint, read_checkpoint, restore_checkpoint, save_checkpoint
 from fidellm.train.loop import TrainConfig, train
 from fixtures.chats import WEATHER_TOOL, tool_chat
 from fixtures.models import gqa_config, random_llama
@@ -186,9 +190,9 @@ def sft_run(tmp_path: Path, tokenizer_dir: Path) -> dict[str, Path]:
 
 def sft_config(paths: dict[str, Path], steps: int, **extra: Any) -> TrainConfig:
     return TrainConfig(
-        data="chat", chat_dir=str(paths["run"] / "chat"), base=str(paths["base"]), seq_len=SEQ,
-        batch_size=2, max_steps=steps, lr=1e-2, warmup_steps=0, eval_every=2, eval_batches=2, log_every=1,
-        save_every=2, device="cpu", echo=False, **extra,
+        data="chat", chat_dir=str(paths["run"] / "chat"), base=str(paths["base"]), batch_size=2,
+        max_steps=steps, lr=1e-2, warmup_steps=0, eval_every=2, eval_batches=2, log_every=1, save_every=2,
+        device="cpu", echo=False, **{"seq_len": SEQ, **extra},
     )  # fmt: skip
 
 
@@ -267,3 +271,106 @@ def test_cli_lora_run_and_user_errors(sft_run: dict[str, Path], tmp_path: Path) 
     assert config["lora"]["rank"] == 2 and config["max_steps"] >= 1 and config["max_samples"] == 6
     result = CliRunner().invoke(cli, [*args, *common, "--use-lora", "--lora-targets", "qkv"])
     assert result.exit_code != 0 and "--lora-targets" in str(result.exception)
+
+
+@pytest.mark.parametrize("index", [0, 2])
+def test_byte_tokenizer_masks_the_assistant_bytes(index: int) -> None:
+    """H-Net chats: the markers are literal bytes after the BOS byte; the mask covers exactly each
+    assistant turn's bytes through its closing `<|im_end|>`, as with the BPE's single ids."""
+    tokenizer = ByteTokenizer()
+    chat = conversations(3)[index]
+    ids, mask = encode_conversation(tokenizer, chat["messages"], chat.get("tools"), chat["id"])
+    text = render_chat(chat["messages"], chat.get("tools"))
+    assert ids == [BYTE_BOS_ID, *text[len(BOS) :].encode("utf-8")]
+    assert encode_chat(tokenizer, text) == ids
+    header = f"{IM_START}assistant\n"
+    expected = [part.split(IM_END)[0] + IM_END for part in text.split(header)[1:]]
+    assert [bytes(ids[a:b]).decode("utf-8") for a, b in spans(mask)] == expected
+
+
+def hnet_base(tmp_path: Path) -> Path:
+    """A run directory holding a random hnet-tiny checkpoint and the byte tokenizer."""
+    torch.manual_seed(0)
+    model = HNetForCausalLM(hnet_preset("hnet-tiny", max_position_embeddings=512))
+    base = tmp_path / "hnet-base"
+    ByteTokenizer().save(base / "tokenizer")
+    state = {"data": {}, "model_config": config_to_dict(model.config)}
+    optimizer = torch.optim.AdamW(model.parameters())
+    save_checkpoint(base / "train" / "checkpoints", 1, model, optimizer, state, keep_last=1)
+    return base
+
+
+@pytest.mark.parametrize("quantize", [None, "nf4"])
+def test_hnet_lora_and_qlora_sft_merge_the_best_weights(
+    sft_run: dict[str, Path], quantize: str | None
+) -> None:
+    """H-Net takes the same SFT command: LoRA (default targets: its mixer and MLP projections) or QLoRA
+    (those projections in 4-bit NF4, skip path and routers in full precision); the merged model is the
+    best-validation one and computes what the adapted model computed."""
+    if quantize:
+        pytest.importorskip("bitsandbytes")
+    base = hnet_base(sft_run["output"].parent)
+    output = sft_run["output"].parent / f"hnet-sft-{quantize}"
+    prepare_output(output, str(base))
+    spec = lora_spec(4, 8.0, quantize=quantize)
+    paths = {**sft_run, "base": base}
+    summary = train(output, sft_config(paths, 4, lora=spec, seq_len=256))
+    assert summary["step"] == 4 and all(np.isfinite(summary["losses"]))
+    checkpoint = read_checkpoint(latest_checkpoint(output / "train" / "checkpoints"))
+    names = load_file(str(checkpoint.path / "model.safetensors")).keys()
+    assert {n.split(".lora_")[0].rsplit(".", 1)[1] for n in names if ".lora_" in n} == {
+        "Wqkv", "out_proj", "in_proj", "fc1", "fc2"
+    }  # fmt: skip
+    if quantize:  # the 4-bit base is not stored: it is rebuilt from the base model
+        assert not any(".absmax" in n or "quant_state" in n for n in names)
+        assert "backbone.residual_proj.weight" in names
+    model, _ = load_model(base)
+    model = apply_lora(model, spec)
+    best = read_checkpoint(output / "train" / "best")
+    restore_checkpoint(best, model, restore_rng=False)
+    if quantize:
+        layer = model.backbone.encoder.layers[0].mixer.in_proj.base_layer
+        assert getattr(layer.weight, "quant_state", None) is not None
+    ids = torch.tensor([ByteTokenizer().encode("ሰላም፣ እንዴት ነህ? " * 3, add_bos=True)])
+    with torch.no_grad():
+        adapted = model.eval()(ids).logits
+        merged_dir = merge_run(output)
+        merged, _ = load_model(merged_dir)
+        assert (merged(ids).logits - adapted).abs().max().item() <= 1e-4
+    state = json.loads((merged_dir / "state.json").read_text())
+    assert state["merged_from"] == str(output / "train" / "best") and state["step"] == summary["best"]["step"]
+    again = train(output, sft_config(paths, 5, lora=spec, seq_len=256))  # resumes, 4-bit base rebuilt
+    assert again["resumed_from"] == 4 and again["step"] == 5
+
+
+def test_qlora_on_llama_freezes_a_4bit_base(sft_run: dict[str, Path]) -> None:
+    pytest.importorskip("bitsandbytes")
+    spec = lora_spec(4, 8.0, "q_proj,v_proj", quantize="nf4")
+    model = apply_lora(load_model(sft_run["base"])[0], spec)
+    projections = [m for n, m in model.named_modules() if n.endswith(("k_proj", "o_proj", "down_proj"))]
+    assert projections and all(getattr(m.weight, "quant_state", None) is not None for m in projections)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        n for n, _ in model.named_parameters() if ".lora_" in n
+    }
+    with pytest.raises(FidelError, match="quantize must be one of"):
+        lora_spec(4, 8.0, quantize="int3")
+    with pytest.raises(FidelError, match="name no Linear layer"):
+        apply_lora(load_model(sft_run["base"])[0], lora_spec(4, 8.0, "Wqkv"))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_qlora_sft_on_cuda(sft_run: dict[str, Path]) -> None:
+    """QLoRA where it is meant to run: NF4 base on the GPU with bf16 compute, two steps, then the merge
+    equals the adapted model (bf16 compute: a looser tolerance than on CPU)."""
+    pytest.importorskip("bitsandbytes")
+    spec = lora_spec(4, 8.0, quantize="nf4")
+    config = sft_config(sft_run, 2, lora=spec)
+    summary = train(sft_run["output"], dataclasses.replace(config, device="cuda"))
+    assert summary["step"] == 2 and all(np.isfinite(summary["losses"]))
+    model = apply_lora(load_model(sft_run["base"], device="cuda")[0], spec)
+    restore_checkpoint(read_checkpoint(sft_run["output"] / "train" / "best"), model, restore_rng=False)
+    ids = torch.tensor([tokenizer_ids(sft_run)], device="cuda")
+    with torch.no_grad():
+        adapted = model.eval()(ids).logits.float()
+        merged, _ = load_model(merge_run(sft_run["output"]), device="cuda")
+        assert (merged(ids).logits.float() - adapted).abs().max().item() <= 5e-2

@@ -245,4 +245,3 @@ def encode_chat(tokenizer: TextTokenizer, text: str) -> list[int]:
 def end_of_turn_ids(tokenizer: TextTokenizer) -> list[int]:
     """The ids that close a turn: `<|im_end|>` as one id (BPE) or as its bytes (byte tokenizer)."""
     return tokenizer.encode(IM_END)
-

@@ -89,8 +89,13 @@ def prepare(
     metavar="SOURCE=WEIGHT",
     help="Replace the train weight of every document of SOURCE (0 leaves it out); repeatable.",
 )
+@click.option(
+    "--curriculum",
+    is_flag=True,
+    help="Also score every document's complexity (complexity.npy) for `fidellm train --curriculum`.",
+)
 def tokenize(
-    run_dir: Path, tokenizer_dir: Path | None, workers: int, source_weights: tuple[str, ...]
+    run_dir: Path, tokenizer_dir: Path | None, workers: int, source_weights: tuple[str, ...], curriculum: bool
 ) -> None:
     """Encode RUN_DIR/data/splits into memory-mappable token shards in RUN_DIR/tokens."""
     from fidellm.errors import FidelError
@@ -103,7 +108,9 @@ def tokenize(
             weights[name.strip()] = float(value)
         except ValueError:
             raise FidelError(f"--source-weight {item!r}: expected SOURCE=WEIGHT, e.g. wikipedia=2") from None
-    summary = tokenize_splits(run_dir, tokenizer_dir=tokenizer_dir, workers=workers, source_weights=weights)
+    summary = tokenize_splits(
+        run_dir, tokenizer_dir=tokenizer_dir, workers=workers, source_weights=weights, curriculum=curriculum
+    )
     for split, info in summary.items():
         click.echo(f"{split}: {info['n_docs']:,} documents, {info['n_tokens']:,} tokens")
 

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from fidellm.train.curriculum import DEFAULT_SPAN
+
 
 def prepare_output(output: Path, base: str) -> None:
     """Give OUTPUT its tokenizer: the base model's, saved into OUTPUT/tokenizer (an existing one must be
@@ -42,9 +44,16 @@ def prepare_output(output: Path, base: str) -> None:
 @click.option("--lora-dropout", default=0.0, show_default=True)
 @click.option(
     "--lora-targets",
-    default="q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj",
-    show_default=True,
-    help="Comma-separated Linear layer names that get adapters.",
+    default=None,
+    help="Comma-separated Linear layer names that get adapters [default: the architecture's attention,"
+    " mixer and MLP projections: q/k/v/o_proj,gate/up/down_proj (Llama); Wqkv,out_proj,in_proj,fc1,fc2"
+    " (H-Net)].",
+)
+@click.option(
+    "--qlora",
+    is_flag=True,
+    help="QLoRA: LoRA on a frozen 4-bit NF4 base (bitsandbytes: pip install 'fidel-lm[qlora]'; meant for"
+    " CUDA, also runs on CPU). Implies --use-lora.",
 )
 @click.option(
     "--merge/--no-merge",
@@ -71,6 +80,19 @@ def prepare_output(output: Path, base: str) -> None:
 @click.option("--log-every", default=10, show_default=True)
 @click.option("--save-every", default=500, show_default=True)
 @click.option("--resume/--no-resume", default=True, show_default=True)
+@click.option(
+    "--curriculum/--no-curriculum",
+    default=False,
+    show_default=True,
+    help="Easy to hard: draw the conversations by complexity stage, beginner first (docs/curriculum.md).",
+)
+@click.option(
+    "--curriculum-span",
+    type=float,
+    default=DEFAULT_SPAN,
+    show_default=True,
+    help="Share of the steps over which the five stages are unlocked; all data is drawn after it.",
+)
 def sft_command(
     run_dir: Path,
     base: str,
@@ -79,7 +101,8 @@ def sft_command(
     lora_rank: int,
     lora_alpha: float,
     lora_dropout: float,
-    lora_targets: str,
+    lora_targets: str | None,
+    qlora: bool,
     merge: bool,
     **options: object,
 ) -> None:
@@ -90,11 +113,14 @@ def sft_command(
     from fidellm.train.loop import TrainConfig, train
 
     output = output_dir or run_dir / "sft"
-    spec = lora_spec(lora_rank, lora_alpha, lora_targets, lora_dropout) if use_lora else None
+    quantize = "nf4" if qlora else None
+    spec = (
+        lora_spec(lora_rank, lora_alpha, lora_targets, lora_dropout, quantize) if use_lora or qlora else None
+    )
     prepare_output(output, base)
     config = TrainConfig(
         data="chat",
-        chat_dir=str(run_dir / "chat"),
+        chat_dir=str((run_dir / "chat").resolve()),  # absolute: eval finds it from any directory
         base=base,
         lora=spec,
         max_steps=1,

@@ -7,7 +7,9 @@ must be prefixes of the full one (else FidelError naming the conversation: the t
 merges across a turn boundary and no mask could be right). The mask is 1 from the end of the first
 (the turn's content and its `<tool_call>` text) to the turn's closing `<|im_end|>` inclusive, and 0
 elsewhere: system, user and tool turns, the `<|im_start|>assistant\\n` header, the "\\n" after
-`<|im_end|>`. The model learns to answer and to stop, never to write the user's side.
+`<|im_end|>`. The model learns to answer and to stop, never to write the user's side. With a byte
+tokenizer (H-Net) the markers are literal bytes (`fidellm.chat.template.encode_chat`) and the mask ends
+at the last byte of the closing `<|im_end|>`.
 
 Packing: a conversation of n tokens gives n - 1 positions (input ids[:-1], target ids[1:] where the
 mask is 1, IGNORE_INDEX elsewhere); one longer than seq_len keeps its first seq_len positions
@@ -17,6 +19,11 @@ rows are right-padded with the pad id and IGNORE_INDEX targets. As in pretrainin
 conversations share the causal attention window (each starts with BOS; no per-document mask).
 Every epoch visits the rows in a permutation drawn from (seed, epoch), so the position (epoch, step)
 determines every later batch and resume is exact, as with `fidellm.train.data.PackedBatches`.
+
+Curriculum (`CurriculumConversations`, `fidellm sft --curriculum`): every conversation gets its
+complexity score (`fidellm.train.curriculum.conversation_complexity`), the token-weighted quintiles of
+the scores make five stages, each stage is packed on its own (a row holds one stage), and the rows are
+drawn by the curriculum schedule instead of the per-epoch permutation.
 """
 
 from __future__ import annotations
@@ -31,11 +38,18 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from fidellm.chat.template import render_chat
+from fidellm.chat.template import encode_chat, end_of_turn_ids, render_chat
 from fidellm.errors import FidelError
 from fidellm.models.llama import IGNORE_INDEX
 from fidellm.tokenizer.base import TextTokenizer
-from fidellm.tokenizer.special import BOS_ID, IM_END_ID
+from fidellm.train.curriculum import (
+    STAGES,
+    StagedBatches,
+    StagedSampler,
+    assign_stages,
+    conversation_complexity,
+    stage_boundaries,
+)
 from fidellm.train.data import DataPosition
 
 
@@ -45,6 +59,8 @@ class Example:
 
     inputs: np.ndarray
     targets: np.ndarray
+    complexity: float = 0.0
+    """The conversation's curriculum score (set when tokenised with `score`)."""
 
 
 @dataclass
@@ -57,10 +73,6 @@ class ChatStats:
     target_tokens: int = 0
 
 
-def _encode(tokenizer: TextTokenizer, text: str) -> list[int]:
-    return tokenizer.encode(text, add_bos=False)  # the rendered text already starts with <|bos|>
-
-
 def encode_conversation(
     tokenizer: TextTokenizer,
     messages: Sequence[Mapping[str, Any]],
@@ -68,13 +80,13 @@ def encode_conversation(
     conversation_id: str = "?",
 ) -> tuple[list[int], list[int]]:
     """(token ids, loss mask) of one conversation; the mask is 1 exactly on assistant tokens (see module)."""
-    ids = _encode(tokenizer, render_chat(messages, tools))
-    if not ids or ids[0] != BOS_ID:
+    ids = encode_chat(tokenizer, render_chat(messages, tools))
+    if not ids or ids[0] != tokenizer.bos_id:
         raise FidelError(f"conversation {conversation_id}: the rendered chat does not start with BOS")
-    mask = [0] * len(ids)
+    mask, marker = [0] * len(ids), end_of_turn_ids(tokenizer)
 
     def prefix(length: int, generation_prompt: bool) -> list[int]:
-        part = _encode(tokenizer, render_chat(messages[:length], tools, generation_prompt))
+        part = encode_chat(tokenizer, render_chat(messages[:length], tools, generation_prompt))
         if part != ids[: len(part)]:
             raise FidelError(
                 f"conversation {conversation_id}: tokenisation is not prefix-stable at message {length}"
@@ -89,7 +101,8 @@ def encode_conversation(
             raise FidelError(f"conversation {conversation_id}: starts with an assistant turn")
         start = len(prefix(index, True))
         turn = prefix(index + 1, False)
-        end = max((i for i in range(start, len(turn)) if turn[i] == IM_END_ID), default=None)
+        closes = [i + len(marker) - 1 for i in range(start, len(turn)) if turn[i : i + len(marker)] == marker]
+        end = max(closes, default=None)
         if end is None:
             raise FidelError(f"conversation {conversation_id}: assistant turn {index} has no <|im_end|>")
         mask[start : end + 1] = [1] * (end + 1 - start)
@@ -130,9 +143,10 @@ def read_conversations(path: Path, max_samples: int | None = None) -> list[dict[
 
 
 def tokenize_conversations(
-    conversations: Sequence[Mapping[str, Any]], tokenizer: TextTokenizer, seq_len: int
+    conversations: Sequence[Mapping[str, Any]], tokenizer: TextTokenizer, seq_len: int, score: bool = False
 ) -> tuple[list[Example], ChatStats]:
-    """Examples of every conversation that keeps an assistant target within seq_len, with counts."""
+    """Examples of every conversation that keeps an assistant target within seq_len, with counts; with
+    `score` each example carries its conversation's complexity."""
     stats = ChatStats()
     examples = []
     for record in conversations:
@@ -144,6 +158,8 @@ def tokenize_conversations(
             continue
         stats.truncated += truncated
         stats.target_tokens += int((example.targets != IGNORE_INDEX).sum())
+        if score:
+            example.complexity = conversation_complexity(record["messages"], record.get("tools"))
         examples.append(example)
     return examples, stats
 
@@ -190,8 +206,7 @@ class ConversationBatches:
         world_size: int = 1,
         source: str = "conversations",
     ):
-        order = np.random.default_rng([seed, 1 << 20]).permutation(len(examples))
-        self.inputs, self.targets = pack([examples[i] for i in order], seq_len, pad_id)
+        self.inputs, self.targets = self._pack(examples, seq_len, pad_id, seed)
         self.seed = seed
         self.batch_size = batch_size
         self.rank = rank
@@ -203,6 +218,13 @@ class ConversationBatches:
                 f" tokens, fewer than one batch of {self.global_batch}; lower --batch-size or add data"
             )
         self.position = DataPosition()
+
+    def _pack(
+        self, examples: Sequence[Example], seq_len: int, pad_id: int, seed: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The training rows: `examples` packed in a seed-shuffled order."""
+        order = np.random.default_rng([seed, 1 << 20]).permutation(len(examples))
+        return pack([examples[i] for i in order], seq_len, pad_id)
 
     def order(self, epoch: int) -> np.ndarray:
         """The row permutation of `epoch` (a function of the seed and the epoch only)."""
@@ -223,6 +245,52 @@ class ConversationBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position = DataPosition.from_dict(state)
+
+
+class CurriculumConversations(StagedBatches, ConversationBatches):
+    """ConversationBatches whose rows are drawn by the curriculum (module docstring); the examples must
+    carry their complexity (`tokenize_conversations(..., score=True)`)."""
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        pad_id: int,
+        rank: int = 0,
+        world_size: int = 1,
+        source: str = "conversations",
+    ):
+        super().__init__(examples, seq_len, batch_size, seed, pad_id, rank, world_size, source)
+        self.sampler = StagedSampler(self.row_stages, self.global_batch, seed)
+
+    def _pack(
+        self, examples: Sequence[Example], seq_len: int, pad_id: int, seed: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of one stage each, stage by stage, each stage's examples in a seed-shuffled order."""
+        if not examples:  # ConversationBatches reports the empty data set
+            self.row_stages = np.zeros(0, dtype=np.int64)
+            return pack(examples, seq_len, pad_id)
+        scores = np.array([example.complexity for example in examples], dtype=np.float64)
+        tokens = np.array([len(example.inputs) for example in examples], dtype=np.float64)
+        self.boundaries = stage_boundaries(scores, tokens)
+        stages = assign_stages(scores, self.boundaries)
+        inputs, targets, row_stages = [], [], []
+        for stage in range(len(STAGES)):
+            members = np.flatnonzero(stages == stage)
+            order = np.random.default_rng([seed, 1 << 20, stage]).permutation(members)
+            stage_inputs, stage_targets = pack([examples[i] for i in order], seq_len, pad_id)
+            inputs.append(stage_inputs)
+            targets.append(stage_targets)
+            row_stages.append(np.full(len(stage_inputs), stage, dtype=np.int64))
+        self.row_stages = np.concatenate(row_stages)
+        return np.concatenate(inputs), np.concatenate(targets)
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        """This rank's rows of the next curriculum batch."""
+        rows = self.sampler.next_indices()[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        return torch.from_numpy(self.inputs[rows]), torch.from_numpy(self.targets[rows])
 
 
 def chat_validation_batches(
@@ -249,14 +317,16 @@ def chat_data(
     max_samples: int | None = None,
     rank: int = 0,
     world_size: int = 1,
+    curriculum: bool = False,
 ) -> tuple[ConversationBatches, list[tuple[Tensor, Tensor]], dict[str, Any]]:
-    """(training batches of chat_dir/train.jsonl, validation batches of chat_dir/eval.jsonl, counts)."""
+    """(training batches of chat_dir/train.jsonl, validation batches of chat_dir/eval.jsonl, counts);
+    with `curriculum` the training rows are CurriculumConversations."""
     train_path, eval_path = chat_dir / "train.jsonl", chat_dir / "eval.jsonl"
     train_examples, train_stats = tokenize_conversations(
-        read_conversations(train_path, max_samples), tokenizer, seq_len
+        read_conversations(train_path, max_samples), tokenizer, seq_len, score=curriculum
     )
     eval_examples, eval_stats = tokenize_conversations(read_conversations(eval_path), tokenizer, seq_len)
-    batches = ConversationBatches(
+    batches = (CurriculumConversations if curriculum else ConversationBatches)(
         train_examples, seq_len, batch_size, seed, tokenizer.pad_id, rank, world_size, str(train_path)
     )
     val = chat_validation_batches(eval_examples, seq_len, batch_size, eval_batches, tokenizer.pad_id)

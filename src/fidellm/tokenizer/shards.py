@@ -6,6 +6,8 @@ Layout of RUN/tokens/<split>/ (written to `<split>.partial` and renamed when com
   offsets.npy      int64, n_docs + 1 entries: document i is tokens[offsets[i]:offsets[i + 1]]
   doc_source.npy   uint16, n_docs entries: index into meta["source_names"] of each document's source
   meta.json        dtype, vocab size, tokenizer fingerprint, counts per source, source files + sha256
+  complexity.npy   only with `curriculum`: float32, n_docs entries, each document's 0-100 complexity
+                   (`fidellm.train.curriculum.text_complexity`), which `fidellm train --curriculum` reads
 In the train split a document of weight w is emitted floor(w) times, plus once more when a hash of
 its id falls below frac(w) (weight 0 drops it); val and test are never reweighted.
 """
@@ -32,11 +34,13 @@ from fidellm.errors import FidelError
 from fidellm.hashing import file_sha256, unit_interval
 from fidellm.paths import RunLayout
 from fidellm.tokenizer.base import TextTokenizer, load_tokenizer
+from fidellm.train.curriculum import SCORE_VERSION, text_complexity
 
 SPLITS = ("train", "val", "test")
 TOKENS_FILE = "tokens.bin"
 OFFSETS_FILE = "offsets.npy"
 SOURCES_FILE = "doc_source.npy"
+COMPLEXITY_FILE = "complexity.npy"
 META_FILE = "meta.json"
 FORMAT_VERSION = 1
 CHUNK_BYTES = 4 << 20
@@ -131,8 +135,11 @@ class _Chunk:
     size: int = 0
 
 
-def _encode_chunk(chunk: _Chunk, tokenizer: TextTokenizer | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """Encode a chunk with BOS and apply copy counts: (ids of all emitted documents, their lengths)."""
+def _encode_chunk(
+    chunk: _Chunk, tokenizer: TextTokenizer | None = None, score: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Encode a chunk with BOS and apply copy counts: (ids of all emitted documents, their lengths, and
+    with `score` their complexity scores, else None)."""
     tokenizer = tokenizer or _WORKER_TOKENIZER
     assert tokenizer is not None, "worker tokenizer not initialised"
     encoded = tokenizer.encode_batch(chunk.texts, add_bos=True)
@@ -141,7 +148,10 @@ def _encode_chunk(chunk: _Chunk, tokenizer: TextTokenizer | None = None) -> tupl
     lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
     dtype = tokenizer.token_dtype.newbyteorder("<")
     flat = np.fromiter((i for ids in encoded for i in ids), dtype=dtype, count=int(lengths.sum()))
-    return flat, lengths
+    if not score:
+        return flat, lengths, None
+    scores = np.repeat(np.array([text_complexity(t) for t in chunk.texts], dtype=np.float32), chunk.copies)
+    return flat, lengths, scores
 
 
 class _SourceStats:
@@ -201,19 +211,23 @@ def _worker_pool(tokenizer_dir: Path, workers: int) -> Iterator[ProcessPoolExecu
 
 
 def _encoded(
-    chunks: Iterator[_Chunk], tokenizer: TextTokenizer, pool: ProcessPoolExecutor | None, window: int
-) -> Iterator[tuple[_Chunk, tuple[np.ndarray, np.ndarray]]]:
+    chunks: Iterator[_Chunk],
+    tokenizer: TextTokenizer,
+    pool: ProcessPoolExecutor | None,
+    window: int,
+    score: bool,
+) -> Iterator[tuple[_Chunk, tuple[np.ndarray, np.ndarray, np.ndarray | None]]]:
     """(chunk, encoded chunk) in input order, with at most `window` chunks in flight in the pool.
 
     A worker that dies raises BrokenProcessPool here instead of hanging the run.
     """
     if pool is None:
         for chunk in chunks:
-            yield chunk, _encode_chunk(chunk, tokenizer)
+            yield chunk, _encode_chunk(chunk, tokenizer, score)
         return
     pending: deque[tuple[_Chunk, Future]] = deque()
     for chunk in chunks:
-        pending.append((chunk, pool.submit(_encode_chunk, chunk)))
+        pending.append((chunk, pool.submit(_encode_chunk, chunk, None, score)))
         if len(pending) >= window:
             done, future = pending.popleft()
             yield done, future.result()
@@ -231,6 +245,7 @@ def _tokenize_split(
     window: int,
     show_progress: bool,
     source_weights: Mapping[str, float],
+    curriculum: bool,
 ) -> dict[str, Any]:
     """Encode one split into RUN/tokens/<split>/ (via <split>.partial) and return its meta.json content."""
     files = split_files(run.root, split)
@@ -239,8 +254,9 @@ def _tokenize_split(
     partial.mkdir(parents=True)
     try:
         meta = _write_split(
-            run, split, files, tokenizer, tokenizer_dir, pool, window, partial, show_progress, source_weights
-        )
+            run, split, files, tokenizer, tokenizer_dir, pool, window, partial, show_progress, source_weights,
+            curriculum,
+        )  # fmt: skip
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
@@ -261,20 +277,24 @@ def _write_split(
     partial: Path,
     show_progress: bool,
     source_weights: Mapping[str, float],
+    curriculum: bool,
 ) -> dict[str, Any]:
-    """Write the four shard files of one split into `partial`."""
+    """Write the four shard files of one split (five with `curriculum`) into `partial`."""
     stats = _SourceStats()
     reweight = split == "train"
     lengths: list[np.ndarray] = []
     doc_sources: list[np.ndarray] = []
+    scores: list[np.ndarray] = []
     with (
         (partial / TOKENS_FILE).open("wb") as handle,
         tqdm(desc=f"tokenize {split}", unit="doc", disable=not show_progress) as bar,
     ):
-        for chunk, (flat, chunk_lengths) in _encoded(
-            _chunks(files, reweight, stats, source_weights), tokenizer, pool, window
+        for chunk, (flat, chunk_lengths, chunk_scores) in _encoded(
+            _chunks(files, reweight, stats, source_weights), tokenizer, pool, window, curriculum
         ):
             handle.write(flat.tobytes())
+            if chunk_scores is not None:
+                scores.append(chunk_scores)
             emitted = np.repeat(np.asarray(chunk.sources, dtype=np.int64), chunk.copies)
             lengths.append(chunk_lengths)
             doc_sources.append(emitted)
@@ -297,6 +317,8 @@ def _write_split(
     offsets = np.cumsum(all_lengths)
     np.save(partial / OFFSETS_FILE, offsets)
     np.save(partial / SOURCES_FILE, np.concatenate([np.zeros(0, np.int64), *doc_sources]).astype(np.uint16))
+    if curriculum:
+        np.save(partial / COMPLEXITY_FILE, np.concatenate([np.zeros(0, np.float32), *scores]))
     meta = {
         "format": FORMAT_VERSION,
         "split": split,
@@ -318,6 +340,8 @@ def _write_split(
         "sources": stats.counts,
         "files": [{"path": str(path.relative_to(run.root)), "sha256": file_sha256(path)} for path in files],
     }
+    if curriculum:
+        meta["complexity"] = {"file": COMPLEXITY_FILE, "score_version": SCORE_VERSION}
     (partial / META_FILE).write_text(json.dumps(meta, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return meta
 
@@ -329,6 +353,7 @@ def tokenize_splits(
     splits: Sequence[str] = SPLITS,
     show_progress: bool = True,
     source_weights: Mapping[str, float] | None = None,
+    curriculum: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Encode RUN/data/splits/{train,val,test} into token shards under RUN/tokens/ with RUN/tokenizer.
 
@@ -338,6 +363,8 @@ def tokenize_splits(
     document of those sources: 0 leaves a source out, 3 triples it (how per-source contribution is
     measured without re-running the data stage). Work is spread over `workers` processes in chunks of
     about 4 MB and written in input order, so the output is byte-identical for any number of workers.
+    With `curriculum` each split also gets complexity.npy, every document's complexity score (computed
+    in the workers), for `fidellm train --curriculum`; without it the output is exactly as before.
     Returns {split: meta} (the content of each RUN/tokens/<split>/meta.json).
     """
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else RunLayout(run_dir).tokenizer
@@ -356,7 +383,7 @@ def tokenize_splits(
     with _worker_pool(tokenizer_dir, workers) as pool:
         return {
             split: _tokenize_split(
-                run, split, tokenizer, tokenizer_dir, pool, 2 * workers, show_progress, weights
+                run, split, tokenizer, tokenizer_dir, pool, 2 * workers, show_progress, weights, curriculum
             )
             for split in splits
         }
@@ -402,6 +429,26 @@ class TokenShards:
             raise IndexError(f"document {index} out of range for {len(self)} documents")
         index %= len(self)
         return self.tokens[int(self.offsets[index]) : int(self.offsets[index + 1])]
+
+    def complexity(self) -> np.ndarray:
+        """Every document's complexity score (float32, one per document), written by
+        `fidellm data tokenize --curriculum`."""
+        path = self.directory / COMPLEXITY_FILE
+        info = self.meta.get("complexity")
+        if info is None or not path.is_file():
+            raise FidelError(
+                f"{self.directory}: no complexity scores ({COMPLEXITY_FILE}); rerun"
+                " `fidellm data tokenize RUN --curriculum` to use --curriculum"
+            )
+        if info.get("score_version") != SCORE_VERSION:
+            raise FidelError(
+                f"{path}: scores of version {info.get('score_version')}, this fidellm computes version"
+                f" {SCORE_VERSION}; rerun `fidellm data tokenize RUN --curriculum`"
+            )
+        scores = np.load(path)
+        if scores.shape != (len(self),):
+            raise FidelError(f"{path}: {scores.shape[0]} scores for {len(self)} documents")
+        return scores
 
     def source(self, index: int) -> str:
         """Source name of document `index`."""

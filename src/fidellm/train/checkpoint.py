@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fidellm.errors import FidelError
+from fidellm.sft.qlora import quantized_keys
 from fidellm.train.distributed import (
     Distributed,
     full_model_state,
@@ -122,7 +123,8 @@ def read_weights(model: nn.Module, path: Path) -> dict[str, torch.Tensor]:
     for alias, name in tied_aliases(model).items():
         if name in weights:
             weights.setdefault(alias, weights[name])
-    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    skipped = quantized_keys(model)
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items() if name not in skipped}
     missing, unexpected = sorted(expected.keys() - weights.keys()), sorted(weights.keys() - expected.keys())
     wrong = [n for n in expected.keys() & weights.keys() if tuple(weights[n].shape) != expected[n]]
     if missing or unexpected or wrong:

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from fidellm.train.curriculum import DEFAULT_SPAN
+
 
 @click.command("train")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -88,6 +90,20 @@ import click
 )
 @click.option(
     "--resume/--no-resume", default=True, show_default=True, help="Continue from the latest checkpoint."
+)
+@click.option(
+    "--curriculum/--no-curriculum",
+    default=False,
+    show_default=True,
+    help="Easy to hard: draw the data by complexity stage, beginner first (docs/curriculum.md);"
+    " needs `fidellm data tokenize RUN --curriculum`.",
+)
+@click.option(
+    "--curriculum-span",
+    type=float,
+    default=DEFAULT_SPAN,
+    show_default=True,
+    help="Share of the steps over which the five stages are unlocked; all data is drawn after it.",
 )
 def train_command(
     run_dir: Path, dropout: float, preset: str | None, stage_lr_multipliers: str, **options: object

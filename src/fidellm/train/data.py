@@ -5,6 +5,8 @@ token stream itself: window i covers tokens[i·seq_len : i·seq_len + seq_len + 
 seq_len tokens, targets the last seq_len; neighbouring windows share one token). Each epoch visits the
 windows in a permutation drawn from (seed, epoch) alone, so the data position (epoch, step) fully
 determines every later batch: resuming continues exactly, without saving any data RNG state.
+`CurriculumWindows` draws the same windows easy to hard instead (fidellm.train.curriculum); its small
+sampler state is saved in the checkpoints.
 """
 
 from __future__ import annotations
@@ -19,6 +21,13 @@ from torch import Tensor
 from fidellm.errors import FidelError
 from fidellm.tokenizer.base import TextTokenizer
 from fidellm.tokenizer.shards import TokenShards
+from fidellm.train.curriculum import (
+    StagedBatches,
+    StagedSampler,
+    assign_stages,
+    stage_boundaries,
+    window_scores,
+)
 
 
 def window_count(n_tokens: int, seq_len: int) -> int:
@@ -45,6 +54,10 @@ class DataPosition:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> DataPosition:
+        if "epoch" not in data:
+            raise FidelError(
+                "the checkpoint's data position comes from a --curriculum run; resume it with --curriculum"
+            )
         return cls(int(data["epoch"]), int(data["step"]))
 
 
@@ -105,6 +118,33 @@ class PackedBatches:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.position = DataPosition.from_dict(state)
+
+
+class CurriculumWindows(StagedBatches, PackedBatches):
+    """The windows of PackedBatches drawn by the curriculum (fidellm.train.curriculum): each window scores
+    the token-weighted mean complexity of the documents it covers (RUN/tokens/train/complexity.npy), the
+    quintiles of those scores make the five stages, and `StagedSampler` draws from the unlocked ones.
+    """
+
+    def __init__(
+        self,
+        shards: TokenShards,
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+    ):
+        super().__init__(shards, seq_len, batch_size, seed, rank, world_size)
+        scores = window_scores(shards.offsets, shards.complexity(), seq_len, self.n_windows)
+        self.boundaries = stage_boundaries(scores)
+        self.stages = assign_stages(scores, self.boundaries)
+        self.sampler = StagedSampler(self.stages, self.global_batch, seed)
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        """This rank's rows of the next curriculum batch."""
+        windows = self.sampler.next_indices()[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
+        return windows_to_tensors(self.shards.tokens, windows * self.seq_len, self.seq_len)
 
 
 def validation_batches(

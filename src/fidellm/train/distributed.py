@@ -20,6 +20,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fidellm.errors import FidelError
+from fidellm.sft.qlora import quantized_keys
 
 STRATEGIES = ("ddp", "fsdp")
 
@@ -172,7 +173,8 @@ def sharded(model: nn.Module) -> bool:
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The complete weights by name on CPU (gathered when sharded: collective, and empty off rank 0)."""
     if not sharded(model):
-        return {name: t.detach().cpu() for name, t in model.state_dict().items()}
+        skipped = quantized_keys(model)  # QLoRA's frozen 4-bit base is rebuilt from the base model
+        return {name: t.detach().cpu() for name, t in model.state_dict().items() if name not in skipped}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -199,7 +201,12 @@ def load_full_states(
 ) -> None:
     """Load full (unsharded) weights and optimizer state, sharding them when the model is sharded."""
     if not sharded(model):
-        model.load_state_dict(weights, strict=True)
+        skipped = quantized_keys(model)
+        missing, unexpected = model.load_state_dict(weights, strict=not skipped)
+        if not set(missing) <= skipped or unexpected:
+            raise FidelError(
+                f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
+            )
         if optimizer is not None and optimizer_state is not None:
             optimizer.load_state_dict(optimizer_state)
         return

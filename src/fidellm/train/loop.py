@@ -5,7 +5,8 @@ on assistant tokens (fidellm.sft) — and writes RUN/train/.
 RUN/train/ holds config.json, metrics.jsonl, curves.png and checkpoints/step_*/ (see checkpoint.py).
 Every check on the config and the data happens before the first step. With `resume` (the default) the
 newest checkpoint is loaded and training continues exactly where it stopped: the data order is a
-function of (seed, epoch, step), and model, optimizer, schedule step and RNG states are all restored.
+function of (seed, epoch, step) (with `curriculum`, of the sampler's small saved state), and model,
+optimizer, schedule step and RNG states are all restored.
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ from fidellm.train.checkpoint import (
     save_checkpoint,
     save_weights,
 )
-from fidellm.train.data import PackedBatches, token_byte_lengths, validation_batches
+from fidellm.train.curriculum import DEFAULT_SPAN, StagedBatches
+from fidellm.train.data import CurriculumWindows, PackedBatches, token_byte_lengths, validation_batches
 from fidellm.train.distributed import (
     STRATEGIES,
     Distributed,
@@ -122,6 +124,10 @@ class TrainConfig:
     its tokenizer must be the run's (same fingerprint), and its config replaces preset/model_overrides."""
     lora: dict[str, Any] | None = None
     """LoRA spec (`fidellm.sft.lora.lora_spec`): adapters on the base model, everything else frozen."""
+    curriculum: bool = False
+    """Draw the training data easy to hard by complexity stage (fidellm.train.curriculum)."""
+    curriculum_span: float = DEFAULT_SPAN
+    """Share of the steps over which the five stages are unlocked; all data is drawn after it."""
 
     def validate(self) -> None:
         """Reject impossible settings before anything is loaded."""
@@ -151,6 +157,8 @@ class TrainConfig:
             raise FidelError(f"train config: data {self.data!r} is not one of tokens, chat")
         if self.lora is not None and self.base is None:
             raise FidelError("train config: lora needs a base model")
+        if not 0 < self.curriculum_span <= 1:
+            raise FidelError(f"train config: curriculum_span must lie in (0, 1], got {self.curriculum_span}")
         if self.gradient_checkpointing and self.compile:
             raise FidelError("train config: gradient_checkpointing with compile is not supported together")
 
@@ -255,13 +263,14 @@ def training_data(
         batches, val_set, counts = chat_data(
             chat_dir, tokenizer, config.seq_len, config.batch_size, config.seed,
             config.eval_batches * ctx.world_size, config.max_samples, ctx.rank, ctx.world_size,
+            config.curriculum,
         )  # fmt: skip
         if config.echo and ctx.main:
             print(f"chat data: {json.dumps(counts)}", flush=True)
         return batches, val_set
     train_shards = load_shards(run, "train", tokenizer.fingerprint(), tokenizer.vocab_size)
     val_shards = load_shards(run, "val", tokenizer.fingerprint(), tokenizer.vocab_size)
-    batches = PackedBatches(
+    batches = (CurriculumWindows if config.curriculum else PackedBatches)(
         train_shards, config.seq_len, config.batch_size, config.seed, ctx.rank, ctx.world_size
     )
     val_set = validation_batches(  # eval_batches global batches, dealt out to the ranks in evaluate
@@ -303,6 +312,10 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
     batches, val_set = training_data(run, config, tokenizer, ctx)
     if config.epochs is not None:
         config = dataclasses.replace(config, max_steps=config.epochs * batches.steps_per_epoch)
+    if isinstance(batches, StagedBatches):
+        batches.start_schedule(config.max_steps * config.grad_accum, config.curriculum_span)
+        if config.echo and ctx.main:
+            print(batches.describe(config.grad_accum), flush=True)
     byte_lengths = torch.from_numpy(token_byte_lengths(tokenizer))
     byte_lengths = torch.cat(
         [byte_lengths, torch.zeros(mconfig.vocab_size - len(byte_lengths), dtype=torch.int64)]
