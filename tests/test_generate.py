@@ -236,3 +236,19 @@ def test_tiny_positive_temperature_is_greedy(model, tokenizer) -> None:
     greedy = generate(model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=6, temperature=0.0))
     tiny = generate(model, tokenizer, PROMPTS, GenerationConfig(max_new_tokens=6, temperature=1e-72, seed=3))
     assert [r.token_ids for r in tiny] == [r.token_ids for r in greedy]
+
+
+def test_sampling_draws_follow_the_softmax() -> None:
+    """The inverse-CDF draw is the categorical distribution: frequencies over 40,000 draws match the
+    softmax within 4 standard errors, and filtered (-inf) tokens never come up."""
+    from fidellm.generate.sampling import choose_tokens
+
+    logits = torch.tensor([[2.0, 0.5, float("-inf"), 1.0, -1.0, 0.0]])
+    probs = torch.softmax(logits, dim=-1)[0]
+    generator = torch.Generator().manual_seed(0)
+    seen = torch.zeros_like(logits, dtype=torch.bool)
+    draws = torch.cat([choose_tokens(logits, seen, [generator], 1.0) for _ in range(40_000)])
+    counts = torch.bincount(draws, minlength=logits.shape[1]).double() / len(draws)
+    error = (probs.double() * (1 - probs.double()) / len(draws)).sqrt()
+    assert counts[2] == 0
+    assert ((counts - probs.double()).abs() <= 4 * error + 1e-12).all(), (counts, probs)

@@ -222,8 +222,9 @@ class DecodeBatch:
         """Each row's next-token logits (batch, vocab), fp32, after feeding the pending input."""
         first = not self.prefilled
         self.prefilled = True
-        if not self.right_padded:
-            return self.model(self._input, cache=self.cache, attention_mask=self.mask).logits[:, -1].float()
+        if not self.right_padded:  # without padding the mask changes nothing: skip building it
+            mask = None if bool(self.mask.all()) else self.mask
+            return self.model(self._input, cache=self.cache, attention_mask=mask).logits[:, -1].float()
         if not first:  # H-Net steps: every row advances by one byte, no mask
             return self.model(self._input, cache=self.cache).logits[:, -1].float()
         logits = self.model(self._input, cache=self.cache, attention_mask=self.mask).logits
