@@ -177,3 +177,18 @@ def test_hnet_requests_overlap_in_their_own_batches() -> None:
     recording = Recording(hnet, delay=0.002)
     assert answers_of(recording, concurrently=True) == answers_of(hnet, concurrently=False)
     assert max(recording.decode_batches) <= len(requests)
+
+
+def test_waiting_chunks_are_joined_into_one_event() -> None:
+    """A stream consumer that fell behind gets the queued steps' text in one event, then the outcome."""
+    from fidellm.serve.common import job_events
+    from fidellm.serve.engine import Job
+
+    async def main() -> list[tuple[Any, ...]]:
+        job = Job(prompts=[[1], [1]], config=None, timeout=10)
+        steps = [("chunks", ["ሰ", ""]), ("chunks", ["ላ", "a"]), ("chunks", ["ም", "b"]), ("done", [], None)]
+        for event in steps:
+            job.events.put_nowait(event)
+        return [event async for event in job_events(job, request=None)]  # type: ignore[arg-type]
+
+    assert asyncio.run(main()) == [("chunks", ["ሰላም", "ab"]), ("done", [], None)]

@@ -146,7 +146,9 @@ def error_from_event(error: BaseException) -> APIError:
 
 async def job_events(job: Job, request: Request) -> AsyncIterator[tuple[Any, ...]]:
     """The job's events up to and including "done" or "error"; cancels the job if the client leaves
-    or the consumer stops early."""
+    or the consumer stops early. "chunks" events already waiting are joined into one (text per row
+    concatenated), so a consumer that falls behind the decoder sends fewer, larger SSE events instead
+    of lagging further: the same text, less per-event overhead under load."""
     finished = False
     try:
         while True:
@@ -156,10 +158,20 @@ async def job_events(job: Job, request: Request) -> AsyncIterator[tuple[Any, ...
                 if await request.is_disconnected():
                     return
                 continue
-            finished = event[0] in ("done", "error")
-            yield event
-            if finished:
-                return
+            following = None
+            while event[0] == "chunks" and not job.events.empty():
+                following = job.events.get_nowait()
+                if following[0] != "chunks":
+                    break
+                event = ("chunks", [a + b for a, b in zip(event[1], following[1], strict=True)])
+                following = None
+            for item in (event, following):
+                if item is None:
+                    continue
+                finished = item[0] in ("done", "error")
+                yield item
+                if finished:
+                    return
     finally:
         if not finished:
             job.cancel()
