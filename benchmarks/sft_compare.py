@@ -1,0 +1,182 @@
+"""Full fine-tune vs LoRA vs QLoRA on the same chat data: quality (assistant-token validation loss,
+optionally chat evaluation tasks), peak memory, time and trainable parameters.
+
+Each arm runs `fidellm.train.loop.train` in its own subprocess (same base, data, seed, batch, sequence
+length and steps), so its peak memory is its own: peak RSS on CPU, `torch.cuda.max_memory_allocated`
+on CUDA. QLoRA needs bitsandbytes (`pip install 'fidel-lm[qlora]'`); without it the arm is skipped
+and the output says so.
+
+    python benchmarks/sft_compare.py RUN --base MODEL [--steps 60] [--device auto] [--eval-tasks ...]
+
+RUN holds RUN/chat/{train,eval}.jsonl (`fidellm data chat RUN`); MODEL is any model `fidellm sft
+--base` takes. Writes OUT/sft_compare.json and prints a markdown table for benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+from typing import Any
+
+from common import machine_description
+
+from fidellm.eval.results import git_commit
+
+ARMS = {
+    "full": None,
+    "lora": {"rank": 16, "alpha": 32.0},
+    "qlora": {"rank": 16, "alpha": 32.0, "quantize": "nf4"},
+}
+
+CHILD = textwrap.dedent(
+    """
+    import json, resource, sys, time
+    from pathlib import Path
+    import torch
+    from fidellm.sft.cli import prepare_output
+    from fidellm.sft.lora import lora_spec
+    from fidellm.train.loop import TrainConfig, train
+    args = json.loads(sys.argv[1])
+    lora = args["lora"]
+    spec = None if lora is None else lora_spec(lora["rank"], lora["alpha"], quantize=lora.get("quantize"))
+    prepare_output(Path(args["out"]), args["base"])
+    config = TrainConfig(
+        data="chat", chat_dir=args["chat_dir"], base=args["base"], lora=spec, max_steps=args["steps"],
+        batch_size=args["batch_size"], seq_len=args["seq_len"], lr=args["lr"], warmup_steps=args["warmup"],
+        eval_every=args["steps"], eval_batches=args["eval_batches"], log_every=max(1, args["steps"] // 5),
+        save_every=0, device=args["device"], seed=args["seed"], resume=False, echo=False,
+    )
+    started = time.perf_counter()
+    summary = train(Path(args["out"]), config)
+    cuda = torch.cuda.is_available() and args["device"] != "cpu"
+    print("RESULT " + json.dumps({
+        "seconds": time.perf_counter() - started,
+        "tokens_per_s": summary["tokens_per_s"],
+        "val_loss": summary.get("val_loss"),
+        "train_loss_last": summary["losses"][-1],
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_cuda_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+    }))
+    """
+)
+
+
+def run_arm(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    payload = {
+        "lora": ARMS[name],
+        "out": str(out / name),
+        "base": args.base,
+        "chat_dir": str((args.run / "chat").resolve()),
+        "steps": args.steps,
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "lr": args.lr_full if name == "full" else args.lr_lora,
+        "warmup": max(1, args.steps // 10),
+        "eval_batches": args.eval_batches,
+        "device": args.device,
+        "seed": args.seed,
+    }
+    process = subprocess.run(
+        [sys.executable, "-c", CHILD, json.dumps(payload)], capture_output=True, text=True, check=False
+    )
+    lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+    if process.returncode or not lines:
+        return {"error": (process.stderr or process.stdout).strip().splitlines()[-1:]}
+    result = json.loads(lines[-1][len("RESULT ") :])
+    result["trainable"] = trainable_parameters(out / name, ARMS[name] is not None)
+    if args.eval_tasks:
+        result["eval"] = evaluate(out / name, args, ARMS[name] is not None)
+    return result
+
+
+def trainable_parameters(output: Path, lora: bool) -> int:
+    """Parameters the optimizer updated: the LoRA matrices of the checkpoint, or every weight."""
+    from safetensors import safe_open
+
+    checkpoint = sorted((output / "train" / "checkpoints").glob("step_*"))[-1] / "model.safetensors"
+    with safe_open(str(checkpoint), framework="pt") as handle:
+        names = list(handle.keys())
+        return sum(_numel(handle.get_slice(n).get_shape()) for n in names if not lora or ".lora_" in n)
+
+
+def _numel(shape: list[int]) -> int:
+    total = 1
+    for size in shape:
+        total *= size
+    return total
+
+
+def evaluate(output: Path, args: argparse.Namespace, lora: bool) -> dict[str, Any]:
+    """The chat tasks on the arm's model (merged first for LoRA arms)."""
+    model = output
+    if lora:
+        from fidellm.sft.lora import merge_run
+
+        model = merge_run(output)
+    target = output / "eval"
+    command = [
+        sys.executable, "-m", "fidellm.cli", "eval", str(model), "--tasks", args.eval_tasks,
+        "--limit", str(args.eval_limit), "--device", args.device, "--out", str(target),
+        "--chat-dir", str((args.run / "chat").resolve()),
+    ]  # fmt: skip
+    subprocess.run(command, check=True, capture_output=True)
+    results = json.loads((target / "results.json").read_text(encoding="utf-8"))
+    return {f"{r['task']}/{r['metric']}/{r['split']}": r["value"] for r in results["results"]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("run", type=Path)
+    parser.add_argument("--base", required=True)
+    parser.add_argument("--out", type=Path, default=Path("runs/sft-compare"))
+    parser.add_argument("--arms", default="full,lora,qlora")
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--lr-full", type=float, default=5e-5)
+    parser.add_argument("--lr-lora", type=float, default=2e-4)
+    parser.add_argument("--eval-batches", type=int, default=4)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eval-tasks", default="", help="e.g. translation,tool-calls (slow on CPU)")
+    parser.add_argument("--eval-limit", type=int, default=20)
+    args = parser.parse_args()
+    command = "python " + " ".join(sys.argv)
+    results: dict[str, Any] = {}
+    for name in args.arms.split(","):
+        if name == "qlora":
+            try:
+                import bitsandbytes  # noqa: F401
+            except ImportError:
+                results[name] = {"error": ["bitsandbytes is not installed"]}
+                continue
+        started = time.perf_counter()
+        results[name] = run_arm(name, args, args.out)
+        print(f"{name}: {results[name]} ({time.perf_counter() - started:.0f} s)", file=sys.stderr)
+    record = {"commit": git_commit(), "machine": machine_description(), "command": command, "arms": results}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "sft_compare.json").write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
+    print(f"\ncommit {record['commit']}, {record['machine']}, `{command}`\n")
+    print("| arm | val loss (assistant tokens) | last train loss | trainable | peak memory | time | tok/s |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in results.items():
+        if "error" in r:
+            print(f"| {name} | failed: {' '.join(r['error'])} | | | | | |")
+            continue
+        memory = r["peak_cuda_mib"] if r["peak_cuda_mib"] is not None else r["peak_rss_mib"]
+        kind = "CUDA" if r["peak_cuda_mib"] is not None else "RSS"
+        print(
+            f"| {name} | {r['val_loss']:.4f} | {r['train_loss_last']:.4f} | {r['trainable']:,} |"
+            f" {memory:,.0f} MiB {kind} | {r['seconds']:.0f} s | {r['tokens_per_s']:,.0f} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
