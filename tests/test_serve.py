@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
@@ -14,7 +13,6 @@ import httpx2
 import openai
 import pytest
 import torch
-import uvicorn
 from fastapi import FastAPI
 from torch import Tensor, nn
 
@@ -26,6 +24,7 @@ from fidellm.tokenizer.bpe import BPETokenizer, train_bpe
 from fidellm.tokenizer.special import IM_END_ID
 from fixtures.chats import WEATHER_TOOL
 from fixtures.models import gqa_config, random_llama
+from fixtures.server import loopback
 
 VOCAB = 768
 CONTEXT = 1024
@@ -374,15 +373,7 @@ def test_timeout_is_a_504(model: LlamaForCausalLM, tokenizer: BPETokenizer) -> N
 def test_uvicorn_stream_and_disconnect_cancels(model: LlamaForCausalLM, tokenizer: BPETokenizer) -> None:
     """Over real HTTP on loopback: a client that leaves mid-stream frees the worker for the next one."""
     app = app_for(model, tokenizer, max_tokens_cap=CONTEXT)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        base = f"http://127.0.0.1:{port}"
+    with loopback(app) as base:
         client = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0, timeout=30)
         stream = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=900, stream=True)
         for _, _chunk in zip(range(3), stream, strict=False):
@@ -400,9 +391,6 @@ def test_uvicorn_stream_and_disconnect_cancels(model: LlamaForCausalLM, tokenize
         assert time.monotonic() - started < 10  # not stuck behind the abandoned 900-token stream
         metrics = httpx2.get(base + "/metrics").text
         assert metric(metrics, "fidellm:generation_tokens_total") == reply.usage.completion_tokens
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_default_completion_length_stays_within_a_small_cap(model, tokenizer) -> None:

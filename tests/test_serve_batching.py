@@ -4,16 +4,12 @@ answer it gets alone; a request arriving mid-decode joins without waiting; `max_
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any
 
 import openai
 import pytest
 import torch
-import uvicorn
 from torch import Tensor, nn
 
 from fidellm.models.hnet import HNetForCausalLM
@@ -25,6 +21,7 @@ from fidellm.serve.common import ServeSettings
 from fidellm.tokenizer.bpe import BPETokenizer, train_bpe
 from fidellm.tokenizer.bytes import ByteTokenizer
 from fixtures.models import gqa_config, random_llama
+from fixtures.server import loopback
 from test_serve import run
 
 NAME = "tiny"
@@ -106,22 +103,6 @@ def test_concurrent_requests_batch_and_answer_as_alone(inner, tokenizer, max_bat
     assert batched == solo
     assert max(batched_model.decode_batches) == min(max_batch, 5)
     assert len(batched_model.decode_batches) < len(solo_model.decode_batches)
-
-
-@contextmanager
-def loopback(app: Any) -> Iterator[str]:
-    """The app under uvicorn on 127.0.0.1 (real streaming; the in-process transport buffers bodies)."""
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
 
 
 def test_request_arriving_mid_decode_joins_the_running_batch(inner, tokenizer) -> None:

@@ -7,14 +7,12 @@ from __future__ import annotations
 import asyncio
 import json
 import shutil
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx2
 import pytest
-import uvicorn
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.remote.webdriver import WebDriver
@@ -30,6 +28,7 @@ from fidellm.tokenizer.bpe import BPETokenizer, train_bpe
 from fidellm.tokenizer.special import IM_END_ID
 from fixtures.chats import WEATHER_TOOL
 from fixtures.models import gqa_config, random_llama
+from fixtures.server import loopback
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -142,30 +141,21 @@ def model() -> ScriptedModel:
 
 
 class Server:
-    """The app under uvicorn on a free loopback port, in a daemon thread."""
+    """The app (behind the recording and character-splitting middlewares) on a loopback port."""
 
     def __init__(self, model: ScriptedModel, tokenizer: BPETokenizer):
         self.app = create_app(
             model, tokenizer, ServeSettings(model_name=NAME, max_tokens_cap=CAP, api_keys=(KEY,))
         )
         self.recorder = ChatRecorder(self.app)
-        config = uvicorn.Config(SplitCharacters(self.recorder), host="127.0.0.1", port=0, log_level="warning")
-        self.uvicorn = uvicorn.Server(config)
-        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
+        self._serving = loopback(SplitCharacters(self.recorder))
 
     def __enter__(self) -> Server:
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.uvicorn.started and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert self.uvicorn.started, "uvicorn did not start within 20 s"
-        port = self.uvicorn.servers[0].sockets[0].getsockname()[1]
-        self.base = f"http://127.0.0.1:{port}"
+        self.base = self._serving.__enter__()
         return self
 
-    def __exit__(self, *_: object) -> None:
-        self.uvicorn.should_exit = True
-        self.thread.join(timeout=10)
+    def __exit__(self, *exc: object) -> None:
+        self._serving.__exit__(*exc)
 
 
 @pytest.fixture(scope="module")

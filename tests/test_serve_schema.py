@@ -6,13 +6,10 @@ limiter and the response cache, as `fidellm serve` sets them up."""
 
 from __future__ import annotations
 
-import threading
-import time
 from collections.abc import Iterator
 
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -28,6 +25,7 @@ from fidellm.serve.common import ServeSettings
 from fidellm.serve.ratelimit import TokenBucket
 from fidellm.tokenizer.bpe import train_bpe
 from fixtures.models import gqa_config, random_llama
+from fixtures.server import loopback
 
 VOCAB = 768
 CONTEXT = 256
@@ -48,20 +46,8 @@ def base_url() -> Iterator[str]:
     )
     limiter = TokenBucket(rpm=60_000, burst=10_000)  # consulted on every request, never refuses here
     app = create_app(model, tokenizer, serve_settings, cache=InProcessLRU(64), limiter=limiter)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    try:
-        deadline = time.monotonic() + 20
-        while not server.started:
-            if time.monotonic() > deadline or not thread.is_alive():
-                raise RuntimeError("uvicorn did not start")
-            time.sleep(0.05)
-        port = server.servers[0].sockets[0].getsockname()[1]
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with loopback(app) as base:
+        yield base
 
 
 @pytest.fixture(scope="module")
