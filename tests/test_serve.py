@@ -17,11 +17,11 @@ from fastapi import FastAPI
 from torch import Tensor, nn
 
 from fidellm.models.llama import LlamaForCausalLM, LMOutput
-from fidellm.paths import resolve_data_dir
 from fidellm.serve.app import create_app
 from fidellm.serve.common import ServeSettings
-from fidellm.tokenizer.bpe import BPETokenizer, train_bpe
+from fidellm.tokenizer.bpe import BPETokenizer
 from fidellm.tokenizer.special import IM_END_ID
+from fixtures.bpe import flores_bpe
 from fixtures.chats import WEATHER_TOOL
 from fixtures.models import gqa_config, random_llama
 from fixtures.server import loopback
@@ -34,10 +34,7 @@ T = TypeVar("T")
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BPETokenizer:
-    lines = (resolve_data_dir() / "flores200" / "amh_Ethi.dev").read_text(encoding="utf-8").splitlines()
-    directory = tmp_path_factory.mktemp("tokenizer")
-    train_bpe(lines, VOCAB, show_progress=False).save(directory)
-    return BPETokenizer.load(directory)
+    return flores_bpe(tmp_path_factory.mktemp("tokenizer"), VOCAB)
 
 
 @pytest.fixture(scope="module")

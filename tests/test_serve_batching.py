@@ -15,11 +15,11 @@ from torch import Tensor, nn
 from fidellm.models.hnet import HNetForCausalLM
 from fidellm.models.hnet import preset as hnet_preset
 from fidellm.models.llama import LlamaForCausalLM, LMOutput
-from fidellm.paths import resolve_data_dir
 from fidellm.serve.app import create_app
 from fidellm.serve.common import ServeSettings
-from fidellm.tokenizer.bpe import BPETokenizer, train_bpe
+from fidellm.tokenizer.bpe import BPETokenizer
 from fidellm.tokenizer.bytes import ByteTokenizer
+from fixtures.bpe import flores_bpe
 from fixtures.models import gqa_config, random_llama
 from fixtures.server import loopback
 from test_serve import run
@@ -29,10 +29,7 @@ NAME = "tiny"
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BPETokenizer:
-    lines = (resolve_data_dir() / "flores200" / "amh_Ethi.dev").read_text(encoding="utf-8").splitlines()
-    directory = tmp_path_factory.mktemp("tokenizer")
-    train_bpe(lines[:400], 512, show_progress=False).save(directory)
-    return BPETokenizer.load(directory)
+    return flores_bpe(tmp_path_factory.mktemp("tokenizer"), 512, lines=400)
 
 
 class Recording(nn.Module):

@@ -19,13 +19,13 @@ import redis
 from fastapi import FastAPI
 
 from fidellm.models.llama import LlamaForCausalLM
-from fidellm.paths import resolve_data_dir
 from fidellm.serve.app import create_app
 from fidellm.serve.cache import InProcessLRU, RedisCache, ResponseCache, cache_key
 from fidellm.serve.common import ServeSettings
 from fidellm.serve.ratelimit import RateLimiter, RedisTokenBucket, TokenBucket
 from fidellm.serve.schemas import ChatCompletionRequest
-from fidellm.tokenizer.bpe import BPETokenizer, train_bpe
+from fidellm.tokenizer.bpe import BPETokenizer
+from fixtures.bpe import flores_bpe
 from fixtures.models import gqa_config, random_llama
 from test_serve import CHAT, CONTEXT, NAME, VOCAB, metric, run
 
@@ -34,10 +34,7 @@ GREEDY: dict[str, Any] = dict(model=NAME, messages=CHAT, max_tokens=8, temperatu
 
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BPETokenizer:
-    lines = (resolve_data_dir() / "flores200" / "amh_Ethi.dev").read_text(encoding="utf-8").splitlines()
-    directory = tmp_path_factory.mktemp("tokenizer")
-    train_bpe(lines, VOCAB, show_progress=False).save(directory)
-    return BPETokenizer.load(directory)
+    return flores_bpe(tmp_path_factory.mktemp("tokenizer"), VOCAB)
 
 
 @pytest.fixture(scope="module")
