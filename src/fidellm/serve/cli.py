@@ -99,6 +99,14 @@ if TYPE_CHECKING:
     type=click.IntRange(min=1),
     help="Requests a key may make at once before the rate applies [default: one minute's worth].",
 )
+@click.option(
+    "--forwarded-allow-ips",
+    default="127.0.0.1",
+    show_default=True,
+    envvar="FORWARDED_ALLOW_IPS",
+    help="Proxies (comma-separated IPs, or *) whose X-Forwarded-For names the client: rate limits without"
+    " API keys then count per real client behind a load balancer.",
+)
 @click.option("--device", default="cpu", show_default=True, help="torch device for the model.")
 def serve_command(
     model_dir: Path,
@@ -116,6 +124,7 @@ def serve_command(
     cache_ttl: int,
     rpm: float,
     burst: int | None,
+    forwarded_allow_ips: str,
     device: str,
 ) -> None:
     """Serve MODEL_DIR (an exported, checkpoint or run directory) as an OpenAI-compatible API:
@@ -142,7 +151,7 @@ def serve_command(
     cache, limiter = cache_and_limiter(cache_size, redis_url, cache_ttl, rpm, burst)
     app = create_app(model, load_tokenizer(tokenizer_dir), settings, cache=cache, limiter=limiter)
     click.echo(f"serving {settings.model_name} on http://{host}:{port}/v1", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="info")
+    uvicorn.run(app, host=host, port=port, log_level="info", forwarded_allow_ips=forwarded_allow_ips)
 
 
 def cache_and_limiter(
