@@ -1,5 +1,6 @@
-"""Full fine-tune vs LoRA vs QLoRA on the same chat data: quality (assistant-token validation loss,
-optionally chat evaluation tasks), peak memory, time and trainable parameters.
+"""Full fine-tune vs LoRA vs QLoRA (and LoRA with the curriculum order) on the same chat data: quality
+(assistant-token validation loss, optionally chat evaluation tasks), peak memory, time and trainable
+parameters.
 
 Each arm runs `fidellm.train.loop.train` in its own subprocess (same base, data, seed, batch, sequence
 length and steps), so its peak memory is its own: peak RSS on CPU, `torch.cuda.max_memory_allocated`
@@ -31,6 +32,7 @@ ARMS = {
     "full": None,
     "lora": {"rank": 16, "alpha": 32.0},
     "qlora": {"rank": 16, "alpha": 32.0, "quantize": "nf4"},
+    "lora-curriculum": {"rank": 16, "alpha": 32.0, "curriculum": True},
 }
 
 CHILD = textwrap.dedent(
@@ -50,6 +52,7 @@ CHILD = textwrap.dedent(
         batch_size=args["batch_size"], seq_len=args["seq_len"], lr=args["lr"], warmup_steps=args["warmup"],
         eval_every=args["steps"], eval_batches=args["eval_batches"], log_every=max(1, args["steps"] // 5),
         save_every=0, device=args["device"], seed=args["seed"], resume=False, echo=False,
+        curriculum=bool(lora and lora.get("curriculum")),
     )
     started = time.perf_counter()
     summary = train(Path(args["out"]), config)
