@@ -36,9 +36,12 @@ from fidellm.eval.chat_data import limited, read_bench, read_eval_split, read_pa
 from fidellm.eval.report import build_report
 from fidellm.eval.suite import EvalContext, expand_groups, run_suite
 from fidellm.export.hf import export_hf
+from fidellm.models.hnet import HNetForCausalLM
+from fidellm.models.hnet import preset as hnet_preset
 from fidellm.paths import resolve_data_dir
 from fidellm.sft.data import encode_conversation
 from fidellm.tokenizer.bpe import BPETokenizer, train_bpe
+from fidellm.tokenizer.bytes import ByteTokenizer
 from fixtures.chats import WEATHER_TOOL, tool_chat
 from fixtures.models import gqa_config, random_llama
 
@@ -384,3 +387,17 @@ def test_eval_command_runs_the_chat_tasks_of_an_exported_model(data_dir, model, 
     assert "tool-calls" in result.output and (tmp_path / "out/generations/tool-calls.jsonl").is_file()
     unknown = CliRunner().invoke(cli, [*args[:-4], "--tasks", "chats", "--device", "cpu"])
     assert isinstance(unknown.exception, FidelError) and "chat (group)" in str(unknown.exception)
+
+
+def test_byte_models_take_the_chat_tasks() -> None:
+    """H-Net (byte tokenizer): the held-out loss scores the assistant bytes, and batched greedy answers
+    equal one-at-a-time ones."""
+    torch.manual_seed(0)
+    hnet = HNetForCausalLM(hnet_preset("hnet-tiny", max_position_embeddings=2048)).eval()
+    tokenizer = ByteTokenizer()
+    result = heldout_loss(hnet, tokenizer, eval_split(), "cpu", seq_len=2048)
+    assert result.n == 4 and 0 < result.value < 20
+    prompts = [ChatPrompt([{"role": "user", "content": text}]) for text in AMHARIC[:2]]
+    together = ModelGenerator(hnet, tokenizer, batch_size=2)(prompts, 8)
+    alone = ModelGenerator(hnet, tokenizer, batch_size=1)(prompts, 8)
+    assert together == alone and all(a.finish_reason in ("stop", "length") for a in together)
