@@ -4,28 +4,35 @@
 set -euo pipefail
 RUN=${RUN:-runs/demo}
 WORKERS=${WORKERS:-2}
+STAGE_START=$SECONDS
 
-echo "== 1/10 data prepare: all Amharic pretraining sources -> $RUN/data"
+stage() {  # "== i/10 what": the previous stage's wall time, then the next stage's title
+  if [ -n "${STAGE_TITLE:-}" ]; then echo "   ($STAGE_TITLE: $((SECONDS - STAGE_START)) s)"; fi
+  STAGE_TITLE=${1%%:*} STAGE_START=$SECONDS
+  echo "== $1"
+}
+
+stage "1/10 data prepare: all Amharic pretraining sources -> $RUN/data"
 fidellm data prepare "$RUN" --workers "$WORKERS" --overwrite
 
-echo "== 2/10 tokenizer train: 32K BPE with byte fallback -> $RUN/tokenizer"
+stage "2/10 tokenizer train: 32K BPE with byte fallback -> $RUN/tokenizer"
 fidellm tokenizer train "$RUN" --vocab-size 32000 --sample-mb "${TOKENIZER_SAMPLE_MB:-40}"
 
-echo "== 3/10 tokenizer report: fertility and round trip on FLORES amh dev+devtest"
+stage "3/10 tokenizer report: fertility and round trip on FLORES amh dev+devtest"
 fidellm tokenizer report "$RUN/tokenizer" --vocab-sizes 8000,16000,32000,64000 --sample-mb "${SWEEP_SAMPLE_MB:-20}"
 
-echo "== 4/10 data tokenize: splits -> memory-mapped token shards in $RUN/tokens"
+stage "4/10 data tokenize: splits -> memory-mapped token shards in $RUN/tokens"
 fidellm data tokenize "$RUN" --workers "$WORKERS"
 
-echo "== 5/10 train: the tiny preset for a couple of minutes on CPU -> $RUN/train"
+stage "5/10 train: the tiny preset for a couple of minutes on CPU -> $RUN/train"
 rm -rf "$RUN/train"  # a fresh smoke run each time
 fidellm train "$RUN" --preset tiny --steps "${TRAIN_STEPS:-180}" --seq-len 256 --batch-size 8 \
   --warmup 20 --eval-every 60 --log-every 20
 
-echo "== 6/10 generate: the probe prompts of evaluation.md, sampled with a fixed seed"
+stage "6/10 generate: the probe prompts of evaluation.md, sampled with a fixed seed"
 fidellm generate "$RUN" ይፈልጋሉ አማርኛ ኢትዮጵያ ቡና ሰላም --max-new-tokens 24 --seed 0 --device cpu
 
-echo "== 7/10 export: a Hugging Face directory and a GGUF file; transformers reloads the directory"
+stage "7/10 export: a Hugging Face directory and a GGUF file; transformers reloads the directory"
 fidellm export hf "$RUN" "$RUN/export/hf" --dtype float32
 fidellm export gguf "$RUN" "$RUN/export/model-q8_0.gguf" --type q8_0
 python - "$RUN" <<'EOF'
@@ -47,7 +54,7 @@ print(f"transformers {transformers.__version__} loads {run}/export/hf as {type(h
       f" max |logit difference| from ours on {ids.shape[1]} tokens: {difference:.1e}")
 EOF
 
-echo "== 8/10 H-Net: the byte tokenizer on the same splits, hnet-tiny for a minute -> $RUN-bytes"
+stage "8/10 H-Net: the byte tokenizer on the same splits, hnet-tiny for a minute -> $RUN-bytes"
 mkdir -p "$RUN-bytes" && ln -sfn "$(cd "$RUN" && pwd)/data" "$RUN-bytes/data"
 fidellm tokenizer train "$RUN-bytes" --kind bytes
 fidellm data tokenize "$RUN-bytes" --workers "$WORKERS"
@@ -55,20 +62,20 @@ rm -rf "$RUN-bytes/train"
 fidellm train "$RUN-bytes" --arch hnet --preset hnet-tiny --steps "${HNET_STEPS:-300}" --seq-len 512 \
   --batch-size 4 --lr 2e-3 --warmup 10 --eval-every 50 --log-every 20 --stage-lr-multipliers 2,1
 
-echo "== 9/10 eval + report card: both runs -> $RUN/eval, $RUN-bytes/eval, $RUN/report"
+stage "9/10 eval + report card: both runs -> $RUN/eval, $RUN-bytes/eval, $RUN/report"
 fidellm eval "$RUN" --device cpu
 fidellm eval "$RUN-bytes" --device cpu --tasks flores,heldout,probes
 fidellm report "$RUN" "$RUN-bytes"
 
-echo "== 10/10 chat: conversations -> a short LoRA SFT of the demo model -> one scripted chat turn"
+stage "10/10 chat: conversations -> a short LoRA SFT of the demo model -> one scripted chat turn"
 fidellm data chat "$RUN" --max-samples "${CHAT_SAMPLES:-100}"
 rm -rf "$RUN/sft"
 fidellm sft "$RUN" --base "$RUN" --use-lora --lora-rank 8 --epochs 1 --batch-size 8 --seq-len 256 \
   --lr 1e-3 --warmup 5 --eval-every 20 --log-every 10
 printf 'ሰላም፣ እንዴት ነህ?\n/exit\n' | fidellm chat "$RUN/sft/merged" --max-new-tokens 24 --seed 0 --device cpu
+echo  # the chat prompt leaves the line open
 
-echo
-echo "== summary"
+stage "summary: $SECONDS s in all"
 python - "$RUN" <<'EOF'
 import json, sys
 from pathlib import Path
