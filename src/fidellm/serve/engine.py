@@ -205,22 +205,19 @@ class Engine:
             self.batches.append(batch)
 
     def _emit_chunks(self, batch: DecodeBatch, chunks: list[str]) -> None:
-        """Send each live job the text its rows produced in this step, and time the step."""
-        texts: dict[int, list[str]] = {}
-        for row, text in zip(batch.rows, chunks, strict=True):
-            job = row.owner
-            if isinstance(job, Job):
-                texts.setdefault(id(job), [""] * len(job.rows))[job.rows.index(row)] = text
+        """Send each job with rows in `batch` the text its rows produced in this step (in its rows'
+        order), and time the step."""
+        stepped = {id(row): text for row, text in zip(batch.rows, chunks, strict=True)}
         moment = time.perf_counter()
         for job in self.running:
-            if id(job) not in texts:
+            if not any(id(row) in stepped for row in job.rows):
                 continue
             if job.last_step is None:
                 self.metrics.ttft.observe(moment - job.arrival)
             else:
                 self.metrics.itl.observe(moment - job.last_step)
             job.last_step = moment
-            job.emit("chunks", texts[id(job)])
+            job.emit("chunks", [stepped.get(id(row), "") for row in job.rows])
 
     def _retire(self) -> None:
         """Finish done jobs, stop cancelled and timed-out ones, and drop their rows from the batches.
