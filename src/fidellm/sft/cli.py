@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from fidellm.train.curriculum import DEFAULT_SPAN
+from fidellm.train.cli import curriculum_options
 
 
 def prepare_output(output: Path, base: str) -> None:
@@ -80,19 +80,7 @@ def prepare_output(output: Path, base: str) -> None:
 @click.option("--log-every", default=10, show_default=True)
 @click.option("--save-every", default=500, show_default=True)
 @click.option("--resume/--no-resume", default=True, show_default=True)
-@click.option(
-    "--curriculum/--no-curriculum",
-    default=False,
-    show_default=True,
-    help="Easy to hard: draw the conversations by complexity stage, beginner first (docs/curriculum.md).",
-)
-@click.option(
-    "--curriculum-span",
-    type=float,
-    default=DEFAULT_SPAN,
-    show_default=True,
-    help="Share of the steps over which the five stages are unlocked; all data is drawn after it.",
-)
+@curriculum_options("the conversations")
 def sft_command(
     run_dir: Path,
     base: str,

@@ -3,11 +3,34 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import click
 
 from fidellm.train.curriculum import DEFAULT_SPAN
+
+
+def curriculum_options(what: str, note: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The --curriculum and --curriculum-span options `fidellm train` and `fidellm sft` share."""
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        command = click.option(
+            "--curriculum-span",
+            type=float,
+            default=DEFAULT_SPAN,
+            show_default=True,
+            help="Share of the steps over which the five stages are unlocked; all data is drawn after it.",
+        )(command)
+        return click.option(
+            "--curriculum/--no-curriculum",
+            default=False,
+            show_default=True,
+            help=f"Easy to hard: draw {what} by complexity stage, beginner first (docs/curriculum.md){note}.",
+        )(command)
+
+    return decorate
 
 
 @click.command("train")
@@ -91,20 +114,7 @@ from fidellm.train.curriculum import DEFAULT_SPAN
 @click.option(
     "--resume/--no-resume", default=True, show_default=True, help="Continue from the latest checkpoint."
 )
-@click.option(
-    "--curriculum/--no-curriculum",
-    default=False,
-    show_default=True,
-    help="Easy to hard: draw the data by complexity stage, beginner first (docs/curriculum.md);"
-    " needs `fidellm data tokenize RUN --curriculum`.",
-)
-@click.option(
-    "--curriculum-span",
-    type=float,
-    default=DEFAULT_SPAN,
-    show_default=True,
-    help="Share of the steps over which the five stages are unlocked; all data is drawn after it.",
-)
+@curriculum_options("the data", "; needs `fidellm data tokenize RUN --curriculum`")
 def train_command(
     run_dir: Path, dropout: float, preset: str | None, stage_lr_multipliers: str, **options: object
 ) -> None:
