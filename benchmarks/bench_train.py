@@ -1,18 +1,24 @@
 """Training throughput (tok/s) and MFU of `fidellm.train.loop.train` per preset, on real token shards.
 
 Usage: python benchmarks/bench_train.py RUN [--presets 25m,125m] [--seq-len 1024] [--batch-size 64]
-       [--steps 60] [--compile/--no-compile] [--dtype auto] [--out DIR]
-RUN must hold tokens/ and tokenizer/ (as `make demo` leaves them). Each preset trains in its own run
-directory under --out (symlinks to RUN's tokens and tokenizer). The first two log intervals (compilation,
-warm-up) are left out; the median and spread of the remaining intervals are printed as markdown rows.
+       [--steps 60] [--compile/--no-compile] [--compile-modes default,...] [--loss-chunks 4096,0]
+       [--dtype auto] [--out DIR]
+RUN must hold tokens/ and tokenizer/ (as `make demo` leaves them). Every preset × compile mode × loss
+chunk (0 = all logits materialized) trains in its own run directory under --out (symlinks to RUN's
+tokens and tokenizer), one after the other. The first two log intervals (compilation, warm-up) are
+left out; the median and spread of the remaining intervals are printed as markdown rows, with the peak
+memory of the variant's own process. A variant that fails (e.g. CUDA graphs on an old torch) is
+reported and the sweep goes on.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import sys
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from common import MARKDOWN_HEADER, markdown_row, training_workdir
@@ -20,9 +26,11 @@ from common import MARKDOWN_HEADER, markdown_row, training_workdir
 from fidellm.train.loop import TrainConfig, train
 
 
-def bench_preset(run: Path, out: Path, preset: str, args: argparse.Namespace) -> dict:
+def bench_preset(
+    run: Path, out: Path, preset: str, compile_mode: str, loss_chunk: int, args: argparse.Namespace
+) -> dict:
     """Train `preset` for args.steps steps and return the steady-state log records."""
-    work = training_workdir(run, out / preset)
+    work = training_workdir(run, out / f"{preset}-{compile_mode}-chunk{loss_chunk}")
     config = TrainConfig(
         arch="hnet" if preset.startswith("hnet") else "llama",
         preset=preset,
@@ -33,6 +41,8 @@ def bench_preset(run: Path, out: Path, preset: str, args: argparse.Namespace) ->
         lr=args.lr,
         dtype=args.dtype,
         compile=args.compile,
+        compile_mode=compile_mode,
+        loss_chunk=loss_chunk,
         eval_every=args.steps + 1,
         log_every=args.log_every,
         save_every=0,
@@ -57,27 +67,43 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--compile-modes", default="default", help="comma-separated torch.compile modes")
+    parser.add_argument("--loss-chunks", default="4096", help="comma-separated loss chunk sizes (0 = off)")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_train"))
     args = parser.parse_args()
     command = "python benchmarks/bench_train.py " + " ".join(sys.argv[1:])
-    rows = []
-    for preset in args.presets.split(","):
-        result = bench_preset(args.run, args.out, preset, args)
-        steady = result["steady"]
-        tok_s = [r["tok_per_s"] for r in steady]
+    rows, failures = [], []
+    variants = [
+        (preset, mode, int(chunk))
+        for preset in args.presets.split(",")
+        for mode in (args.compile_modes.split(",") if args.compile else ["default"])
+        for chunk in args.loss_chunks.split(",")
+    ]
+    for preset, mode, chunk in variants:
         what = (
             f"train {preset}, seq {args.seq_len}, batch {args.batch_size}, dtype {args.dtype}, "
-            f"compile {args.compile}, {result['summary']['parameters']:,} params"
+            f"compile {args.compile and mode}, loss chunk {chunk or 'off'}"
         )
+        try:  # a fresh process per variant: its own peak memory, no compiled code carried over
+            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                result = pool.submit(bench_preset, args.run, args.out, preset, mode, chunk, args).result()
+        except Exception as error:  # one broken variant must not cost the rest of a GPU session
+            failures.append(f"{what}: {type(error).__name__}: {error}")
+            print(f"FAILED {failures[-1]}", flush=True)
+            continue
+        steady = result["steady"]
+        tok_s = [r["tok_per_s"] for r in steady]
+        memory = max(r["memory_gib"] for r in steady)
+        what += f", {result['summary']['parameters']:,} params, peak {memory:.1f} GiB"
         rows.append(markdown_row(what + ": tok/s", command, tok_s, "tok/s"))
         mfu = [100 * r["mfu"] for r in steady if r.get("mfu") is not None]
         if mfu:
             rows.append(markdown_row(what + ": MFU", command, mfu, "%"))
-        memory = max(r["memory_gib"] for r in steady)
-        median = statistics.median(tok_s)
-        print(f"{preset}: median {median:,.0f} tok/s, peak memory {memory:.1f} GiB", flush=True)
+        print(f"{what}: median {statistics.median(tok_s):,.0f} tok/s", flush=True)
     print(MARKDOWN_HEADER)
     print("\n".join(rows))
+    if failures:
+        print("\nFailed variants:\n" + "\n".join(f"- {line}" for line in failures))
 
 
 if __name__ == "__main__":

@@ -88,8 +88,12 @@ def test_loss_is_cross_entropy_on_shifted_targets_ignoring_minus_100() -> None:
     targets[0, :5] = IGNORE_INDEX
     out = model(inputs, targets=targets)
     keep = targets != IGNORE_INDEX
-    manual = F.cross_entropy(out.logits[keep], targets[keep])
+    manual = F.cross_entropy(model(inputs).logits[keep], targets[keep])
+    assert out.logits is None  # the chunked loss never holds all logits
     assert out.loss is not None and torch.allclose(out.loss, manual, atol=1e-6)
+    model.loss_chunk_tokens = 0
+    materialized = model(inputs, targets=targets)
+    assert materialized.logits is not None and torch.allclose(materialized.loss, manual, atol=1e-6)
     out.loss.backward()
     assert model.model.embed_tokens.weight.grad is not None
     assert model(inputs).loss is None

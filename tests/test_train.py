@@ -174,6 +174,23 @@ def test_data_order_is_a_function_of_seed_and_position(flores_run: Path) -> None
     assert not torch.equal(PackedBatches(shards, 64, 4, seed=2).next_batch()[0], seen[0][0])
 
 
+def test_prefetched_batch_is_not_counted_as_consumed(flores_run: Path) -> None:
+    from fidellm.tokenizer.shards import TokenShards
+    from fidellm.train.data import DevicePrefetch
+
+    shards = TokenShards.from_run(flores_run, "train")
+    data = DevicePrefetch(PackedBatches(shards, 64, 4, seed=1), torch.device("cpu"))
+    first = data.next_batch()
+    data.prefetch()
+    data.prefetch()  # idempotent: still one batch in flight
+    assert data.state_dict() == {"epoch": 0, "step": 1}
+    resumed = PackedBatches(shards, 64, 4, seed=1)
+    resumed.load_state_dict(data.state_dict())
+    second = data.next_batch()
+    assert torch.equal(resumed.next_batch()[0], second[0]) and not torch.equal(first[0], second[0])
+    assert data.state_dict() == {"epoch": 0, "step": 2}
+
+
 def test_loss_goes_down_on_real_text(flores_run: Path, tmp_path: Path) -> None:
     run = fresh_run(flores_run, tmp_path)
     summary = train(
@@ -254,3 +271,18 @@ def test_resuming_with_another_model_shape_is_refused(flores_run: Path, tmp_path
         train(run, small_config(model_overrides={**SMALL, "hidden": 3}))
     with pytest.raises(FidelError, match="strategy"):
         train(run, small_config(strategy="zero3"))
+
+
+def test_chunked_loss_trains_like_the_materialized_logits(flores_run: Path, tmp_path: Path) -> None:
+    """The fused output-projection loss (the default) changes the summation order, not the training."""
+    config = small_config(max_steps=6, eval_every=6, save_every=0)
+    chunked = train(fresh_run(flores_run, tmp_path / "chunked"), dataclasses.replace(config, loss_chunk=48))
+    full = train(fresh_run(flores_run, tmp_path / "full"), dataclasses.replace(config, loss_chunk=0))
+    assert chunked["losses"] == pytest.approx(full["losses"], rel=1e-5)
+    assert chunked["val_loss"] == pytest.approx(full["val_loss"], rel=1e-5)
+    for bad, message in [
+        ({"loss_chunk": -1}, "loss_chunk must be 0"),
+        ({"compile_mode": "fast"}, "compile_mode"),
+    ]:
+        with pytest.raises(FidelError, match=message):
+            train(tmp_path / "chunked/run", dataclasses.replace(config, **bad))

@@ -23,10 +23,10 @@ from torch import Tensor, nn
 
 from fidellm.errors import FidelError
 from fidellm.models.blocks import KVCache, RMSNorm, RotaryEmbedding, TransformerBlock
+from fidellm.models.loss import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, linear_cross_entropy
 from fidellm.tokenizer.special import BOS_ID, IM_END_ID, PAD_ID
 
 VOCAB_MULTIPLE = 64
-IGNORE_INDEX = -100
 INIT_STD = 0.02
 
 
@@ -85,9 +85,12 @@ def pad_vocab(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
 
 @dataclass
 class LMOutput:
-    """Logits (batch, seq, vocab) and, when targets were given, the mean cross-entropy in fp32."""
+    """Logits (batch, seq, vocab) and, when targets were given, the mean cross-entropy in fp32.
 
-    logits: Tensor
+    `logits` is None when the loss came from the chunked path, which never holds them all.
+    """
+
+    logits: Tensor | None
     loss: Tensor | None = None
 
 
@@ -176,6 +179,8 @@ class LlamaForCausalLM(nn.Module):
         self.config = config
         self.model = LlamaModel(config)
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.loss_chunk_tokens = DEFAULT_CHUNK_TOKENS
+        """Tokens per chunk of the fused output-projection loss; 0 computes all logits first."""
         self.reset_parameters()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -210,8 +215,16 @@ class LlamaForCausalLM(nn.Module):
         equal the inputs and are shifted inside; here the data loader shifts, once.) `cache` is
         extended in place with the new positions. `attention_mask` (batch, cached + seq; 0 = padding)
         serves left-padded batches (see `LlamaModel.forward`).
+
+        With targets and `loss_chunk_tokens` > 0 the loss comes from `linear_cross_entropy` and the
+        logits are not returned (None); a LoRA- or quantization-wrapped `lm_head` always gives logits.
         """
-        logits = self.lm_head(self.model(input_ids, cache, attention_mask))
+        hidden = self.model(input_ids, cache, attention_mask)
+        if targets is not None and self.loss_chunk_tokens and type(self.lm_head) is nn.Linear:
+            return LMOutput(
+                None, linear_cross_entropy(hidden, self.lm_head.weight, targets, self.loss_chunk_tokens)
+            )
+        logits = self.lm_head(hidden)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(

@@ -89,6 +89,19 @@ def curriculum_options(what: str, note: str = "") -> Callable[[Callable[..., Any
 )
 @click.option("--compile/--no-compile", default=False, show_default=True, help="torch.compile the model.")
 @click.option(
+    "--compile-mode",
+    type=click.Choice(["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]),
+    default="default",
+    show_default=True,
+    help="torch.compile mode (reduce-overhead and max-autotune use CUDA graphs).",
+)
+@click.option(
+    "--loss-chunk",
+    default=4096,
+    show_default=True,
+    help="Llama: tokens per chunk of the fused output-projection loss; 0 materializes all logits.",
+)
+@click.option(
     "--gradient-checkpointing/--no-gradient-checkpointing",
     default=False,
     show_default=True,

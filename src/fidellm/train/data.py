@@ -199,3 +199,38 @@ def token_byte_lengths(tokenizer: TextTokenizer) -> np.ndarray:
             raise FidelError(f"tokenizer id {index} ({piece!r}) is not a byte-level BPE token")
         lengths[index] = len(piece)
     return lengths
+
+
+class DevicePrefetch:
+    """Training batches already on the device: `prefetch()` assembles the next batch and starts its copy
+    (from pinned memory, asynchronously, on CUDA) while the current step still runs on the GPU.
+
+    `state_dict()` is the data position of the next batch not yet consumed, so a checkpoint taken with
+    a batch in flight resumes at that batch: prefetching never changes what a run sees.
+    """
+
+    def __init__(self, batches: Any, device: torch.device):
+        self.batches = batches
+        self.device = device
+        self._pending: tuple[dict[str, Any], tuple[Tensor, Tensor]] | None = None
+
+    def prefetch(self) -> None:
+        """Fetch the next batch now, unless one is already waiting."""
+        if self._pending is None:
+            state = self.batches.state_dict()
+            pinned = self.device.type == "cuda"
+            batch = tuple(
+                (t.pin_memory() if pinned else t).to(self.device, non_blocking=True)
+                for t in self.batches.next_batch()
+            )
+            self._pending = (state, batch)  # type: ignore[assignment]
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        """The waiting batch (fetched now if none is), on the device."""
+        self.prefetch()
+        assert self._pending is not None
+        batch, self._pending = self._pending[1], None
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        return self._pending[0] if self._pending is not None else self.batches.state_dict()

@@ -35,6 +35,7 @@ from fidellm.models.factory import (
 )
 from fidellm.models.llama import IGNORE_INDEX
 from fidellm.models.load import load_model
+from fidellm.models.loss import DEFAULT_CHUNK_TOKENS
 from fidellm.paths import RunLayout
 from fidellm.sft.data import ConversationBatches, chat_data
 from fidellm.sft.lora import apply_lora
@@ -49,7 +50,13 @@ from fidellm.train.checkpoint import (
     save_weights,
 )
 from fidellm.train.curriculum import DEFAULT_SPAN, StagedBatches
-from fidellm.train.data import CurriculumWindows, PackedBatches, token_byte_lengths, validation_batches
+from fidellm.train.data import (
+    CurriculumWindows,
+    DevicePrefetch,
+    PackedBatches,
+    token_byte_lengths,
+    validation_batches,
+)
 from fidellm.train.distributed import (
     STRATEGIES,
     Distributed,
@@ -64,6 +71,7 @@ from fidellm.train.optim import SCHEDULES, build_optimizer, learning_rate
 from fidellm.train.unfreeze import UnfreezeSchedule, apply_unfreeze, preset_schedule, validate_schedule
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
 @dataclass
@@ -98,6 +106,10 @@ class TrainConfig:
     dtype: str = "auto"
     """auto: bf16 autocast on CUDA, fp32 on CPU; fp16 uses a GradScaler."""
     compile: bool = False
+    compile_mode: str = "default"
+    """torch.compile mode; "reduce-overhead" and "max-autotune" also capture CUDA graphs."""
+    loss_chunk: int = DEFAULT_CHUNK_TOKENS
+    """Llama: tokens per chunk of the fused output-projection loss (fidellm.models.loss); 0 = all logits."""
     gradient_checkpointing: bool = False
     device: str = "auto"
     strategy: str = "ddp"
@@ -137,6 +149,12 @@ class TrainConfig:
                 raise FidelError(f"train config: {name} must be positive, got {getattr(self, name)}")
         if self.schedule not in SCHEDULES:
             raise FidelError(f"train config: schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.compile_mode not in COMPILE_MODES:
+            raise FidelError(
+                f"train config: compile_mode {self.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}"
+            )
+        if self.loss_chunk < 0:
+            raise FidelError(f"train config: loss_chunk must be 0 (off) or positive, got {self.loss_chunk}")
         if self.dtype not in DTYPES:
             raise FidelError(f"train config: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if not (self.lr > 0 and math.isfinite(self.lr)) or self.warmup_steps < 0 or self.grad_clip < 0:
@@ -325,6 +343,8 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
     model = (base if base is not None else build_model(mconfig)).to(device)
     if config.lora is not None:
         model = apply_lora(model, config.lora)
+    if hasattr(model, "loss_chunk_tokens"):
+        model.loss_chunk_tokens = config.loss_chunk
     parameters = model.num_parameters()
     flops = flops_per_token(model, config.seq_len)
     if config.gradient_checkpointing:
@@ -350,7 +370,8 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
         restore_checkpoint(loaded, model, optimizer, scaler, rank=ctx.rank)
         batches.load_state_dict(loaded.state["data"])
         step = loaded.step
-    forward = torch.compile(wrapped) if config.compile else wrapped
+    forward = torch.compile(wrapped, mode=config.compile_mode) if config.compile else wrapped
+    cuda_graphs = config.compile and config.compile_mode in ("reduce-overhead", "max-autotune")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
     autocast = functools.partial(
         torch.autocast, device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
@@ -368,11 +389,12 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
         out, device, flops, config.max_steps, step, config.echo and ctx.main,
         n_devices=ctx.world_size, write=ctx.main, tensorboard=config.tensorboard,
     )  # fmt: skip
+    data = DevicePrefetch(batches, device)
     tokens_per_step = config.batch_size * config.grad_accum * config.seq_len * ctx.world_size
 
     def save(at: int) -> Path:
         state = {
-            "data": batches.state_dict(),
+            "data": data.state_dict(),
             "model_config": config_to_dict(mconfig),
             "train_config": dataclasses.asdict(config),
         }
@@ -403,7 +425,9 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
             group["lr"] = lr * group.get("lr_mult", 1.0)
         total = torch.zeros(2, device=device)  # cross-entropy, auxiliary (H-Net ratio) loss
         for micro in range(config.grad_accum):
-            inputs, targets = (t.to(device, non_blocking=True) for t in batches.next_batch())
+            inputs, targets = data.next_batch()
+            if cuda_graphs:  # the previous replay's outputs are consumed; its buffers may be reused
+                torch.compiler.cudagraph_mark_step_begin()
             with gradient_sync(wrapped, ctx, micro == config.grad_accum - 1):
                 with autocast():
                     output = forward(inputs, targets)
@@ -412,6 +436,7 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
                     parts = torch.stack([output.loss, aux]).float() / config.grad_accum
                 scaler.scale(parts.sum()).backward()
             total += parts.detach()
+        data.prefetch()  # assemble and copy the next batch while this step's backward runs
         loss_value, aux_value = ctx.mean(total).tolist()  # the logged loss is the cross-entropy alone
         if not math.isfinite(loss_value + aux_value):
             optimizer.zero_grad(set_to_none=True)
