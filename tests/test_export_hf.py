@@ -17,7 +17,8 @@ from safetensors import safe_open
 from fidellm.chat import CHAT_TEMPLATE, render_chat
 from fidellm.errors import FidelError
 from fidellm.export.hf import export_hf, hf_config, load_hf_dir
-from fidellm.models.llama import IGNORE_INDEX, LlamaConfig, LlamaForCausalLM, preset
+from fidellm.models.llama import LlamaConfig, LlamaForCausalLM, preset
+from fidellm.models.loss import IGNORE_INDEX
 from fidellm.paths import resolve_data_dir
 from fidellm.tokenizer.bpe import BPETokenizer, train_bpe
 from fidellm.tokenizer.special import BOS_ID, IM_END, IM_END_ID, IM_START, TOOL_TOKENS

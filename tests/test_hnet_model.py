@@ -12,7 +12,8 @@ from fidellm.errors import FidelError
 from fidellm.models.hnet import HNetConfig, HNetForCausalLM, parse_layout, preset
 from fidellm.models.hnet.layers import CausalAttention
 from fidellm.models.hnet.presets import NOMINAL_PARAMS, PRESETS, count_parameters, format_preset_table
-from fidellm.models.llama import IGNORE_INDEX, NAME_TOLERANCE
+from fidellm.models.llama import NAME_TOLERANCE
+from fidellm.models.loss import IGNORE_INDEX
 
 TINY = ("hnet-tiny", "hnet-2s-tiny")
 

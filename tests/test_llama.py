@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from fidellm.errors import FidelError
 from fidellm.models.blocks import KVCache
 from fidellm.models.llama import (
-    IGNORE_INDEX,
     NAME_TOLERANCE,
     NOMINAL_PARAMS,
     PRESET_DEPTHS,
@@ -20,6 +19,7 @@ from fidellm.models.llama import (
     preset,
     preset_table,
 )
+from fidellm.models.loss import IGNORE_INDEX
 from fixtures.models import gqa_config, random_llama
 
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fidellm.models.loss import IGNORE_INDEX, linear_cross_entropy
+from fidellm.models.loss import IGNORE_INDEX, linear_cross_entropy, token_cross_entropy
 from fixtures.models import gqa_config, random_llama
 
 
@@ -111,3 +111,43 @@ def test_compiles_in_one_graph_with_the_same_result() -> None:
     torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
     compiled.backward()
     assert model.model.embed_tokens.weight.grad is not None
+
+
+@pytest.mark.parametrize("chunk", [1, 50, 10_000])
+def test_per_token_losses_equal_cross_entropy_without_reduction(chunk: int) -> None:
+    hidden, weight, targets = random_problem(seed=2)
+    got = token_cross_entropy(hidden, weight, targets, chunk)
+    want = F.cross_entropy(
+        F.linear(hidden, weight).flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
+    ).view(targets.shape)
+    assert got.shape == targets.shape and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    assert not got[targets == IGNORE_INDEX].any()
+
+
+def test_models_give_per_token_losses_whose_mean_is_the_loss() -> None:
+    from fidellm.models.hnet import HNetForCausalLM, preset
+
+    llama = random_llama(gqa_config())
+    inputs, targets = torch.randint(0, 320, (2, 30)), torch.randint(0, 320, (2, 30))
+    targets[0, :4] = IGNORE_INDEX
+    kept = targets != IGNORE_INDEX
+    per_token = {}
+    for chunk in (0, 7):
+        llama.loss_chunk_tokens = chunk
+        per_token[chunk] = llama(inputs, targets, reduction="none").loss
+        assert per_token[chunk].shape == targets.shape
+        torch.testing.assert_close(per_token[chunk][kept].mean(), llama(inputs, targets).loss)
+    torch.testing.assert_close(per_token[7], per_token[0], rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        llama(inputs, targets, reduction="sum")
+
+    torch.manual_seed(0)
+    hnet = HNetForCausalLM(preset("hnet-tiny", max_position_embeddings=64)).eval()
+    byte_inputs, byte_targets = torch.randint(0, 256, (2, 40)), torch.randint(0, 256, (2, 40))
+    byte_targets[1, -5:] = IGNORE_INDEX
+    per_byte = hnet(byte_inputs, byte_targets, reduction="none").loss
+    torch.testing.assert_close(
+        per_byte[byte_targets != IGNORE_INDEX].mean(), hnet(byte_inputs, byte_targets).loss
+    )
+    assert not per_byte[byte_targets == IGNORE_INDEX].any()

@@ -21,8 +21,8 @@ from fidellm.export.hf import export_hf
 from fidellm.models.factory import build_model, config_from_dict, config_to_dict
 from fidellm.models.hnet import HNetForCausalLM
 from fidellm.models.hnet import preset as hnet_preset
-from fidellm.models.llama import IGNORE_INDEX
 from fidellm.models.load import load_model
+from fidellm.models.loss import IGNORE_INDEX
 from fidellm.paths import resolve_data_dir
 from fidellm.sft.cli import prepare_output
 from fidellm.sft.data import (

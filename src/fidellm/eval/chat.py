@@ -59,7 +59,7 @@ from fidellm.eval.chat_data import (
 from fidellm.eval.probes import ethiopic_share
 from fidellm.eval.results import TaskResult
 from fidellm.generate.engine import GenerationConfig, generate
-from fidellm.models.llama import IGNORE_INDEX
+from fidellm.models.loss import IGNORE_INDEX
 from fidellm.serve.tools import parse_tool_calls
 from fidellm.sft.data import Example, encode_conversation, example_from
 from fidellm.tokenizer.base import TextTokenizer

@@ -18,12 +18,17 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from fidellm.errors import FidelError
 from fidellm.models.blocks import KVCache, RMSNorm, RotaryEmbedding, TransformerBlock
-from fidellm.models.loss import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX, linear_cross_entropy
+from fidellm.models.loss import (
+    DEFAULT_CHUNK_TOKENS,
+    check_reduction,
+    linear_cross_entropy,
+    logits_loss,
+    token_cross_entropy,
+)
 from fidellm.tokenizer.special import BOS_ID, IM_END_ID, PAD_ID
 
 VOCAB_MULTIPLE = 64
@@ -207,6 +212,7 @@ class LlamaForCausalLM(nn.Module):
         targets: Tensor | None = None,
         cache: list[KVCache] | None = None,
         attention_mask: Tensor | None = None,
+        reduction: str = "mean",
     ) -> LMOutput:
         """Logits of the next token at every position of `input_ids` (batch, seq).
 
@@ -216,21 +222,18 @@ class LlamaForCausalLM(nn.Module):
         extended in place with the new positions. `attention_mask` (batch, cached + seq; 0 = padding)
         serves left-padded batches (see `LlamaModel.forward`).
 
-        With targets and `loss_chunk_tokens` > 0 the loss comes from `linear_cross_entropy` and the
-        logits are not returned (None); a LoRA- or quantization-wrapped `lm_head` always gives logits.
+        With targets and `loss_chunk_tokens` > 0 the loss comes from `fidellm.models.loss` chunk by chunk
+        and the logits are not returned (None); a LoRA- or quantization-wrapped `lm_head` always gives
+        logits. `reduction` "none" gives the loss per token (batch, seq; 0 where ignored) instead of the
+        mean, as evaluation needs.
         """
+        check_reduction(reduction)
         hidden = self.model(input_ids, cache, attention_mask)
         if targets is not None and self.loss_chunk_tokens and type(self.lm_head) is nn.Linear:
-            return LMOutput(
-                None, linear_cross_entropy(hidden, self.lm_head.weight, targets, self.loss_chunk_tokens)
-            )
+            chunked = linear_cross_entropy if reduction == "mean" else token_cross_entropy
+            return LMOutput(None, chunked(hidden, self.lm_head.weight, targets, self.loss_chunk_tokens))
         logits = self.lm_head(hidden)
-        loss = None
-        if targets is not None:
-            loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
-            )
-        return LMOutput(logits, loss)
+        return LMOutput(logits, logits_loss(logits, targets, reduction))
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Distinct parameters (a tied embedding counts once); without the token embedding and an untied

@@ -91,3 +91,48 @@ def linear_cross_entropy(
     wanted = (grad_mode and hidden.requires_grad, grad_mode and weight.requires_grad)
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])
     return _LinearCrossEntropy.apply(flat_hidden, weight, targets.reshape(-1), chunk_tokens, wanted)
+
+
+def token_cross_entropy(
+    hidden: Tensor, weight: Tensor, targets: Tensor, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
+) -> Tensor:
+    """Per-token cross-entropy (fp32, shaped like `targets`, 0 where IGNORE_INDEX) of `hidden @ weight.T`,
+    `chunk_tokens` rows of logits at a time: what evaluation needs (bits per byte weighs every token),
+    without the full logits. Differentiable, but it saves each chunk's logits for backward: train on
+    `linear_cross_entropy`.
+    """
+    if chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
+    flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    pieces = [
+        F.cross_entropy(
+            F.linear(flat_hidden[start : start + chunk_tokens], weight).float(),
+            flat_targets[start : start + chunk_tokens],
+            ignore_index=IGNORE_INDEX,
+            reduction="none",
+        )
+        for start in range(0, flat_hidden.shape[0], chunk_tokens)
+    ]
+    return torch.cat(pieces).view(targets.shape)
+
+
+REDUCTIONS = ("mean", "none")
+
+
+def check_reduction(reduction: str) -> None:
+    """Reject a loss reduction other than "mean" (training) and "none" (per token, evaluation)."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {', '.join(REDUCTIONS)}, got {reduction!r}")
+
+
+def logits_loss(logits: Tensor, targets: Tensor | None, reduction: str = "mean") -> Tensor | None:
+    """Cross-entropy in fp32 of materialized logits (batch, seq, vocab) against targets (batch, seq):
+    the mean over non-ignored targets, or per token (0 where ignored) with reduction "none"; None
+    without targets."""
+    if targets is None:
+        return None
+    loss = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX,
+        reduction=reduction,
+    )  # fmt: skip
+    return loss.view(targets.shape) if reduction == "none" else loss

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from fidellm.chat.template import encode_chat, end_of_turn_ids, render_chat
 from fidellm.errors import FidelError
-from fidellm.models.llama import IGNORE_INDEX
+from fidellm.models.loss import IGNORE_INDEX
 from fidellm.tokenizer.base import TextTokenizer
 from fidellm.train.curriculum import (
     STAGES,

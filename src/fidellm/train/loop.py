@@ -33,9 +33,8 @@ from fidellm.models.factory import (
     preset_config,
     repeated_blocks,
 )
-from fidellm.models.llama import IGNORE_INDEX
 from fidellm.models.load import load_model
-from fidellm.models.loss import DEFAULT_CHUNK_TOKENS
+from fidellm.models.loss import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX
 from fidellm.paths import RunLayout
 from fidellm.sft.data import ConversationBatches, chat_data
 from fidellm.sft.lora import apply_lora
@@ -247,14 +246,12 @@ def evaluate(
     for first in range(0, len(batches), ctx.world_size):
         index = first + ctx.rank
         inputs, targets = (t.to(device) for t in batches[min(index, len(batches) - 1)])
-        with autocast():
-            logits = model(inputs).logits
+        with autocast():  # per-token losses, chunked: the full logits never exist
+            token_nll = model(inputs, targets, reduction="none").loss
         if index >= len(batches):
             continue
         kept = targets.flatten() != IGNORE_INDEX  # SFT: only assistant targets count
-        nll = torch.nn.functional.cross_entropy(
-            logits.float().flatten(0, 1)[kept], targets.flatten()[kept], reduction="none"
-        )
+        nll = token_nll.flatten()[kept]
         nbytes = byte_lengths[targets.flatten()[kept]]
         sums += torch.stack(
             [nll.sum(), torch.tensor(nll.numel()), nll[nbytes > 0].sum() / math.log(2), nbytes.sum()]

@@ -42,7 +42,7 @@ from fidellm.eval.downstream.tasks import (
     load_masakhanews,
 )
 from fidellm.eval.results import TaskResult
-from fidellm.models.llama import IGNORE_INDEX
+from fidellm.models.loss import IGNORE_INDEX
 from fidellm.tokenizer.base import TextTokenizer
 
 

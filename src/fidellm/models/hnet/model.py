@@ -32,7 +32,8 @@ from fidellm.models.hnet.routing import (
     straight_through,
     upsample,
 )
-from fidellm.models.llama import IGNORE_INDEX, INIT_STD, LMOutput
+from fidellm.models.llama import INIT_STD, LMOutput
+from fidellm.models.loss import check_reduction, logits_loss
 
 RESIDUAL_OUTPUTS = ("out_proj", "fc2")
 
@@ -262,6 +263,7 @@ class HNetForCausalLM(nn.Module):
         targets: Tensor | None = None,
         cache: HNetCache | None = None,
         attention_mask: Tensor | None = None,
+        reduction: str = "mean",
     ) -> HNetOutput:
         """Next-byte logits (batch, seq, vocab) of `input_ids` (batch, seq).
 
@@ -269,10 +271,12 @@ class HNetForCausalLM(nn.Module):
         `LlamaForCausalLM`. `attention_mask` (1 = byte, 0 = trailing padding) keeps padding out of the
         chunking statistics; thanks to causality a padded row's logits equal the row's logits alone.
         With an empty `cache` the call is a prefill (each row's state ends at its last real byte);
-        with a filled one every row advances by the given bytes, one recurrent step each.
+        with a filled one every row advances by the given bytes, one recurrent step each. `reduction`
+        "none" gives the loss per byte (0 where ignored), as `LlamaForCausalLM` does.
         """
+        check_reduction(reduction)
         if cache is not None and cache.stage is not None:
-            return self._steps(input_ids, targets, cache, attention_mask)
+            return self._steps(input_ids, targets, cache, attention_mask, reduction)
         valid = self._check_inputs(input_ids, attention_mask)
         x = self.embeddings(input_ids)
         stage_cache = None
@@ -287,10 +291,16 @@ class HNetForCausalLM(nn.Module):
             ratio_losses.append(ratio_loss(stage.router, stage.valid, target))
             bytes_per_chunk.append((total_bytes / stage.router.boundary.sum().clamp(min=1)).detach())
         aux_loss = self.config.ratio_loss_weight * torch.stack(ratio_losses).sum() if ratio_losses else None
-        return HNetOutput(logits, _loss(logits, targets), aux_loss, ratio_losses, bytes_per_chunk)
+        loss = logits_loss(logits, targets, reduction)
+        return HNetOutput(logits, loss, aux_loss, ratio_losses, bytes_per_chunk)
 
     def _steps(
-        self, input_ids: Tensor, targets: Tensor | None, cache: HNetCache, attention_mask: Tensor | None
+        self,
+        input_ids: Tensor,
+        targets: Tensor | None,
+        cache: HNetCache,
+        attention_mask: Tensor | None,
+        reduction: str,
     ) -> HNetOutput:
         """Advance every row of a filled cache by input_ids (batch, seq), one byte at a time."""
         assert cache.stage is not None
@@ -310,7 +320,7 @@ class HNetForCausalLM(nn.Module):
             logits.append(self.lm_head(hidden.to(self.lm_head.weight.dtype)))
             cache.length += 1
         stacked = torch.cat(logits, dim=1)
-        return HNetOutput(stacked, _loss(stacked, targets))
+        return HNetOutput(stacked, logits_loss(stacked, targets, reduction))
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Distinct parameters; without the byte embedding and LM head when `exclude_embeddings`."""
@@ -319,12 +329,3 @@ class HNetForCausalLM(nn.Module):
         if exclude_embeddings:
             total -= self.embeddings.weight.numel() + self.lm_head.weight.numel()
         return total
-
-
-def _loss(logits: Tensor, targets: Tensor | None) -> Tensor | None:
-    """Mean next-byte cross-entropy in fp32 over non-ignored targets."""
-    if targets is None:
-        return None
-    return F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=IGNORE_INDEX
-    )
