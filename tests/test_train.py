@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import shutil
@@ -18,7 +19,7 @@ from fidellm.train import checkpoint as ckpt
 from fidellm.train import loop
 from fidellm.train.data import PackedBatches, token_byte_lengths
 from fidellm.train.loop import TrainConfig, train
-from fidellm.train.optim import cosine_lr, learning_rate, param_groups, wsd_lr
+from fidellm.train.optim import build_optimizer, cosine_lr, learning_rate, param_groups, wsd_lr
 from fixtures.train.build_run import build_flores_run, flores_lines
 
 SMALL = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
@@ -117,18 +118,30 @@ def test_crash_mid_save_keeps_previous_checkpoint(flores_run: Path, tmp_path: Pa
     assert train(run, small_config(max_steps=4))["resumed_from"] == 3
 
 
+@pytest.fixture
+def sync_free(monkeypatch) -> None:
+    """The loop as it runs on CUDA: fused AdamW, updates skipped on the device, losses read a step late."""
+    monkeypatch.setattr(loop, "SYNC_FREE_DEVICES", ("cuda", "cpu"))
+    monkeypatch.setattr(loop, "build_optimizer", functools.partial(build_optimizer, fused=True))
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["checked-each-step", "sync-free"])
 def test_non_finite_loss_stops_with_step_and_checkpoint(
-    flores_run: Path, tmp_path: Path, monkeypatch
+    flores_run: Path, tmp_path: Path, monkeypatch, request, late: bool
 ) -> None:
-    run = fresh_run(flores_run, tmp_path)
+    if late:
+        request.getfixturevalue("sync_free")
+    clean = fresh_run(flores_run, tmp_path / "clean")
+    train(clean, small_config(save_every=0, stop_at_step=3))
+    run = fresh_run(flores_run, tmp_path / "poisoned")
     calls = {"n": 0}
     original = LlamaForCausalLM.forward
 
-    def poisoned(self, input_ids, targets=None, cache=None):
-        output = original(self, input_ids, targets, cache)
+    def poisoned(self, input_ids, targets=None, cache=None, **options):
+        output = original(self, input_ids, targets, cache, **options)
         if targets is not None and self.training:
             calls["n"] += 1
-            if calls["n"] > 6:  # grad_accum 2: the 4th optimizer step
+            if calls["n"] in (7, 8):  # grad_accum 2: the 4th optimizer step only
                 output.loss = output.loss * float("nan")
         return output
 
@@ -137,6 +150,34 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(
         train(run, small_config(save_every=0))
     saved = ckpt.latest_checkpoint(run / "train/checkpoints")
     assert saved is not None and ckpt.read_checkpoint(saved).step == 3
+    # the bad step changed nothing and no later step slipped in: the weights of a clean stop at 3
+    assert_same_weights(saved, clean / "train/checkpoints/step_00000003")
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    from safetensors.torch import load_file
+
+    first, second = load_file(a / "model.safetensors"), load_file(b / "model.safetensors")
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[key], second[key]) for key in first)
+
+
+def test_sync_free_loop_trains_exactly_like_the_checked_one(
+    flores_run: Path, tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(loop, "build_optimizer", functools.partial(build_optimizer, fused=True))
+    checked = train(fresh_run(flores_run, tmp_path / "checked"), small_config())
+    monkeypatch.setattr(loop, "SYNC_FREE_DEVICES", ("cuda", "cpu"))
+    late = train(fresh_run(flores_run, tmp_path / "late"), small_config())
+    assert late["losses"] == checked["losses"] and late["val_loss"] == checked["val_loss"]
+    assert_same_weights(Path(late["checkpoint"]), Path(checked["checkpoint"]))
+    logged = [
+        json.loads(line) for line in (tmp_path / "late/run/train/metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in logged if r["kind"] == "train"] == [2, 4, 6, 8]
+    run = fresh_run(flores_run, tmp_path / "resumed")  # and it resumes bit for bit
+    train(run, small_config(stop_at_step=5))
+    assert train(run, small_config())["losses"] == checked["losses"][5:]
 
 
 def test_bad_setups_fail_before_training(flores_run: Path, tmp_path: Path) -> None:

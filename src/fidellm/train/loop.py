@@ -59,7 +59,6 @@ from fidellm.train.data import (
 from fidellm.train.distributed import (
     STRATEGIES,
     Distributed,
-    full_value,
     gradient_sync,
     init_distributed,
     shutdown_distributed,
@@ -67,9 +66,12 @@ from fidellm.train.distributed import (
 )
 from fidellm.train.monitor import Monitor, flops_per_token
 from fidellm.train.optim import SCHEDULES, build_optimizer, learning_rate
+from fidellm.train.step import StepRecord, optimizer_update, updates_skip_on_device
 from fidellm.train.unfreeze import UnfreezeSchedule, apply_unfreeze, preset_schedule, validate_schedule
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+SYNC_FREE_DEVICES = ("cuda",)
+"""Devices on which the loop reads each step's loss one step late (on a CPU every op waits anyway)."""
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
@@ -389,13 +391,31 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
     data = DevicePrefetch(batches, device)
     tokens_per_step = config.batch_size * config.grad_accum * config.seq_len * ctx.world_size
 
-    def save(at: int) -> Path:
+    def save(at: int, data_state: dict[str, Any] | None = None) -> Path:
         state = {
-            "data": data.state_dict(),
+            "data": data_state if data_state is not None else data.state_dict(),
             "model_config": config_to_dict(mconfig),
             "train_config": dataclasses.asdict(config),
         }
         return save_checkpoint(ckpt_dir, at, model, optimizer, state, config.keep_last, scaler, ctx)
+
+    def stop_if_not_finite(record: StepRecord) -> None:
+        """Stop on a non-finite loss, saving the state before that step (its update never happened)."""
+        if not record.finite():
+            optimizer.zero_grad(set_to_none=True)
+            path = save(record.step - 1, record.data_state)
+            raise FidelError(
+                f"non-finite loss ({record.values()[0]}) at step {record.step}; the state before it is"
+                f" saved in {path}"
+            )
+
+    def report(record: StepRecord) -> None:
+        """Check a finished step, keep its loss and log it on log steps."""
+        stop_if_not_finite(record)
+        losses.append(record.values()[0])  # the logged loss is the cross-entropy alone
+        if record.step % config.log_every == 0 or record.step == stop:
+            chunks = [float(x) for x in record.chunks]
+            monitor.log_train(record.step, losses[-1], record.lr, record.grad_norm(), chunks or None)
 
     best_dir = out / "best"
     best = {"step": 0, "val_loss": math.inf}  # the best-validation model is kept in train/best
@@ -406,6 +426,8 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
     losses: list[float] = []
     val: dict[str, float] = {}
     start_step, started = step, time.perf_counter()
+    sync_free = updates_skip_on_device(optimizer) and device.type in SYNC_FREE_DEVICES
+    pending: StepRecord | None = None  # sync-free: the last step, reported after the next one's backward
     wrapped.train()
     if schedule:
         apply_unfreeze(model, schedule, step)
@@ -434,25 +456,27 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
                 scaler.scale(parts.sum()).backward()
             total += parts.detach()
         data.prefetch()  # assemble and copy the next batch while this step's backward runs
-        loss_value, aux_value = ctx.mean(total).tolist()  # the logged loss is the cross-entropy alone
-        if not math.isfinite(loss_value + aux_value):
-            optimizer.zero_grad(set_to_none=True)
-            path = save(step)
-            raise FidelError(
-                f"non-finite loss ({loss_value}) at step {step + 1}; the state before it is saved in {path}"
-            )
-        scaler.unscale_(optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip or float("inf"))
-        scaler.step(optimizer)
-        scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        record = StepRecord(step + 1, lr, data.state_dict(), ctx.mean(total))
+        record.chunks = [x.detach() for x in getattr(output, "bytes_per_chunk", [])]
+        if pending is not None:
+            report(pending)  # the previous step's numbers arrived long ago: no stall
+            pending = None
+        if not sync_free:
+            stop_if_not_finite(record)  # before the update: a bad step never changes the weights
+        record.norm = optimizer_update(model, optimizer, scaler, config.grad_clip, record.losses, sync_free)
         step += 1
-        losses.append(loss_value)
         monitor.count(tokens_per_step)
-        if step % config.log_every == 0 or step == stop:
-            chunks = [float(x) for x in getattr(output, "bytes_per_chunk", [])]
-            monitor.log_train(step, loss_value, lr, full_value(norm), bytes_per_chunk=chunks or None)
-        if step % config.eval_every == 0 or step == stop:
+        if sync_free:
+            record.send_to_host()
+            pending = record
+        else:
+            report(record)
+        at_eval = step % config.eval_every == 0 or step == stop
+        at_save = (config.save_every and step % config.save_every == 0) or step == stop
+        if pending is not None and (at_eval or at_save):
+            report(pending)  # these sync anyway; a non-finite step must stop before they run
+            pending = None
+        if at_eval:
             val_loss, bpb = evaluate(forward, val_set, byte_lengths, device, autocast, ctx)
             monitor.log_val(step, val_loss, bpb)
             val = {"val_loss": val_loss, "val_bpb": bpb}
@@ -460,7 +484,7 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
                 best = {"step": step, **val}
                 state = {"model_config": config_to_dict(mconfig), "val_loss": val_loss, "val_bpb": bpb}
                 save_weights(best_dir, step, model, state, ctx)
-        if (config.save_every and step % config.save_every == 0) or step == stop:
+        if at_save:
             save(step)
     monitor.close()
     seconds = time.perf_counter() - started

@@ -76,9 +76,12 @@ def build_optimizer(
     betas: tuple[float, float] = (0.9, 0.95),
     eps: float = 1e-8,
     stage_lr_multipliers: Sequence[float] = (),
+    fused: bool | None = None,
 ) -> torch.optim.AdamW:
-    """AdamW over `param_groups`, fused when the parameters live on CUDA."""
-    fused = next(model.parameters()).device.type == "cuda"
+    """AdamW over `param_groups`; fused (one kernel, and updates skippable on the device) by default when
+    the parameters live on CUDA."""
+    if fused is None:
+        fused = next(model.parameters()).device.type == "cuda"
     groups = param_groups(model, weight_decay, stage_lr_multipliers)
     return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
 
