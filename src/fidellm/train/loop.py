@@ -34,14 +34,13 @@ from fidellm.models.factory import (
     repeated_blocks,
 )
 from fidellm.models.load import load_model
-from fidellm.models.loss import DEFAULT_CHUNK_TOKENS, IGNORE_INDEX
+from fidellm.models.loss import DEFAULT_CHUNK_TOKENS
 from fidellm.paths import RunLayout
 from fidellm.sft.data import ConversationBatches, chat_data
 from fidellm.sft.lora import apply_lora
 from fidellm.tokenizer.base import load_tokenizer
 from fidellm.tokenizer.shards import TokenShards
 from fidellm.train.checkpoint import (
-    SINGLE,
     latest_checkpoint,
     read_checkpoint,
     restore_checkpoint,
@@ -64,6 +63,7 @@ from fidellm.train.distributed import (
     shutdown_distributed,
     wrap_model,
 )
+from fidellm.train.evaluation import evaluate
 from fidellm.train.monitor import Monitor, flops_per_token
 from fidellm.train.optim import SCHEDULES, build_optimizer, learning_rate
 from fidellm.train.step import StepRecord, optimizer_update, updates_skip_on_device
@@ -225,42 +225,6 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
     """Recompute each block's activations in the backward pass instead of storing them."""
     for layer in repeated_blocks(model):
         layer.forward = functools.partial(activation_checkpoint, layer.forward, use_reentrant=False)
-
-
-@torch.no_grad()
-def evaluate(
-    model: torch.nn.Module,
-    batches: list,
-    byte_lengths: torch.Tensor,
-    device: torch.device,
-    autocast: Any,
-    ctx: Distributed = SINGLE,
-) -> tuple[float, float]:
-    """(mean loss in nats per token over all targets, bits per UTF-8 byte over text targets).
-
-    In a multi-process run each rank scores every world_size-th batch and the sums are all-reduced;
-    every rank runs the same number of forward passes (a rank out of batches repeats one and drops
-    it), since an FSDP2 forward is collective.
-    """
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # nll, targets, text bits, text bytes
-    for first in range(0, len(batches), ctx.world_size):
-        index = first + ctx.rank
-        inputs, targets = (t.to(device) for t in batches[min(index, len(batches) - 1)])
-        with autocast():  # per-token losses, chunked: the full logits never exist
-            token_nll = model(inputs, targets, reduction="none").loss
-        if index >= len(batches):
-            continue
-        kept = targets.flatten() != IGNORE_INDEX  # SFT: only assistant targets count
-        nll = token_nll.flatten()[kept]
-        nbytes = byte_lengths[targets.flatten()[kept]]
-        sums += torch.stack(
-            [nll.sum(), torch.tensor(nll.numel()), nll[nbytes > 0].sum() / math.log(2), nbytes.sum()]
-        ).to(sums)
-    model.train(was_training)
-    nll_sum, count, text_bits, text_bytes = (ctx.mean(sums) * ctx.world_size).tolist()
-    return nll_sum / count, text_bits / max(1.0, text_bytes)
 
 
 def load_base(path: str, fingerprint: str) -> torch.nn.Module:
