@@ -35,7 +35,10 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("runs/quality"))
     args = parser.parse_args()
 
-    name = f"{args.preset}-lr{args.lr:g}-do{args.dropout:g}-s{args.steps}"
+    name = (
+        f"{args.preset}-lr{args.lr:g}-do{args.dropout:g}-wd{args.weight_decay:g}-s{args.steps}"
+        f"-seed{args.seed}"
+    )
     work = training_workdir(args.run, args.out / name)
     result = train_and_score(work, config_from_args(args), args.data_dir)
     result = {"name": name, "args": {k: str(v) for k, v in vars(args).items()}, **result}
