@@ -37,7 +37,7 @@ def main() -> None:
 
     name = (
         f"{args.preset}-lr{args.lr:g}-do{args.dropout:g}-wd{args.weight_decay:g}-s{args.steps}"
-        f"-seed{args.seed}"
+        f"-{args.schedule}{args.min_lr_ratio:g}-seed{args.seed}"
     )
     work = training_workdir(args.run, args.out / name)
     result = train_and_score(work, config_from_args(args), args.data_dir)
@@ -57,6 +57,8 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--weight-decay", type=float, default=0.1)
+    parser.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
+    parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="Final lr / peak lr.")
     parser.add_argument("--eval-every", type=int, default=240)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--seed", type=int, default=0, help="Initialisation, dropout and data order.")
@@ -74,6 +76,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         warmup_steps=args.warmup,
         lr=args.lr,
         weight_decay=args.weight_decay,
+        schedule=args.schedule,
+        min_lr_ratio=args.min_lr_ratio,
         compile=args.compile,
         eval_every=args.eval_every,
         seed=args.seed,
