@@ -37,7 +37,7 @@ def main() -> None:
 
     name = (
         f"{args.preset}-lr{args.lr:g}-do{args.dropout:g}-wd{args.weight_decay:g}-s{args.steps}"
-        f"-{args.schedule}{args.min_lr_ratio:g}-seed{args.seed}"
+        f"-{args.schedule}{args.min_lr_ratio:g}{'-docmask' if args.document_mask else ''}-seed{args.seed}"
     )
     work = training_workdir(args.run, args.out / name)
     result = train_and_score(work, config_from_args(args), args.data_dir)
@@ -58,6 +58,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--weight-decay", type=float, default=0.1)
     parser.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
+    parser.add_argument("--document-mask", action="store_true", help="Attention within documents only.")
     parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="Final lr / peak lr.")
     parser.add_argument("--eval-every", type=int, default=240)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
@@ -77,6 +78,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         lr=args.lr,
         weight_decay=args.weight_decay,
         schedule=args.schedule,
+        document_mask=args.document_mask,
         min_lr_ratio=args.min_lr_ratio,
         compile=args.compile,
         eval_every=args.eval_every,

@@ -48,6 +48,29 @@ def test_future_tokens_do_not_change_past_logits() -> None:
     assert not torch.allclose(before[:, t + 1 :], after[:, t + 1 :])
 
 
+def test_document_masking_gives_each_packed_document_its_logits_alone() -> None:
+    model = random_llama(gqa_config())
+    bos = model.config.bos_token_id
+    torch.manual_seed(5)
+    tail, *documents = (torch.randint(1, 320, (n,)) for n in (3, 7, 9, 5))
+    documents = [torch.cat([torch.tensor([bos]), d]) for d in documents]  # each starts with BOS
+    window = torch.cat([tail, *documents]).unsqueeze(0)
+    with torch.no_grad():
+        plain = model(window).logits[0]
+        model.document_masking = True
+        masked = model(window).logits[0]
+        start = 0
+        for piece in (tail, *documents):
+            alone = model(piece.unsqueeze(0)).logits[0]
+            assert (masked[start : start + len(piece)] - alone).abs().max() < 1e-5
+            if start:  # without the mask, a later document sees the earlier ones
+                assert (plain[start : start + len(piece)] - alone).abs().max() > 1e-3
+            start += len(piece)
+        changed = window.clone()
+        changed[0, -4:] = 7  # and it stays causal
+        assert torch.equal(model(changed).logits[0, :-4], masked[:-4])
+
+
 def test_cached_decoding_matches_full_forward() -> None:
     model = random_llama(gqa_config())
     torch.manual_seed(2)

@@ -321,9 +321,16 @@ def test_chunked_loss_trains_like_the_materialized_logits(flores_run: Path, tmp_
     full = train(fresh_run(flores_run, tmp_path / "full"), dataclasses.replace(config, loss_chunk=0))
     assert chunked["losses"] == pytest.approx(full["losses"], rel=1e-5)
     assert chunked["val_loss"] == pytest.approx(full["val_loss"], rel=1e-5)
-    for bad, message in [
+    masked = train(
+        fresh_run(flores_run, tmp_path / "masked"), dataclasses.replace(config, document_mask=True)
+    )
+    assert masked["losses"][0] == pytest.approx(full["losses"][0], rel=0.05)  # same data, same scale
+    assert masked["losses"] != full["losses"]  # but attention no longer crosses documents
+    bad_cases = [
         ({"loss_chunk": -1}, "loss_chunk must be 0"),
         ({"compile_mode": "fast"}, "compile_mode"),
-    ]:
+        ({"document_mask": True, "arch": "hnet", "preset": "hnet-tiny", "model_overrides": {}}, "llama"),
+    ]
+    for bad, message in bad_cases:
         with pytest.raises(FidelError, match=message):
             train(tmp_path / "chunked/run", dataclasses.replace(config, **bad))

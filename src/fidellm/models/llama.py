@@ -120,18 +120,22 @@ class LlamaModel(nn.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope_theta)
         self.max_positions = config.max_position_embeddings
+        self.bos_token_id = config.bos_token_id
 
     def forward(
         self,
         input_ids: Tensor,
         cache: list[KVCache] | None = None,
         attention_mask: Tensor | None = None,
+        documents: bool = False,
     ) -> Tensor:
         """Final hidden states (batch, seq, hidden) of `input_ids` placed after the cached positions.
 
         `attention_mask` (batch, cached + seq), 1 = real token, 0 = padding, covers the cached positions
         too (HF's convention). With it, padding keys are hidden and each row's positions count only
         its real tokens, so a left-padded row gets exactly the logits it would get alone.
+        `documents` (without cache or attention_mask: packed training windows) keeps attention inside
+        each document, a BOS starting the next one (see `document_mask`).
         """
         if cache is not None and len(cache) != len(self.layers):
             raise FidelError(f"KV cache has {len(cache)} layers, the model has {len(self.layers)}")
@@ -147,12 +151,25 @@ class LlamaModel(nn.Module):
         if attention_mask is None:
             positions = torch.arange(offset, offset + seq, device=input_ids.device)
             cos, sin = self.rotary_emb(positions, x.dtype)
+            if documents and cache is None:
+                mask = document_mask(input_ids, self.bos_token_id)
         else:
             positions, mask = padded_positions_and_mask(attention_mask, input_ids.shape[0], offset, seq)
             cos, sin = (t.unsqueeze(1) for t in self.rotary_emb(positions, x.dtype))
         for index, layer in enumerate(self.layers):
             x = layer(x, cos, sin, None if cache is None else cache[index], mask)
         return self.norm(x)
+
+
+def document_mask(input_ids: Tensor, bos_token_id: int) -> Tensor:
+    """Causal attention within documents (batch, 1, seq, seq): each BOS starts a new document, and the
+    tokens before a window's first BOS (the tail of an earlier document) form one of their own.
+
+    RoPE scores depend only on the distance between query and key, so a document anywhere in a packed
+    window gets the logits it would get alone at position 0 (a test checks this)."""
+    starts = (input_ids == bos_token_id).cumsum(dim=-1)
+    same = starts[:, :, None] == starts[:, None, :]
+    return torch.tril(same).unsqueeze(1)
 
 
 def padded_positions_and_mask(
@@ -186,6 +203,8 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.loss_chunk_tokens = DEFAULT_CHUNK_TOKENS
         """Tokens per chunk of the fused output-projection loss; 0 computes all logits first."""
+        self.document_masking = False
+        """Attention stays inside each document of an uncached, unpadded input (training windows)."""
         self.reset_parameters()
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -228,7 +247,7 @@ class LlamaForCausalLM(nn.Module):
         mean, as evaluation needs.
         """
         check_reduction(reduction)
-        hidden = self.model(input_ids, cache, attention_mask)
+        hidden = self.model(input_ids, cache, attention_mask, self.document_masking)
         if targets is not None and self.loss_chunk_tokens and type(self.lm_head) is nn.Linear:
             chunked = linear_cross_entropy if reduction == "mean" else token_cross_entropy
             return LMOutput(None, chunked(hidden, self.lm_head.weight, targets, self.loss_chunk_tokens))

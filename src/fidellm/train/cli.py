@@ -96,6 +96,12 @@ def curriculum_options(what: str, note: str = "") -> Callable[[Callable[..., Any
     help="torch.compile mode (reduce-overhead and max-autotune use CUDA graphs).",
 )
 @click.option(
+    "--document-mask/--no-document-mask",
+    default=False,
+    show_default=True,
+    help="Llama: attention stays inside each document of a packed window (BOS starts the next one).",
+)
+@click.option(
     "--loss-chunk",
     default=4096,
     show_default=True,

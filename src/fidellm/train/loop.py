@@ -111,6 +111,8 @@ class TrainConfig:
     """torch.compile mode; "reduce-overhead" and "max-autotune" also capture CUDA graphs."""
     loss_chunk: int = DEFAULT_CHUNK_TOKENS
     """Llama: tokens per chunk of the fused output-projection loss (fidellm.models.loss); 0 = all logits."""
+    document_mask: bool = False
+    """Llama: attention stays inside each document of a packed window (a BOS starts the next one)."""
     gradient_checkpointing: bool = False
     device: str = "auto"
     strategy: str = "ddp"
@@ -178,6 +180,8 @@ class TrainConfig:
             raise FidelError("train config: lora needs a base model")
         if not 0 < self.curriculum_span <= 1:
             raise FidelError(f"train config: curriculum_span must lie in (0, 1], got {self.curriculum_span}")
+        if self.document_mask and self.arch != "llama":
+            raise FidelError("train config: document_mask is implemented for the llama architecture only")
         if self.gradient_checkpointing and self.compile:
             raise FidelError("train config: gradient_checkpointing with compile is not supported together")
 
@@ -308,6 +312,10 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
         model = apply_lora(model, config.lora)
     if hasattr(model, "loss_chunk_tokens"):
         model.loss_chunk_tokens = config.loss_chunk
+    if config.document_mask:
+        if not hasattr(model, "document_masking"):  # an H-Net base model
+            raise FidelError("train config: document_mask is implemented for the llama architecture only")
+        model.document_masking = True
     parameters = model.num_parameters()
     flops = flops_per_token(model, config.seq_len)
     if config.gradient_checkpointing:
