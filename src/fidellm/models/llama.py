@@ -90,9 +90,9 @@ def pad_vocab(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:
 
 @dataclass
 class LMOutput:
-    """Logits (batch, seq, vocab) and, when targets were given, the mean cross-entropy in fp32.
-
-    `logits` is None when the loss came from the chunked path, which never holds them all.
+    """Logits (batch, seq, vocab) and, when targets were given, the cross-entropy in fp32: the mean, or
+    per token with reduction "none". `logits` is None when the loss came from the chunked path, which
+    never holds them all.
     """
 
     logits: Tensor | None

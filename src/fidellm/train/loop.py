@@ -429,7 +429,9 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
             total += parts.detach()
         data.prefetch()  # assemble and copy the next batch while this step's backward runs
         record = StepRecord(step + 1, lr, data.state_dict(), ctx.mean(total))
-        record.chunks = [x.detach() for x in getattr(output, "bytes_per_chunk", [])]
+        record.chunks = [
+            x.detach().clone() for x in getattr(output, "bytes_per_chunk", [])
+        ]  # CUDA graphs reuse outputs
         if pending is not None:
             report(pending)  # the previous step's numbers arrived long ago: no stall
             pending = None
