@@ -4,6 +4,7 @@ learning rates, decay exemptions, bytes/chunk logging, exact resume, gradient ch
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ from fidellm.models.factory import build_model, preset_config
 from fidellm.tokenizer.bytes import ByteTokenizer
 from fidellm.tokenizer.shards import tokenize_splits
 from fidellm.train.loop import TrainConfig, train
-from fidellm.train.optim import param_groups
+from fidellm.train.optim import build_optimizer, param_groups
 from fixtures.train.build_run import build_flores_run
 
 
@@ -59,6 +60,27 @@ def test_hnet_trains_logs_chunks_and_resumes_exactly(byte_run: Path, tmp_path: P
     assert len(chunks) == 6 and all(len(c) == 1 and c[0] >= 1.0 for c in chunks)
     state = json.loads((run / "train/checkpoints/step_00000006/state.json").read_text())
     assert state["model_config"]["arch"] == "hnet" and 0 < straight["val_bpb"] < 9
+
+
+def test_hnet_sync_free_loop_logs_what_the_checked_one_does(
+    byte_run: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """The CUDA loop (losses and chunk sizes read one step late) on CPU, against the checked loop."""
+    from fidellm.train import loop
+
+    monkeypatch.setattr(loop, "build_optimizer", functools.partial(build_optimizer, fused=True))
+    checked = train(fresh(byte_run, tmp_path / "checked"), config())
+    monkeypatch.setattr(loop, "SYNC_FREE_DEVICES", ("cuda", "cpu"))
+    late = train(fresh(byte_run, tmp_path / "late"), config())
+    assert late["losses"] == checked["losses"] and late["val_loss"] == checked["val_loss"]
+
+    timing = ("tok_per_s", "mfu", "eta_s", "memory_gib", "time")
+
+    def logged(run: str) -> list[dict]:
+        lines = (tmp_path / run / "train/metrics.jsonl").read_text().splitlines()
+        return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in lines]
+
+    assert logged("late") == logged("checked")
 
 
 def test_hnet_ratio_loss_is_trained_not_logged_as_cross_entropy(
