@@ -5,6 +5,7 @@
 #   bash benchmarks/gpu_session.sh prepare runs/demo
 # fills the git-ignored .carry/ (run tokens and tokenizer, FLORES dev+devtest; about 35 MB).
 # Then one `run` call of the device tool per step, with carry [".carry"]:
+#   bash benchmarks/gpu_session.sh check           # the CUDA-only paths of the engine (~3 minutes)
 #   bash benchmarks/gpu_session.sh throughput      # 25m and 125m, fused loss on/off, + minimal GPT baseline
 #   bash benchmarks/gpu_session.sh compile-modes   # 25m under max-autotune-no-cudagraphs and reduce-overhead
 #   bash benchmarks/gpu_session.sh quality 125m 1200 1e-3 [more quality_run.py options]
@@ -29,6 +30,9 @@ prepare)
     cp -rL "$data/flores200" "$CARRY/data/"
     du -sh "$CARRY"
     ;;
+check)
+    "$PYTHON" benchmarks/cuda_checks.py "$CARRY/run" 2>&1 | tee "$OUT/cuda_checks.log"
+    ;;
 throughput)
     "$PYTHON" benchmarks/bench_train.py "$CARRY/run" --presets 25m,125m --seq-len 1024 --batch-size 64 \
         --steps 150 --log-every 10 --loss-chunks 4096,0 --out /tmp/bench_train 2>&1 | tee "$OUT/throughput.log"
@@ -52,7 +56,7 @@ quality)
     for curves in /tmp/quality/*/train/curves.png; do cp "$curves" "$OUT/curves-$(basename "$(dirname "$(dirname "$curves")")").png"; done
     ;;
 *)
-    sed -n '2,12p' "$0"
+    sed -n '2,13p' "$0"
     exit 2
     ;;
 esac
