@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import statistics
 import sys
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from common import MARKDOWN_HEADER, markdown_row, training_workdir
+from common import MARKDOWN_HEADER, in_fresh_process, markdown_row, training_workdir
 
 from fidellm.train.loop import TrainConfig, train
 
@@ -85,8 +83,7 @@ def main() -> None:
             f"compile {args.compile and mode}, loss chunk {chunk or 'off'}"
         )
         try:  # a fresh process per variant: its own peak memory, no compiled code carried over
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                result = pool.submit(bench_preset, args.run, args.out, preset, mode, chunk, args).result()
+            result = in_fresh_process(bench_preset, args.run, args.out, preset, mode, chunk, args)
         except Exception as error:  # one broken variant must not cost the rest of a GPU session
             failures.append(f"{what}: {type(error).__name__}: {error}")
             print(f"FAILED {failures[-1]}", flush=True)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import platform
 import statistics
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import Any
 
 from fidellm.eval.results import cpu_name, git_commit
 
@@ -39,3 +43,9 @@ def training_workdir(run: Path, work: Path) -> Path:
         if not (work / name).exists():
             (work / name).symlink_to((run / name).resolve())
     return work
+
+
+def in_fresh_process(function: Callable[..., Any], *args: Any) -> Any:
+    """`function(*args)` in a new (spawned) process: its own peak memory, no compiled code carried over."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(function, *args).result()

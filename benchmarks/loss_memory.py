@@ -12,15 +12,13 @@ process's peak resident memory on a CPU. bf16 autocast on CUDA, fp32 on a CPU, a
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import resource
 import statistics
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import torch
-from common import MARKDOWN_HEADER, markdown_row
+from common import MARKDOWN_HEADER, in_fresh_process, markdown_row
 
 from fidellm.models.llama import LlamaForCausalLM, preset
 
@@ -75,8 +73,7 @@ def main() -> None:
     rows = []
     for use in ("train", "validation"):
         for chunk in (int(c) for c in args.chunks.split(",")):
-            with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
-                seconds, peak = pool.submit(measure, args, chunk, use).result()
+            seconds, peak = in_fresh_process(measure, args, chunk, use)
             what = (
                 f"{use} loss, {args.preset} at vocab {args.vocab}, {args.batch_size}×{args.seq_len} tokens,"
                 f" {args.device}, loss chunk {chunk or 'off'}: peak +{peak:.2f} GiB; seconds"

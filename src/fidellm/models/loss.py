@@ -38,10 +38,12 @@ class _LinearCrossEntropy(torch.autograd.Function):
             torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if wanted[1] else None
         )
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        head = weight  # cast once to the dtype the first chunk's logits come in (autocast's), not per chunk
         for start in range(0, hidden.shape[0], chunk):
             part = hidden[start : start + chunk]
-            logits = F.linear(part, weight)  # the autocast dtype, as lm_head would give
+            logits = F.linear(part, head)  # the autocast dtype, as lm_head would give
             compute_dtype = logits.dtype
+            head = head.to(compute_dtype)
             log_probs = torch.log_softmax(logits.float(), dim=-1)
             kept = valid[start : start + chunk]
             picked = targets[start : start + chunk].clamp(min=0).unsqueeze(1)
@@ -55,7 +57,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_logits = grad_logits.to(compute_dtype)
             rows = kept.unsqueeze(1).to(compute_dtype)
             if grad_hidden is not None:
-                grad_hidden[start : start + chunk] = (grad_logits @ weight.to(compute_dtype)) * rows
+                grad_hidden[start : start + chunk] = (grad_logits @ head) * rows
             if grad_weight is not None:
                 grad_weight += (grad_logits.t() @ (part.to(compute_dtype) * rows)).float()
         ctx.weight_dtype = weight.dtype
