@@ -66,10 +66,12 @@ class ScriptedModel(nn.Module):
     def new_cache(self) -> None:
         return None
 
-    def forward(self, ids: Tensor, cache: None = None, attention_mask: Tensor | None = None) -> Any:
+    def forward(
+        self, ids: Tensor, cache: None = None, attention_mask: Tensor | None = None, logits_to_keep: int = 0
+    ) -> Any:
         if ids.shape[1] > 1:  # prefill: the whole prompt
             self.prompts.append(ids[0].tolist())
-        logits = torch.zeros(ids.shape[0], ids.shape[1], VOCAB)
+        logits = torch.zeros(ids.shape[0], logits_to_keep or ids.shape[1], VOCAB)
         logits[:, -1, self.script.pop(0)] = 1.0
         return SimpleNamespace(logits=logits)
 

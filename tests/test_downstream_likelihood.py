@@ -14,7 +14,6 @@ import pytest
 import torch
 import yaml
 import zstandard
-from torch import nn
 
 from fidellm.errors import FidelError
 from fidellm.eval.downstream.likelihood import continuation_logprobs, encode_pair, score_choices
@@ -33,10 +32,9 @@ from fidellm.eval.downstream.sib import (
     task_splits,
 )
 from fidellm.export.hf import export_hf
-from fidellm.models.llama import LMOutput
 from fidellm.paths import resolve_data_dir
 from fidellm.tokenizer.bpe import BPETokenizer, train_bpe
-from fixtures.models import gqa_config, random_llama
+from fixtures.models import ScriptedLM, gqa_config, random_llama
 
 # ---------------------------------------------------------------------------------------------- stubs
 
@@ -75,7 +73,7 @@ def bigram_logprobs() -> torch.Tensor:
     return probs.log()
 
 
-class Bigram(nn.Module):
+class Bigram(ScriptedLM):
     """Logits = log P(next | this token), so every log-probability is a product of table entries; records
     the inputs it was given."""
 
@@ -85,9 +83,9 @@ class Bigram(nn.Module):
         self.table = bigram_logprobs()
         self.inputs: list[list[list[int]]] = []
 
-    def forward(self, input_ids: torch.Tensor) -> LMOutput:
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         self.inputs.append(input_ids.tolist())
-        return LMOutput(self.table[input_ids].float())
+        return self.table[input_ids].float()
 
 
 # ---------------------------------------------------------------------------------------------- scorer

@@ -13,24 +13,24 @@ from torch import nn
 
 from fidellm.errors import FidelError
 from fidellm.eval.lm import score_documents, score_lines, token_bits
-from fidellm.models.llama import LlamaForCausalLM, LMOutput
+from fidellm.models.llama import LlamaForCausalLM
 from fidellm.models.load import load_checkpoint_model, load_model
 from fidellm.tokenizer.bytes import ByteTokenizer
 from fidellm.train.checkpoint import latest_checkpoint, save_checkpoint
-from fixtures.models import gqa_config
+from fixtures.models import ScriptedLM, gqa_config
 
 LINES = ["ሰላም ለዓለም።", "ኢትዮጵያ በአፍሪካ ቀንድ የምትገኝ ሀገር ናት።", "a", "ab cd", "ቡና"]
 
 
-class Uniform(nn.Module):
+class Uniform(ScriptedLM):
     """Predicts every one of `vocab` ids with equal probability."""
 
     def __init__(self, vocab: int):
         super().__init__()
         self.vocab = vocab
 
-    def forward(self, input_ids: torch.Tensor) -> LMOutput:
-        return LMOutput(torch.zeros(*input_ids.shape, self.vocab))
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return torch.zeros(*input_ids.shape, self.vocab)
 
 
 def test_uniform_over_bytes_is_exactly_8_bits_per_byte():
@@ -69,7 +69,7 @@ def test_batched_padded_bits_equal_one_line_at_a_time():
         assert torch.allclose(torch.from_numpy(bits).float(), expected, atol=1e-5)
 
 
-class Bigram(nn.Module):
+class Bigram(ScriptedLM):
     """Next-token logits from the current token alone, with a declared context of `context` positions:
     windowing cannot change its predictions, so windowed and unwindowed bits must be identical."""
 
@@ -79,10 +79,10 @@ class Bigram(nn.Module):
         self.table = nn.Embedding(vocab, vocab)
         self.config = type("Config", (), {"max_position_embeddings": context})()
 
-    def forward(self, input_ids: torch.Tensor) -> LMOutput:
+    def logits(self, input_ids: torch.Tensor) -> torch.Tensor:
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise AssertionError(f"{input_ids.shape[1]} positions exceed the context")
-        return LMOutput(self.table(input_ids))
+        return self.table(input_ids)
 
 
 @pytest.mark.parametrize("length", [5, 16, 17, 40, 101])

@@ -151,3 +151,42 @@ def test_models_give_per_token_losses_whose_mean_is_the_loss() -> None:
         per_byte[byte_targets != IGNORE_INDEX].mean(), hnet(byte_inputs, byte_targets).loss
     )
     assert not per_byte[byte_targets == IGNORE_INDEX].any()
+
+
+def test_logits_to_keep_gives_the_last_positions_of_the_full_forward() -> None:
+    from fidellm.models.hnet import HNetForCausalLM, preset
+
+    llama = random_llama(gqa_config())
+    inputs, targets = torch.randint(0, 320, (2, 30)), torch.randint(0, 320, (2, 30))
+    full = llama(inputs).logits
+    torch.testing.assert_close(llama(inputs, logits_to_keep=4).logits, full[:, -4:])
+    per_token = llama(inputs, targets, reduction="none").loss
+    for chunk in (0, 3):  # the loss counts the kept positions' targets only, chunked or not
+        llama.loss_chunk_tokens = chunk
+        kept = llama(inputs, targets, reduction="none", logits_to_keep=4).loss
+        torch.testing.assert_close(kept, per_token[:, -4:], rtol=1e-5, atol=1e-6)
+    # a left-padded prefill and a cached step keep their last position's logits too
+    mask = torch.ones(2, 30, dtype=torch.long)
+    mask[1, :5] = 0
+    cache = llama.new_cache()
+    prefill = llama(inputs, cache=cache, attention_mask=mask, logits_to_keep=1).logits
+    torch.testing.assert_close(prefill, llama(inputs, attention_mask=mask).logits[:, -1:])
+    step = llama(
+        targets[:, -1:], cache=cache, attention_mask=torch.cat([mask, mask[:, -1:]], 1), logits_to_keep=1
+    )
+    assert step.logits.shape == (2, 1, full.shape[-1])
+    with pytest.raises(ValueError, match="logits_to_keep"):
+        llama(inputs, logits_to_keep=-1)
+
+    torch.manual_seed(0)
+    hnet = HNetForCausalLM(preset("hnet-tiny", max_position_embeddings=64)).eval()
+    byte_inputs, byte_targets = torch.randint(0, 256, (2, 40)), torch.randint(0, 256, (2, 40))
+    with torch.no_grad():
+        full_bytes = hnet(byte_inputs, byte_targets, reduction="none")
+        kept_bytes = hnet(byte_inputs, byte_targets, reduction="none", logits_to_keep=6)
+        torch.testing.assert_close(kept_bytes.logits, full_bytes.logits[:, -6:])
+        torch.testing.assert_close(kept_bytes.loss, full_bytes.loss[:, -6:])
+        cache = hnet.new_cache()
+        hnet(byte_inputs[:, :30], cache=cache)
+        stepped = hnet(byte_inputs[:, 30:], cache=cache, logits_to_keep=2).logits
+        torch.testing.assert_close(stepped, full_bytes.logits[:, -2:], rtol=1e-4, atol=1e-4)

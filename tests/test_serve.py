@@ -55,8 +55,16 @@ class ScriptedModel(nn.Module):
         self.step = 0
         return self.inner.new_cache()
 
-    def forward(self, input_ids: Tensor, cache: Any = None, attention_mask: Tensor | None = None) -> LMOutput:
-        logits = self.inner(input_ids, cache=cache, attention_mask=attention_mask).logits.clone()
+    def forward(
+        self,
+        input_ids: Tensor,
+        cache: Any = None,
+        attention_mask: Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> LMOutput:
+        logits = self.inner(
+            input_ids, cache=cache, attention_mask=attention_mask, logits_to_keep=logits_to_keep
+        ).logits.clone()
         if cache is not None:
             logits[:, -1] = float("-inf")
             logits[:, -1, self.script[min(self.step, len(self.script) - 1)]] = 0.0

@@ -44,11 +44,19 @@ class Recording(nn.Module):
     def new_cache(self) -> Any:
         return self.inner.new_cache()
 
-    def forward(self, input_ids: Tensor, cache: Any = None, attention_mask: Tensor | None = None) -> LMOutput:
+    def forward(
+        self,
+        input_ids: Tensor,
+        cache: Any = None,
+        attention_mask: Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> LMOutput:
         if cache is not None and input_ids.shape[1] == 1:
             self.decode_batches.append(input_ids.shape[0])
             time.sleep(self.delay)
-        return self.inner(input_ids, cache=cache, attention_mask=attention_mask)
+        return self.inner(
+            input_ids, cache=cache, attention_mask=attention_mask, logits_to_keep=logits_to_keep
+        )
 
 
 @pytest.fixture(scope="module")

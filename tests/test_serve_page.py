@@ -62,10 +62,18 @@ class ScriptedModel(nn.Module):
     def new_cache(self) -> Any:
         return self.inner.new_cache()
 
-    def forward(self, input_ids: Tensor, cache: Any = None, attention_mask: Tensor | None = None) -> LMOutput:
+    def forward(
+        self,
+        input_ids: Tensor,
+        cache: Any = None,
+        attention_mask: Tensor | None = None,
+        logits_to_keep: int = 0,
+    ) -> LMOutput:
         if self.fail:
             raise RuntimeError("scripted failure")
-        logits = self.inner(input_ids, cache=cache, attention_mask=attention_mask).logits.clone()
+        logits = self.inner(
+            input_ids, cache=cache, attention_mask=attention_mask, logits_to_keep=logits_to_keep
+        ).logits.clone()
         if cache is not None:
             self.step = 0 if input_ids.shape[1] > 1 else self.step
             logits[:, -1] = float("-inf")

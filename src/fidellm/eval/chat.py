@@ -221,11 +221,8 @@ def heldout_loss(
         for row, (example, _) in enumerate(batch):
             inputs[row, : len(example.inputs)] = torch.from_numpy(example.inputs)
             targets[row, : len(example.targets)] = torch.from_numpy(example.targets)
-        logits = model(inputs.to(device)).logits.float()
         targets = targets.to(device)
-        nll = torch.nn.functional.cross_entropy(
-            logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX, reduction="none"
-        ).view(targets.shape)
+        nll = model(inputs.to(device), targets, reduction="none").loss  # per token, 0 where ignored
         for row, (_, source) in enumerate(batch):
             total = sums.setdefault(source, [0.0, 0.0])
             total[0] += nll[row].sum().item()

@@ -14,10 +14,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from fidellm.errors import FidelError
+from fidellm.models.loss import IGNORE_INDEX
 from fidellm.tokenizer.base import TextTokenizer
 
 
@@ -106,14 +106,11 @@ def token_bits(
         chunk = pieces[first : first + batch_size]
         width = max(len(p.inputs) for p in chunk)
         inputs = torch.full((len(chunk), width), bos_id, dtype=torch.long)
-        targets = torch.full((len(chunk), width), -100, dtype=torch.long)
+        targets = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
         for row, piece in enumerate(chunk):  # right padding: a causal model's earlier positions ignore it
             inputs[row, : len(piece.inputs)] = torch.tensor(piece.inputs)
             targets[row, : len(piece.targets)] = torch.tensor(piece.targets)
-        logits = model(inputs.to(device)).logits.float()
-        nats = F.cross_entropy(
-            logits.flatten(0, 1), targets.to(device).flatten(), ignore_index=-100, reduction="none"
-        ).view(len(chunk), width)
+        nats = model(inputs.to(device), targets.to(device), reduction="none").loss  # no full logits
         bits = (nats / math.log(2)).double().cpu().numpy()
         for row, piece in enumerate(chunk):
             kept = slice(piece.start + piece.keep_from, piece.start + len(piece.targets))

@@ -224,9 +224,10 @@ class DecodeBatch:
         self.prefilled = True
         if not self.right_padded:  # without padding the mask changes nothing: skip building it
             mask = None if bool(self.mask.all()) else self.mask
-            return self.model(self._input, cache=self.cache, attention_mask=mask).logits[:, -1].float()
+            output = self.model(self._input, cache=self.cache, attention_mask=mask, logits_to_keep=1)
+            return output.logits[:, -1].float()
         if not first:  # H-Net steps: every row advances by one byte, no mask
-            return self.model(self._input, cache=self.cache).logits[:, -1].float()
+            return self.model(self._input, cache=self.cache, logits_to_keep=1).logits[:, -1].float()
         logits = self.model(self._input, cache=self.cache, attention_mask=self.mask).logits
         last = self.mask.sum(dim=1) - 1  # each right-padded row's last real position
         return logits[torch.arange(logits.shape[0], device=self.device), last].float()

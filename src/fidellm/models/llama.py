@@ -25,6 +25,7 @@ from fidellm.models.blocks import KVCache, RMSNorm, RotaryEmbedding, Transformer
 from fidellm.models.loss import (
     DEFAULT_CHUNK_TOKENS,
     check_reduction,
+    keep_last,
     linear_cross_entropy,
     logits_loss,
     token_cross_entropy,
@@ -232,6 +233,7 @@ class LlamaForCausalLM(nn.Module):
         cache: list[KVCache] | None = None,
         attention_mask: Tensor | None = None,
         reduction: str = "mean",
+        logits_to_keep: int = 0,
     ) -> LMOutput:
         """Logits of the next token at every position of `input_ids` (batch, seq).
 
@@ -244,10 +246,14 @@ class LlamaForCausalLM(nn.Module):
         With targets and `loss_chunk_tokens` > 0 the loss comes from `fidellm.models.loss` chunk by chunk
         and the logits are not returned (None); a LoRA- or quantization-wrapped `lm_head` always gives
         logits. `reduction` "none" gives the loss per token (batch, seq; 0 where ignored) instead of the
-        mean, as evaluation needs.
+        mean, as evaluation needs. `logits_to_keep` N > 0 (HF's argument) projects only the last N
+        positions to the vocabulary (and scores only their targets): a prefill or a scorer that needs a
+        few positions skips the output matrix's work on the rest.
         """
         check_reduction(reduction)
         hidden = self.model(input_ids, cache, attention_mask, self.document_masking)
+        if logits_to_keep:
+            hidden, targets = keep_last(hidden, targets, logits_to_keep)
         if targets is not None and self.loss_chunk_tokens and type(self.lm_head) is nn.Linear:
             chunked = linear_cross_entropy if reduction == "mean" else token_cross_entropy
             return LMOutput(None, chunked(hidden, self.lm_head.weight, targets, self.loss_chunk_tokens))

@@ -121,6 +121,13 @@ def token_cross_entropy(
 REDUCTIONS = ("mean", "none")
 
 
+def keep_last(x: Tensor, targets: Tensor | None, n: int) -> tuple[Tensor, Tensor | None]:
+    """The last `n` positions of x (batch, seq, ...) and of the targets (batch, seq), for `logits_to_keep`."""
+    if n < 0:
+        raise ValueError(f"logits_to_keep must be 0 (all positions) or positive, got {n}")
+    return x[:, -n:], None if targets is None else targets[:, -n:]
+
+
 def check_reduction(reduction: str) -> None:
     """Reject a loss reduction other than "mean" (training) and "none" (per token, evaluation)."""
     if reduction not in REDUCTIONS:

@@ -283,7 +283,8 @@ class Engine:
         if start >= len(ids):
             return scores
         device = next(self.model.parameters()).device
-        logits = self.model(torch.tensor([ids], device=device)).logits[0, start - 1 : len(ids) - 1].float()
+        keep = len(ids) - start + 1  # the positions predicting ids[start:], and the last one
+        logits = self.model(torch.tensor([ids], device=device), logits_to_keep=keep).logits[0, :-1].float()
         vocab = min(self.tokenizer.vocab_size, logits.shape[-1])
         logprobs = torch.log_softmax(logits[:, :vocab], dim=-1)
         top = job.score_top or 0

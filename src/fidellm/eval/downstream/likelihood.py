@@ -1,9 +1,10 @@
 """Log-likelihood of continuations under a causal LM, batched, computed exactly as lm-evaluation-harness does.
 
 `continuation_logprobs` scores log P(continuation | context) with the model's own forward pass
-(`model(ids).logits`). Tokenization follows lm-eval 0.4.13's HF backend (`LM._encode_pair` for causal
-models, the `loglikelihood` rule for an empty context, `HFLM._loglikelihood_tokens` for truncation), so
-figures computed here and by `lm_eval --model hf` on the exported directory agree:
+(`model(ids, logits_to_keep=n).logits`: only the continuations' positions get logits). Tokenization
+follows lm-eval 0.4.13's HF backend (`LM._encode_pair` for causal models, the `loglikelihood` rule for
+an empty context, `HFLM._loglikelihood_tokens` for truncation), so figures computed here and by
+`lm_eval --model hf` on the exported directory agree:
 
 - whitespace at the end of the context moves to the start of the continuation;
 - context ids = encode(context) with BOS; continuation ids = encode(context + continuation) with BOS,
@@ -98,13 +99,16 @@ def continuation_logprobs(
     scores: list[ContinuationScore | None] = [None] * len(rows)
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
-        ids = torch.full((len(chunk), len(rows[chunk[0]])), tokenizer.pad_id, dtype=torch.long)
+        width = len(rows[chunk[0]])
+        ids = torch.full((len(chunk), width), tokenizer.pad_id, dtype=torch.long)
         for row, i in enumerate(chunk):
             ids[row, : len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
-        logits = model(ids.to(device)).logits
+        # only the columns holding some row's continuation get logits (the rest is context)
+        keep = max(width - len(rows[i]) + len(pairs[i][1]) for i in chunk)
+        logits = model(ids.to(device), logits_to_keep=keep).logits
         for row, i in enumerate(chunk):
             target = torch.tensor(pairs[i][1], dtype=torch.long, device=device)
-            end = len(rows[i])
+            end = len(rows[i]) - width + keep  # the row's last position, counted in the kept columns
             logprobs = F.log_softmax(logits[row, end - len(target) : end].float(), dim=-1)
             scores[i] = ContinuationScore(
                 logprob=float(logprobs.gather(1, target[:, None]).sum()),

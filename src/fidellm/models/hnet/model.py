@@ -33,7 +33,7 @@ from fidellm.models.hnet.routing import (
     upsample,
 )
 from fidellm.models.llama import INIT_STD, LMOutput
-from fidellm.models.loss import check_reduction, logits_loss
+from fidellm.models.loss import check_reduction, keep_last, logits_loss
 
 RESIDUAL_OUTPUTS = ("out_proj", "fc2")
 
@@ -264,6 +264,7 @@ class HNetForCausalLM(nn.Module):
         cache: HNetCache | None = None,
         attention_mask: Tensor | None = None,
         reduction: str = "mean",
+        logits_to_keep: int = 0,
     ) -> HNetOutput:
         """Next-byte logits (batch, seq, vocab) of `input_ids` (batch, seq).
 
@@ -272,11 +273,15 @@ class HNetForCausalLM(nn.Module):
         chunking statistics; thanks to causality a padded row's logits equal the row's logits alone.
         With an empty `cache` the call is a prefill (each row's state ends at its last real byte);
         with a filled one every row advances by the given bytes, one recurrent step each. `reduction`
-        "none" gives the loss per byte (0 where ignored), as `LlamaForCausalLM` does.
+        "none" gives the loss per byte (0 where ignored), and `logits_to_keep` N > 0 the logits (and
+        loss) of the last N positions only, as in `LlamaForCausalLM`.
         """
         check_reduction(reduction)
         if cache is not None and cache.stage is not None:
-            return self._steps(input_ids, targets, cache, attention_mask, reduction)
+            logits = self._steps(input_ids, cache, attention_mask)
+            if logits_to_keep:
+                logits, targets = keep_last(logits, targets, logits_to_keep)
+            return HNetOutput(logits, logits_loss(logits, targets, reduction))
         valid = self._check_inputs(input_ids, attention_mask)
         x = self.embeddings(input_ids)
         stage_cache = None
@@ -284,6 +289,8 @@ class HNetForCausalLM(nn.Module):
             stage_cache = self.backbone.new_cache(input_ids.shape[0], input_ids.device, x.dtype)
             cache.stage, cache.length = stage_cache, input_ids.shape[1]
         hidden, routing = self.backbone(x, valid, input_ids == self.config.bos_token_id, stage_cache)
+        if logits_to_keep:
+            hidden, targets = keep_last(hidden, targets, logits_to_keep)
         logits = self.lm_head(hidden.to(self.lm_head.weight.dtype))
         ratio_losses, bytes_per_chunk = [], []
         total_bytes = valid.sum()
@@ -294,15 +301,8 @@ class HNetForCausalLM(nn.Module):
         loss = logits_loss(logits, targets, reduction)
         return HNetOutput(logits, loss, aux_loss, ratio_losses, bytes_per_chunk)
 
-    def _steps(
-        self,
-        input_ids: Tensor,
-        targets: Tensor | None,
-        cache: HNetCache,
-        attention_mask: Tensor | None,
-        reduction: str,
-    ) -> HNetOutput:
-        """Advance every row of a filled cache by input_ids (batch, seq), one byte at a time."""
+    def _steps(self, input_ids: Tensor, cache: HNetCache, attention_mask: Tensor | None) -> Tensor:
+        """Advance every row of a filled cache by input_ids (batch, seq), one byte at a time; the logits."""
         assert cache.stage is not None
         if attention_mask is not None:
             raise FidelError("H-Net cached steps advance every row: pass attention_mask at the prefill only")
@@ -319,8 +319,7 @@ class HNetForCausalLM(nn.Module):
             hidden = self.backbone.step(self.embeddings(ids), active, doc_start, cache.stage)
             logits.append(self.lm_head(hidden.to(self.lm_head.weight.dtype)))
             cache.length += 1
-        stacked = torch.cat(logits, dim=1)
-        return HNetOutput(stacked, logits_loss(stacked, targets, reduction))
+        return torch.cat(logits, dim=1)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Distinct parameters; without the byte embedding and LM head when `exclude_embeddings`."""
