@@ -129,6 +129,18 @@ def test_short_afrisenti_tweet_caught(index, units, clean_docs):
     assert out[0].metadata["decontam_sets"] == {"afrisenti_amh": 1}
 
 
+def test_lines_of_a_batch_are_matched_alone(index, units, clean_docs):
+    """Looking lines up together gives each its own mask: eval words split over two lines match neither."""
+    flores = next(u.text for u in units if u.set_name == "flores200" and len(words(match_key(u.text))) >= 18)
+    ws = words(match_key(flores))
+    halves = [" ".join(ws[:9]), " ".join(ws[9:18])]  # 2 of the unit's n-grams each; 3 are needed
+    assert index.match_mask(" ".join(halves)) != 0
+    lines = [*clean_docs[4].text.split("\n"), *halves, flores, "  "]
+    masks = index.line_masks(lines)
+    assert masks == [index.match_mask(line) for line in lines]
+    assert masks[-4:-2] == [0, 0] and masks[-2] != 0 and masks[-1] == 0
+
+
 def test_clean_text_untouched(index, clean_docs):
     docs = [_copy(d) for d in clean_docs]
     out = _run(Decontaminate(index=index), docs)

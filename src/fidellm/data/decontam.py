@@ -236,22 +236,46 @@ class EvalNgramIndex:
 
     def match_mask(self, line: str) -> int:
         """Bitmask of the eval sets `line` is contaminated with (0 when clean)."""
-        key = match_key(line)
-        if not key:
-            return 0
-        mask = 0
-        for set_id in np.unique(self.unit_sets[self.matched_units(key)]):
-            mask |= 1 << int(set_id)
-        if len(self.shorts):
+        return self.line_masks([line])[0]
+
+    def line_masks(self, lines: list[str]) -> list[int]:
+        """`match_mask` of every line, the lines looked up together: one n-gram search for all of them,
+        the per-unit count only for lines with a hit, one search of the whole-unit keys."""
+        keys = [match_key(line) if line.strip() else "" for line in lines]
+        masks = [0] * len(lines)
+        for i in self._ngram_hits(keys):
+            for set_id in np.unique(self.unit_sets[self.matched_units(keys[i])]):
+                masks[i] |= 1 << int(set_id)
+        if not len(self.shorts):
+            return masks
+        queries, owners = [], []
+        for i, (line, key) in enumerate(zip(lines, keys, strict=True)):
+            if not key:
+                continue
             parts = sentences(line)
-            keys = {key, *(match_key(s) for s in parts)} if len(parts) > 1 else {key}
-            queries = np.asarray([key_hash(k) for k in keys if len(k) >= self.min_short_chars], np.uint64)
-            if len(queries):
-                idx = np.minimum(np.searchsorted(self.shorts, queries), len(self.shorts) - 1)
-                found = self.shorts[idx] == queries
-                if found.any():
-                    mask |= int(np.bitwise_or.reduce(self.short_masks[idx[found]]))
-        return mask
+            for k in {key, *(match_key(s) for s in parts)} if len(parts) > 1 else {key}:
+                if len(k) >= self.min_short_chars:
+                    queries.append(key_hash(k))
+                    owners.append(i)
+        if queries:
+            hashes = np.asarray(queries, dtype=np.uint64)
+            idx = np.minimum(np.searchsorted(self.shorts, hashes), len(self.shorts) - 1)
+            found = self.shorts[idx] == hashes
+            for i, set_mask in zip(np.asarray(owners)[found], self.short_masks[idx[found]], strict=True):
+                masks[i] |= int(set_mask)
+        return masks
+
+    def _ngram_hits(self, keys: list[str]) -> list[int]:
+        """Indices of the keys that may hold an indexed n-gram, the candidates `matched_units` decides on:
+        the n-grams of all keys at once (a window across two keys at worst adds a candidate)."""
+        word_lists = [words(key) for key in keys]
+        flat = [word for ws in word_lists for word in ws]
+        if len(flat) < self.n or not len(self.ngrams):
+            return []
+        owner = np.repeat(np.arange(len(keys)), [len(ws) for ws in word_lists])
+        hashes = ngram_hashes(flat, self.n)
+        idx = np.minimum(np.searchsorted(self.ngrams, hashes), len(self.ngrams) - 1)
+        return np.unique(owner[: len(hashes)][self.ngrams[idx] == hashes]).tolist()
 
     def match(self, line: str) -> list[str]:
         """Names of the eval sets `line` overlaps (n-gram rule or a whole short unit)."""
@@ -327,8 +351,7 @@ class Decontaminate(BaseFilter):
         kept: list[str] = []
         per_set: Counter[str] = Counter()
         removed_lines = removed_chars = 0
-        for line in lines:
-            mask = index.match_mask(line) if line.strip() else 0
+        for line, mask in zip(lines, index.line_masks(lines), strict=True):
             if mask:
                 removed_lines += 1
                 removed_chars += len(line)
