@@ -17,20 +17,26 @@ def naive_scan(x, a, b, c, state):
     return torch.stack(outputs, dim=1), state
 
 
-@pytest.mark.parametrize(("length", "chunk_size"), [(37, 8), (16, 16), (5, 64), (1, 4)])
+@pytest.mark.parametrize(("length", "chunk_size"), [(37, 8), (16, 16), (5, 64), (1, 4), (100, 4), (64, 4)])
 @pytest.mark.parametrize("with_initial_state", [False, True])
+@pytest.mark.parametrize("groups", [6, 2, 1])
 def test_chunked_scan_equals_sequential_recurrence(
-    length: int, chunk_size: int, with_initial_state: bool
+    length: int, chunk_size: int, with_initial_state: bool, groups: int
 ) -> None:
     torch.manual_seed(0)
-    batch, heads, dim, state_dim = 2, 3, 4, 5
+    batch, heads, dim, state_dim = 2, 6, 4, 5
     x = torch.randn(batch, length, heads, dim)
     a = -torch.rand(batch, length, heads) * 2
-    b, c = torch.randn(batch, length, heads, state_dim), torch.randn(batch, length, heads, state_dim)
+    b, c = torch.randn(batch, length, groups, state_dim), torch.randn(batch, length, groups, state_dim)
     initial = torch.randn(batch, heads, dim, state_dim) if with_initial_state else None
     y, final = ssd_scan(x, a, b, c, chunk_size, initial)
+    per_head = heads // groups  # each group's B and C serve that many consecutive heads
     expected_y, expected_final = naive_scan(
-        x, a, b, c, torch.zeros(batch, heads, dim, state_dim) if initial is None else initial
+        x,
+        a,
+        b.repeat_interleave(per_head, dim=2),
+        c.repeat_interleave(per_head, dim=2),
+        torch.zeros(batch, heads, dim, state_dim) if initial is None else initial,
     )
     torch.testing.assert_close(y, expected_y, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(final, expected_final, atol=1e-5, rtol=1e-5)
