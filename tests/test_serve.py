@@ -23,7 +23,7 @@ from fidellm.tokenizer.bpe import BPETokenizer
 from fidellm.tokenizer.special import IM_END_ID
 from fixtures.bpe import flores_bpe
 from fixtures.chats import WEATHER_TOOL
-from fixtures.models import gqa_config, random_llama
+from fixtures.models import WrappedLM, gqa_config, random_llama
 from fixtures.server import loopback
 
 VOCAB = 768
@@ -43,28 +43,20 @@ def model() -> LlamaForCausalLM:
     return random_llama(config, seed=0)
 
 
-class ScriptedModel(nn.Module):
+class ScriptedModel(WrappedLM):
     """Wraps a model so that decoding emits `script` token by token (prefill = step 0), whatever the
     weights say; plain forward passes (scoring) are untouched. Drives tool-call outputs."""
 
     def __init__(self, inner: LlamaForCausalLM, script: list[int]):
-        super().__init__()
-        self.inner, self.script, self.config, self.step = inner, script, inner.config, 0
+        super().__init__(inner)
+        self.script, self.step = script, 0
 
     def new_cache(self) -> Any:
         self.step = 0
         return self.inner.new_cache()
 
-    def forward(
-        self,
-        input_ids: Tensor,
-        cache: Any = None,
-        attention_mask: Tensor | None = None,
-        logits_to_keep: int = 0,
-    ) -> LMOutput:
-        logits = self.inner(
-            input_ids, cache=cache, attention_mask=attention_mask, logits_to_keep=logits_to_keep
-        ).logits.clone()
+    def adjust(self, input_ids: Tensor, cache: Any, output: LMOutput) -> LMOutput:
+        logits = output.logits.clone()
         if cache is not None:
             logits[:, -1] = float("-inf")
             logits[:, -1, self.script[min(self.step, len(self.script) - 1)]] = 0.0

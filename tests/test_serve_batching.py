@@ -20,7 +20,7 @@ from fidellm.serve.common import ServeSettings
 from fidellm.tokenizer.bpe import BPETokenizer
 from fidellm.tokenizer.bytes import ByteTokenizer
 from fixtures.bpe import flores_bpe
-from fixtures.models import gqa_config, random_llama
+from fixtures.models import WrappedLM, gqa_config, random_llama
 from fixtures.server import loopback
 from test_serve import run
 
@@ -32,31 +32,20 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BPETokenizer:
     return flores_bpe(tmp_path_factory.mktemp("tokenizer"), 512, lines=400)
 
 
-class Recording(nn.Module):
+class Recording(WrappedLM):
     """Wraps a model and records the batch size of every cached decode step (one new token per row);
     `delay` seconds per step make decoding slow enough for requests to overlap."""
 
     def __init__(self, inner: LlamaForCausalLM, delay: float = 0.0):
-        super().__init__()
-        self.inner, self.config, self.delay = inner, inner.config, delay
+        super().__init__(inner)
+        self.delay = delay
         self.decode_batches: list[int] = []
 
-    def new_cache(self) -> Any:
-        return self.inner.new_cache()
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        cache: Any = None,
-        attention_mask: Tensor | None = None,
-        logits_to_keep: int = 0,
-    ) -> LMOutput:
+    def adjust(self, input_ids: Tensor, cache: Any, output: LMOutput) -> LMOutput:
         if cache is not None and input_ids.shape[1] == 1:
             self.decode_batches.append(input_ids.shape[0])
             time.sleep(self.delay)
-        return self.inner(
-            input_ids, cache=cache, attention_mask=attention_mask, logits_to_keep=logits_to_keep
-        )
+        return output
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
-from torch import Tensor, nn
+from torch import Tensor
 
 from fidellm.models.llama import LlamaForCausalLM, LMOutput
 from fidellm.serve.app import create_app
@@ -27,7 +27,7 @@ from fidellm.tokenizer.bpe import BPETokenizer
 from fidellm.tokenizer.special import IM_END_ID
 from fixtures.bpe import flores_bpe
 from fixtures.chats import WEATHER_TOOL
-from fixtures.models import gqa_config, random_llama
+from fixtures.models import WrappedLM, gqa_config, random_llama
 from fixtures.server import loopback
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -49,31 +49,19 @@ SECOND = "ኢትዮጵያ <b>ውብ</b> አገር ናት።"  # markup from the 
 CALL = '<tool_call>{"name": "get_weather", "arguments": {"city": "አዲስ አበባ", "days": 2}}</tool_call>'
 
 
-class ScriptedModel(nn.Module):
+class ScriptedModel(WrappedLM):
     """Wraps a model so that decoding emits `script` token by token, whatever the weights say. A
     multi-token input with a cache (the prefill of a new request) restarts the script, so requests must
     not overlap (the page sends one at a time). `fail` makes every call raise; `delay` slows each step."""
 
     def __init__(self, inner: LlamaForCausalLM):
-        super().__init__()
-        self.inner, self.config = inner, inner.config
+        super().__init__(inner)
         self.script, self.step, self.fail, self.delay = [IM_END_ID], 0, False, 0.0
 
-    def new_cache(self) -> Any:
-        return self.inner.new_cache()
-
-    def forward(
-        self,
-        input_ids: Tensor,
-        cache: Any = None,
-        attention_mask: Tensor | None = None,
-        logits_to_keep: int = 0,
-    ) -> LMOutput:
+    def adjust(self, input_ids: Tensor, cache: Any, output: LMOutput) -> LMOutput:
         if self.fail:
             raise RuntimeError("scripted failure")
-        logits = self.inner(
-            input_ids, cache=cache, attention_mask=attention_mask, logits_to_keep=logits_to_keep
-        ).logits.clone()
+        logits = output.logits.clone()
         if cache is not None:
             self.step = 0 if input_ids.shape[1] > 1 else self.step
             logits[:, -1] = float("-inf")
