@@ -13,7 +13,13 @@ from tokenizers import decoders, pre_tokenizers
 from fidellm.errors import FidelError
 from fidellm.paths import resolve_data_dir
 from fidellm.tokenizer.base import load_tokenizer
-from fidellm.tokenizer.bpe import BPETokenizer, sample_train_split, train_bpe, train_from_run
+from fidellm.tokenizer.bpe import (
+    BPETokenizer,
+    sample_train_split,
+    train_bpe,
+    train_from_run,
+    truncate_bpe,
+)
 from fidellm.tokenizer.shards import read_split_file, split_files
 from fidellm.tokenizer.special import BOS, IM_END, IM_START, RESERVED_TOKENS, TOOL_TOKENS
 from fixtures.tokenizer.build_run import build_run
@@ -119,6 +125,25 @@ def test_training_is_deterministic(run_dir: Path, trained: BPETokenizer) -> None
     again = train_from_run(run_dir, VOCAB, sample_mb=None, show_progress=False)
     assert again.fingerprint() == trained.fingerprint()
     assert again.hf.to_str() == trained.hf.to_str()
+
+
+@pytest.mark.parametrize("size", [512, 576, 960])
+def test_cutting_a_larger_bpe_equals_training_at_that_size(
+    run_dir: Path, trained: BPETokenizer, size: int
+) -> None:
+    cut = truncate_bpe(trained, size)
+    direct = train_from_run(run_dir, size, sample_mb=None, show_progress=False)
+    assert cut.hf.to_str() == direct.hf.to_str()  # same ids, merges, added tokens and pipeline
+    assert cut.vocab_size == size and cut.fingerprint() == direct.fingerprint()
+    assert cut.meta["vocab_size_requested"] == size and cut.meta["cut_from_vocab_size"] == VOCAB
+    line = "ኢትዮጵያ በምሥራቅ አፍሪካ 2024 ዓ.ም. ትገኛለች።"
+    assert cut.encode(line) == direct.encode(line) and cut.decode(cut.encode(line)) == line
+
+
+def test_cutting_to_the_same_or_a_bad_size(trained: BPETokenizer) -> None:
+    assert truncate_bpe(trained, VOCAB) is trained and truncate_bpe(trained, 2 * VOCAB) is trained
+    with pytest.raises(FidelError, match="multiple of 64"):
+        truncate_bpe(trained, 600)
 
 
 def test_save_and_load_round_trip(trained: BPETokenizer, run_dir: Path) -> None:

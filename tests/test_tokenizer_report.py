@@ -58,10 +58,14 @@ def test_report_sweep(run_dir: Path, tmp_path: Path) -> None:
     )
     assert report["eval_set"]["words"] == 34_221 and report["eval_set"]["lines"] == 2009
     assert report["target"]["met"] is None
+    assert report["sweep"]["trained_vocab_size"] == 1024  # trained once; 512 is cut out of it
+    assert rows["BPE 512"]["train_seconds"] is None
+    assert rows["BPE 1024"]["train_seconds"] == report["sweep"]["train_seconds"] > 0
     assert [a["name"] for a in report["published"]] == [a.name for a in PUBLISHED_ANCHORS]
     md_path, json_path = write_report(report, tmp_path)
     markdown = md_path.read_text(encoding="utf-8")
     assert "| published |" in markdown and "| measured |" in markdown and "not measured" in markdown
+    assert "one training at 1,024 ids" in markdown
     assert json.loads(json_path.read_text(encoding="utf-8"))["measured"] == report["measured"]
 
 

@@ -239,6 +239,33 @@ def train_bpe(
     return BPETokenizer(Tokenizer.from_str(json.dumps(data)), {**info, **(meta or {})})
 
 
+def truncate_bpe(tokenizer: BPETokenizer, vocab_size: int) -> BPETokenizer:
+    """The BPE that training with `vocab_size` on the same text gives, cut out of a larger one.
+
+    BPE training is greedy and the requested size only decides when it stops: ids are handed out in
+    merge order, so the smaller tokenizer is the ids below `vocab_size` and the merges up to the one
+    that made id `vocab_size - 1` (tests check the result against training directly). A vocabulary
+    sweep then trains once, at its largest size.
+    """
+    check_vocab_size(vocab_size)
+    if vocab_size >= tokenizer.vocab_size:  # the training ran out of pairs before this size
+        return tokenizer
+    data = json.loads(tokenizer.hf.to_str())
+    vocab: dict[str, int] = data["model"]["vocab"]
+    merges: list = data["model"]["merges"]
+    last = vocab_size - 1
+    # tokenizers >= 0.20 writes a merge as [left, right], older versions as "left right"
+    made = (vocab.get("".join(m) if isinstance(m, list) else m.replace(" ", "", 1)) for m in merges)
+    cut = next((index + 1 for index, token_id in enumerate(made) if token_id == last), None)
+    if cut is None:
+        raise FidelError(f"no merge of this tokenizer makes id {last}; it cannot be cut to {vocab_size} ids")
+    data["model"]["vocab"] = {token: index for token, index in vocab.items() if index < vocab_size}
+    data["model"]["merges"] = merges[:cut]
+    meta = {key: value for key, value in tokenizer.meta.items() if key not in ("vocab_size", "fingerprint")}
+    meta.update(vocab_size_requested=vocab_size, cut_from_vocab_size=tokenizer.vocab_size)
+    return BPETokenizer(Tokenizer.from_str(json.dumps(data)), meta)
+
+
 @dataclass
 class TrainingSample:
     """A deterministic sample of a run's train split: documents whose id-hash falls below `threshold`.

@@ -100,7 +100,8 @@ def _parse_sizes(text: str) -> tuple[int, ...]:
     "--vocab-sizes",
     default=",".join(map(str, DEFAULT_SWEEP)),
     show_default=True,
-    help="Also train one BPE per size on the run's train split and measure each ('none' to skip).",
+    help="Also measure a BPE of each size, trained on the run's train split ('none' to skip); the "
+    "largest is trained and the others are cut out of it, as training each would give.",
 )
 @click.option(
     "--sample-mb",
