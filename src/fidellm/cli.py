@@ -7,6 +7,7 @@ import sys
 import click
 
 from fidellm import __version__
+from fidellm.allocator import keep_freed_memory
 from fidellm.chat.cli import chat_command
 from fidellm.data.cli import data
 from fidellm.errors import FidelError
@@ -27,6 +28,7 @@ def cli() -> None:
     Stages read and write plain files in a run directory:
     data prepare -> tokenizer train -> data tokenize -> train -> generate / export.
     """
+    keep_freed_memory()  # CPU tensor temporaries reuse freed heap blocks (fidellm/allocator.py)
 
 
 cli.add_command(data)
