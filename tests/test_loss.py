@@ -125,6 +125,14 @@ def test_per_token_losses_equal_cross_entropy_without_reduction(chunk: int) -> N
     assert not got[targets == IGNORE_INDEX].any()
 
 
+def test_per_token_losses_skip_ignored_rows_eagerly_and_all_rows_under_compile() -> None:
+    hidden, weight, targets = random_problem(seed=3)
+    assert not token_cross_entropy(hidden, weight, torch.full_like(targets, IGNORE_INDEX), 7).any()
+    eager = token_cross_entropy(hidden, weight, targets, 7)  # only the rows with a target
+    compiled = torch.compile(token_cross_entropy, fullgraph=True)(hidden, weight, targets, 7)
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)
+
+
 def test_models_give_per_token_losses_whose_mean_is_the_loss() -> None:
     from fidellm.models.hnet import HNetForCausalLM, preset
 

@@ -109,7 +109,9 @@ def token_bits(
         targets = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
         for row, piece in enumerate(chunk):  # right padding: a causal model's earlier positions ignore it
             inputs[row, : len(piece.inputs)] = torch.tensor(piece.inputs)
-            targets[row, : len(piece.targets)] = torch.tensor(piece.targets)
+            # a window's first keep_from targets were scored by the window before: not projected again
+            scored = piece.targets[piece.keep_from :]
+            targets[row, piece.keep_from : len(piece.targets)] = torch.tensor(scored)
         nats = model(inputs.to(device), targets.to(device), reduction="none").loss  # no full logits
         bits = (nats / math.log(2)).double().cpu().numpy()
         for row, piece in enumerate(chunk):

@@ -106,6 +106,10 @@ def token_cross_entropy(
     if chunk_tokens < 1:
         raise ValueError(f"chunk_tokens must be positive, got {chunk_tokens}")
     flat_hidden, flat_targets = hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1)
+    rows = None
+    if not torch.compiler.is_compiling():  # eager: only rows with a target reach the output matrix
+        rows = (flat_targets != IGNORE_INDEX).nonzero().squeeze(1)  # (padding, prompts, window overlap)
+        flat_hidden, flat_targets = flat_hidden.index_select(0, rows), flat_targets[rows]
     pieces = [
         F.cross_entropy(
             F.linear(flat_hidden[start : start + chunk_tokens], weight).float(),
@@ -115,7 +119,10 @@ def token_cross_entropy(
         )
         for start in range(0, flat_hidden.shape[0], chunk_tokens)
     ]
-    return torch.cat(pieces).view(targets.shape)
+    losses = torch.cat(pieces) if pieces else flat_hidden.new_zeros(0, dtype=torch.float32)
+    if rows is None:
+        return losses.view(targets.shape)
+    return losses.new_zeros(targets.numel()).index_copy(0, rows, losses).view(targets.shape)
 
 
 REDUCTIONS = ("mean", "none")
