@@ -47,6 +47,7 @@ from fidellm.data.filters import LanguageFilter, LengthFilter, QualityFilter, Sc
 from fidellm.data.readers import Rejection
 from fidellm.data.registry import SourceSpec, load_registry, select_sources
 from fidellm.data.sources import iter_documents
+from fidellm.data.writers import GzipJsonlWriter
 from fidellm.errors import FidelError
 from fidellm.hashing import unit_interval
 from fidellm.paths import RunLayout
@@ -186,7 +187,7 @@ class PrepareLayout:
         self.boilerplate_examples = self.work / "boilerplate"
 
     def dropped_writer(self, reason: str) -> JsonlWriter:
-        return JsonlWriter(str(self.dropped / reason), output_filename="${rank}.jsonl.gz")
+        return GzipJsonlWriter(str(self.dropped / reason), output_filename="${rank}.jsonl.gz")
 
 
 def build_stages(
@@ -297,7 +298,7 @@ def build_stages(
         )
     final += [
         SplitAssigner(config.split),
-        JsonlWriter(str(layout.splits), output_filename="${split}/${rank}.jsonl.gz"),
+        GzipJsonlWriter(str(layout.splits), output_filename="${split}/${rank}.jsonl.gz"),
     ]
     stages.append(Stage("split", final, tasks))
     return stages
