@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 from click.testing import CliRunner
@@ -31,6 +33,17 @@ def test_every_command_has_help():
         result = runner.invoke(cli, [*args, "--help"])
         assert result.exit_code == 0, (args, result.output)
         assert "Usage:" in result.output and len(result.output) > 200
+
+
+def test_the_command_starts_without_torch_and_generate_names_load_on_use():
+    """`fidellm --help` and the data and tokenizer stages do not pay for importing torch (about 1.5 s)."""
+    code = (
+        "import sys, fidellm.cli, fidellm.generate as g\n"
+        "assert 'torch' not in sys.modules, 'importing the CLI imported torch'\n"
+        "assert all(getattr(g, name) for name in g.__all__) and 'torch' in sys.modules\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
 
 
 def test_sources_lists_registry():
