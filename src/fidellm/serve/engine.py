@@ -283,8 +283,9 @@ class Engine:
         if start >= len(ids):
             return scores
         device = next(self.model.parameters()).device
-        keep = len(ids) - start + 1  # the positions predicting ids[start:], and the last one
-        logits = self.model(torch.tensor([ids], device=device), logits_to_keep=keep).logits[0, :-1].float()
+        # the last len(ids) - start positions of ids[:-1] are those predicting ids[start:]
+        inputs = torch.tensor([ids[:-1]], device=device)
+        logits = self.model(inputs, logits_to_keep=len(ids) - start).logits[0].float()
         vocab = min(self.tokenizer.vocab_size, logits.shape[-1])
         logprobs = torch.log_softmax(logits[:, :vocab], dim=-1)
         top = job.score_top or 0
