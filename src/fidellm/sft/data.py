@@ -50,7 +50,7 @@ from fidellm.train.curriculum import (
     conversation_complexity,
     stage_boundaries,
 )
-from fidellm.train.data import DataPosition
+from fidellm.train.data import ShuffledBatches
 
 
 @dataclass
@@ -186,13 +186,9 @@ def pack(examples: Sequence[Example], seq_len: int, pad_id: int) -> tuple[np.nda
     return inputs, targets
 
 
-class ConversationBatches:
-    """Packed conversation rows in a per-epoch shuffled order; the interface of PackedBatches
-    (`next_batch()` -> (inputs, targets), `state_dict`, `load_state_dict`, `steps_per_epoch`).
-
-    Rows are packed once from the examples in a (seed)-shuffled order; each step takes one global batch
-    of batch_size × world_size rows and rank r its slice, so DDP sees what one process would. The last
-    incomplete global batch of an epoch is skipped (those rows come first in another epoch's order).
+class ConversationBatches(ShuffledBatches):
+    """Packed conversation rows in a per-epoch shuffled order (`fidellm.train.data.ShuffledBatches`,
+    the interface of PackedBatches). Rows are packed once from the examples in a (seed)-shuffled order.
     """
 
     def __init__(
@@ -207,17 +203,12 @@ class ConversationBatches:
         source: str = "conversations",
     ):
         self.inputs, self.targets = self._pack(examples, seq_len, pad_id, seed)
-        self.seed = seed
-        self.batch_size = batch_size
-        self.rank = rank
-        self.global_batch = batch_size * world_size
-        self.steps_per_epoch = len(self.inputs) // self.global_batch
+        super().__init__(len(self.inputs), batch_size, seed, rank, world_size)
         if self.steps_per_epoch == 0:
             raise FidelError(
                 f"{source}: {len(examples)} conversations pack into {len(self.inputs)} rows of {seq_len}"
                 f" tokens, fewer than one batch of {self.global_batch}; lower --batch-size or add data"
             )
-        self.position = DataPosition()
 
     def _pack(
         self, examples: Sequence[Example], seq_len: int, pad_id: int, seed: int
@@ -226,25 +217,8 @@ class ConversationBatches:
         order = np.random.default_rng([seed, 1 << 20]).permutation(len(examples))
         return pack([examples[i] for i in order], seq_len, pad_id)
 
-    def order(self, epoch: int) -> np.ndarray:
-        """The row permutation of `epoch` (a function of the seed and the epoch only)."""
-        return np.random.default_rng([self.seed, epoch]).permutation(len(self.inputs))
-
-    def next_batch(self) -> tuple[Tensor, Tensor]:
-        """This rank's rows of the batch at the current position; the position moves on."""
-        if self.position.step >= self.steps_per_epoch:
-            self.position = DataPosition(self.position.epoch + 1, 0)
-        step = self.position.step
-        first = step * self.global_batch + self.rank * self.batch_size
-        rows = self.order(self.position.epoch)[first : first + self.batch_size]
-        self.position = DataPosition(self.position.epoch, step + 1)
-        return torch.from_numpy(self.inputs[rows]), torch.from_numpy(self.targets[rows])
-
-    def state_dict(self) -> dict[str, int]:
-        return self.position.to_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.position = DataPosition.from_dict(state)
+    def rows(self, indices: np.ndarray) -> tuple[Tensor, Tensor]:
+        return torch.from_numpy(self.inputs[indices]), torch.from_numpy(self.targets[indices])
 
 
 class CurriculumConversations(StagedBatches, ConversationBatches):
@@ -286,11 +260,6 @@ class CurriculumConversations(StagedBatches, ConversationBatches):
             row_stages.append(np.full(len(stage_inputs), stage, dtype=np.int64))
         self.row_stages = np.concatenate(row_stages)
         return np.concatenate(inputs), np.concatenate(targets)
-
-    def next_batch(self) -> tuple[Tensor, Tensor]:
-        """This rank's rows of the next curriculum batch."""
-        rows = self.sampler.next_indices()[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        return torch.from_numpy(self.inputs[rows]), torch.from_numpy(self.targets[rows])
 
 
 def chat_validation_batches(

@@ -37,12 +37,15 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any
+from collections.abc import Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from fidellm.errors import FidelError
+
+if TYPE_CHECKING:  # the curriculum's scoring runs in torch-free commands (data tokenize)
+    from torch import Tensor
 
 SCORE_VERSION = 1
 STAGES = ("beginner", "elementary", "intermediate", "advanced", "expert")
@@ -267,11 +270,20 @@ class StagedSampler:
 
 
 class StagedBatches:
-    """What the curriculum batch classes share (mixed in before PackedBatches / ConversationBatches):
-    they set `sampler` and `boundaries`; the checkpointed data state is the sampler's."""
+    """What the curriculum batch classes share (mixed in before PackedBatches / ConversationBatches,
+    whose `rows` say what a row is): they set `sampler` and `boundaries`; the sampler draws each batch,
+    and the checkpointed data state is the sampler's."""
 
     sampler: StagedSampler
     boundaries: np.ndarray
+    rank: int
+    batch_size: int
+    rows: Callable[[np.ndarray], tuple[Tensor, Tensor]]  # from the batch class mixed in after this one
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        """This rank's rows of the next curriculum batch."""
+        first = self.rank * self.batch_size
+        return self.rows(self.sampler.next_indices()[first : first + self.batch_size])
 
     def start_schedule(self, total_batches: int, span: float) -> None:
         """Unlock the stages over the first `span` of the `total_batches` calls of next_batch."""

@@ -61,13 +61,57 @@ class DataPosition:
         return cls(int(data["epoch"]), int(data["step"]))
 
 
-class PackedBatches:
-    """Shuffled fixed-length windows of a split; `next_batch()` returns (inputs, targets) and advances.
+class ShuffledBatches:
+    """Batches of `n_rows` training rows visited in a per-epoch permutation drawn from (seed, epoch);
+    `next_batch()` returns (inputs, targets) and advances. Subclasses say what a row is (`rows`).
 
-    With several processes each step draws one global batch of batch_size × world_size windows and
-    rank r takes rows [r·batch_size, (r+1)·batch_size): the ranks together see exactly the batches one
-    process with batch_size × world_size would, which is what makes DDP equal to a single process.
+    With several processes each step draws one global batch of batch_size × world_size rows and rank r
+    takes [r·batch_size, (r+1)·batch_size): the ranks together see exactly the batches one process with
+    batch_size × world_size would, which is what makes DDP equal to a single process. The last incomplete
+    global batch of an epoch is skipped (those rows come earlier in another epoch's order).
     """
+
+    def __init__(self, n_rows: int, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        self.n_rows = n_rows
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank = rank
+        self.global_batch = batch_size * world_size
+        self.steps_per_epoch = n_rows // self.global_batch
+        self.position = DataPosition()
+        self._order_epoch = -1
+        self._order = np.zeros(0, dtype=np.int64)
+
+    def rows(self, indices: np.ndarray) -> tuple[Tensor, Tensor]:
+        """(inputs, targets) of the rows at `indices`."""
+        raise NotImplementedError
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The row permutation of `epoch` (a function of the seed and the epoch only)."""
+        if epoch != self._order_epoch:
+            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n_rows)
+            self._order_epoch = epoch
+        return self._order
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        """This rank's rows of the batch at the current position; the position moves on."""
+        if self.position.step >= self.steps_per_epoch:
+            self.position = DataPosition(self.position.epoch + 1, 0)
+        step = self.position.step
+        first = step * self.global_batch + self.rank * self.batch_size
+        indices = self.order(self.position.epoch)[first : first + self.batch_size]
+        self.position = DataPosition(self.position.epoch, step + 1)
+        return self.rows(indices)
+
+    def state_dict(self) -> dict[str, int]:
+        return self.position.to_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.position = DataPosition.from_dict(state)
+
+
+class PackedBatches(ShuffledBatches):
+    """Shuffled fixed-length windows of a split (the module docstring): a row is one window."""
 
     def __init__(
         self,
@@ -80,44 +124,17 @@ class PackedBatches:
     ):
         self.shards = shards
         self.seq_len = seq_len
-        self.batch_size = batch_size
-        self.seed = seed
-        self.rank = rank
-        self.global_batch = batch_size * world_size
         self.n_windows = window_count(len(shards.tokens), seq_len)
-        self.steps_per_epoch = self.n_windows // self.global_batch
+        super().__init__(self.n_windows, batch_size, seed, rank, world_size)
         if self.steps_per_epoch == 0:
             raise FidelError(
                 f"{shards.directory}: {len(shards.tokens)} tokens make {self.n_windows} windows of"
                 f" {seq_len + 1} tokens, fewer than one batch of {self.global_batch}"
                 f" ({batch_size} per process × {world_size}); lower --seq-len or --batch-size"
             )
-        self.position = DataPosition()
-        self._order_epoch = -1
-        self._order = np.zeros(0, dtype=np.int64)
 
-    def order(self, epoch: int) -> np.ndarray:
-        """The window permutation of `epoch` (a function of the seed and the epoch only)."""
-        if epoch != self._order_epoch:
-            self._order = np.random.default_rng([self.seed, epoch]).permutation(self.n_windows)
-            self._order_epoch = epoch
-        return self._order
-
-    def next_batch(self) -> tuple[Tensor, Tensor]:
-        """This rank's rows of the batch at the current position; the position moves on."""
-        if self.position.step >= self.steps_per_epoch:
-            self.position = DataPosition(self.position.epoch + 1, 0)
-        step = self.position.step
-        first = step * self.global_batch + self.rank * self.batch_size
-        windows = self.order(self.position.epoch)[first : first + self.batch_size]
-        self.position = DataPosition(self.position.epoch, step + 1)
-        return windows_to_tensors(self.shards.tokens, windows * self.seq_len, self.seq_len)
-
-    def state_dict(self) -> dict[str, int]:
-        return self.position.to_dict()
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.position = DataPosition.from_dict(state)
+    def rows(self, indices: np.ndarray) -> tuple[Tensor, Tensor]:
+        return windows_to_tensors(self.shards.tokens, indices * self.seq_len, self.seq_len)
 
 
 class CurriculumWindows(StagedBatches, PackedBatches):
@@ -140,11 +157,6 @@ class CurriculumWindows(StagedBatches, PackedBatches):
         self.boundaries = stage_boundaries(scores)
         self.stages = assign_stages(scores, self.boundaries)
         self.sampler = StagedSampler(self.stages, self.global_batch, seed)
-
-    def next_batch(self) -> tuple[Tensor, Tensor]:
-        """This rank's rows of the next curriculum batch."""
-        windows = self.sampler.next_indices()[self.rank * self.batch_size : (self.rank + 1) * self.batch_size]
-        return windows_to_tensors(self.shards.tokens, windows * self.seq_len, self.seq_len)
 
 
 def validation_batches(
