@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from sacrebleu.metrics import BLEU, CHRF
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from fidellm.chat.session import chat_generation_config
 from fidellm.chat.template import encode_chat, render_chat
@@ -215,13 +216,12 @@ def heldout_loss(
         raise FidelError(f"sft-heldout: no conversation keeps an assistant token within {seq_len} tokens")
     sums: dict[str, list[float]] = {}
     for batch in _length_batches(rows):
-        width = len(batch[-1][0].inputs)
-        inputs = torch.full((len(batch), width), tokenizer.pad_id, dtype=torch.long)
-        targets = torch.full((len(batch), width), IGNORE_INDEX, dtype=torch.long)
-        for row, (example, _) in enumerate(batch):
-            inputs[row, : len(example.inputs)] = torch.from_numpy(example.inputs)
-            targets[row, : len(example.targets)] = torch.from_numpy(example.targets)
-        targets = targets.to(device)
+        inputs = pad_sequence(
+            [torch.from_numpy(e.inputs) for e, _ in batch], batch_first=True, padding_value=tokenizer.pad_id
+        )
+        targets = pad_sequence(
+            [torch.from_numpy(e.targets) for e, _ in batch], batch_first=True, padding_value=IGNORE_INDEX
+        ).to(device)
         nll = model(inputs.to(device), targets, reduction="none").loss  # per token, 0 where ignored
         for row, (_, source) in enumerate(batch):
             total = sums.setdefault(source, [0.0, 0.0])

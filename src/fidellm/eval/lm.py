@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from fidellm.errors import FidelError
 from fidellm.models.loss import IGNORE_INDEX
@@ -104,14 +105,14 @@ def token_bits(
     pieces.sort(key=lambda p: len(p.inputs))
     for first in range(0, len(pieces), batch_size):
         chunk = pieces[first : first + batch_size]
-        width = max(len(p.inputs) for p in chunk)
-        inputs = torch.full((len(chunk), width), bos_id, dtype=torch.long)
-        targets = torch.full((len(chunk), width), IGNORE_INDEX, dtype=torch.long)
-        for row, piece in enumerate(chunk):  # right padding: a causal model's earlier positions ignore it
-            inputs[row, : len(piece.inputs)] = torch.tensor(piece.inputs)
-            # a window's first keep_from targets were scored by the window before: not projected again
-            scored = piece.targets[piece.keep_from :]
-            targets[row, piece.keep_from : len(piece.targets)] = torch.tensor(scored)
+        # right padding: a causal model's earlier positions ignore it; a window's first keep_from targets
+        # were scored by the window before: ignored, so not projected again
+        inputs = pad_sequence([torch.tensor(p.inputs) for p in chunk], batch_first=True, padding_value=bos_id)
+        targets = pad_sequence(
+            [torch.tensor([IGNORE_INDEX] * p.keep_from + p.targets[p.keep_from :]) for p in chunk],
+            batch_first=True,
+            padding_value=IGNORE_INDEX,
+        )
         nats = model(inputs.to(device), targets.to(device), reduction="none").loss  # no full logits
         bits = (nats / math.log(2)).double().cpu().numpy()
         for row, piece in enumerate(chunk):

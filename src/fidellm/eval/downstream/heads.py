@@ -36,6 +36,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.utils.rnn import pad_sequence
 
 from fidellm.errors import FidelError
 from fidellm.tokenizer.base import TextTokenizer
@@ -127,9 +128,8 @@ def autocast_for(device: torch.device) -> contextlib.AbstractContextManager:
 
 def padded(seqs: list[list[int]], pad_id: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Right-padded ids (batch, longest) and the lengths (batch,)."""
-    ids = torch.full((len(seqs), max(len(s) for s in seqs)), pad_id, dtype=torch.long)
-    for row, seq in enumerate(seqs):
-        ids[row, : len(seq)] = torch.tensor(seq, dtype=torch.long)
+    rows = [torch.tensor(s, dtype=torch.long) for s in seqs]
+    ids = pad_sequence(rows, batch_first=True, padding_value=pad_id)
     return ids.to(device), torch.tensor([len(s) for s in seqs], device=device)
 
 

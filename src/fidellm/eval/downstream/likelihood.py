@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.nn.utils.rnn import pad_sequence
 
 from fidellm.errors import FidelError
 from fidellm.tokenizer.base import TextTokenizer
@@ -100,9 +101,8 @@ def continuation_logprobs(
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         width = len(rows[chunk[0]])
-        ids = torch.full((len(chunk), width), tokenizer.pad_id, dtype=torch.long)
-        for row, i in enumerate(chunk):
-            ids[row, : len(rows[i])] = torch.tensor(rows[i], dtype=torch.long)
+        padded = [torch.tensor(rows[i], dtype=torch.long) for i in chunk]
+        ids = pad_sequence(padded, batch_first=True, padding_value=tokenizer.pad_id)
         # only the columns holding some row's continuation get logits (the rest is context)
         keep = max(width - len(rows[i]) + len(pairs[i][1]) for i in chunk)
         logits = model(ids.to(device), logits_to_keep=keep).logits
