@@ -9,6 +9,7 @@ import math
 import random
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -34,7 +35,7 @@ from fidellm.eval.downstream.sib import (
 from fidellm.export.hf import export_hf
 from fidellm.paths import resolve_data_dir
 from fidellm.tokenizer.bpe import BPETokenizer, train_bpe
-from fixtures.models import ScriptedLM, gqa_config, random_llama
+from fixtures.models import ScriptedLM, WrappedLM, gqa_config, random_llama
 
 # ---------------------------------------------------------------------------------------------- stubs
 
@@ -266,6 +267,48 @@ def test_batching_does_not_change_scores(exported):
     batched = continuation_logprobs(model, tok, contexts, continuations, batch_size=5)
     assert [s.logprob for s in batched] == pytest.approx([s.logprob for s in alone], abs=1e-4)
     assert [s.tokens for s in batched] == [s.tokens for s in alone]
+
+
+class Recording(WrappedLM):
+    """The real model, recording the shape of every input it is given."""
+
+    def __init__(self, inner: torch.nn.Module):
+        super().__init__(inner)
+        self.shapes: list[tuple[int, int]] = []
+
+    def adjust(self, input_ids: torch.Tensor, cache: Any, output: Any) -> Any:
+        self.shapes.append(tuple(input_ids.shape))
+        return output
+
+
+def test_choices_continue_from_one_pass_over_their_shared_context():
+    config = gqa_config(vocab_size=64, num_hidden_layers=2, max_position_embeddings=24)
+    inner = random_llama(config, seed=5).eval()
+    model = Recording(inner)
+    generator = torch.Generator().manual_seed(0)
+
+    def ids(n: int) -> list[int]:
+        return torch.randint(2, 64, (n,), generator=generator).tolist()
+
+    # two items of 3 choices (1- to 3-token continuations), one lone pair, one item too long to share
+    lengths = {"p": (9, [1, 3, 2]), "q": (4, [2, 1, 3]), "r": (6, [2]), "s": (20, [3, 5])}
+    pairs = [(name, [0, *ids(n)]) for name, (n, _) in lengths.items()]
+    pairs = [(name, context, ids(k)) for name, context in pairs for k in lengths[name][1]]
+    table = {name: context for name, context, _ in pairs}  # text -> ids (BOS included)
+    table |= {f"{name}#{k}": context + x for k, (name, context, x) in enumerate(pairs)}
+    tok = SimpleNamespace(bos_id=0, pad_id=1, encode=lambda text, add_bos=False: table[text])
+    contexts, continuations = [name for name, _, _ in pairs], [f"#{k}" for k in range(len(pairs))]
+    scores = continuation_logprobs(model, tok, contexts, continuations)
+    for score, (_, context, continuation) in zip(scores, pairs, strict=True):
+        row = (context + continuation)[-25:]
+        with torch.no_grad():
+            logprobs = torch.log_softmax(inner(torch.tensor([row[:-1]])).logits[0], dim=-1)
+        expected = logprobs[-len(continuation) :].gather(1, torch.tensor(continuation)[:, None]).sum()
+        assert score.logprob == pytest.approx(float(expected), abs=1e-5)
+        assert score.tokens == len(continuation)
+    # p and q: one context pass (2 rows) and one pass of their 6 continuations (longest 3 - 1 tokens);
+    # r (one choice) and s (one choice left once the other is truncated: 21 + 5 > 25) go through whole
+    assert model.shapes == [(2, 10), (6, 2), (3, 24)]
 
 
 LIMIT = 6

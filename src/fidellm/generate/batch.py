@@ -29,7 +29,7 @@ from fidellm.errors import FidelError
 from fidellm.generate.config import FinishReason, GenerationConfig, GenerationResult, default_stop_ids
 from fidellm.generate.sampling import choose_tokens
 from fidellm.generate.stream import TokenStream
-from fidellm.models.blocks import KVCache
+from fidellm.models.blocks import KVCache, is_kv_cache
 from fidellm.models.hnet import HNetConfig
 from fidellm.tokenizer.base import TextTokenizer
 
@@ -138,7 +138,7 @@ class DecodeBatch:
     @property
     def reshapable(self) -> bool:
         """Whether `merge` and `keep` apply: a stepped batch of a model with a per-layer KV cache."""
-        return self.prefilled and not self.right_padded and _is_kv_cache(self.cache)
+        return self.prefilled and not self.right_padded and is_kv_cache(self.cache)
 
     @torch.inference_mode()
     def step(self) -> list[str]:
@@ -197,7 +197,7 @@ class DecodeBatch:
         select = torch.tensor(list(indices), device=self.device)
         used = self.mask[select].any(dim=0).nonzero()
         first = int(used[0]) if len(used) else 0
-        self.cache = [KVCache(c.k[select, :, first:], c.v[select, :, first:]) for c in self.cache]
+        self.cache = [layer.select(select, first) for layer in self.cache]
         self.mask = self.mask[select, first:]
         self._input, self.seen = self._input[select], self.seen[select]
         self.rows = [self.rows[i] for i in indices]
@@ -237,10 +237,6 @@ class DecodeBatch:
         row.result.text, row.result.finish_reason, row.result.stop = row.stream.text, reason, stop
         row.finished = True
         return tail
-
-
-def _is_kv_cache(cache: object) -> bool:
-    return isinstance(cache, list) and all(isinstance(layer, KVCache) for layer in cache)
 
 
 def _left_pad(x: Tensor, columns: int) -> Tensor:

@@ -83,6 +83,11 @@ class KVCache:
         """Number of positions already cached: the position offset of the next tokens."""
         return 0 if self.k is None else self.k.shape[2]
 
+    def select(self, rows: Tensor, first: int = 0) -> KVCache:
+        """A cache of the batch rows at `rows` (repeats allowed), from position `first` on."""
+        assert self.k is not None and self.v is not None, "an empty cache has no rows"
+        return KVCache(self.k[rows, :, first:], self.v[rows, :, first:])
+
     def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Add the new positions' keys and values; return all keys and values so far."""
         if self.k is None or self.v is None:
@@ -91,6 +96,11 @@ class KVCache:
             self.k = torch.cat((self.k, k), dim=2)
             self.v = torch.cat((self.v, v), dim=2)
         return self.k, self.v
+
+
+def is_kv_cache(cache: object) -> bool:
+    """Whether `cache` is a per-layer list of KVCache (the Llama's, whose rows can be copied and dropped)."""
+    return isinstance(cache, list) and all(isinstance(layer, KVCache) for layer in cache)
 
 
 class Attention(nn.Module):

@@ -25,10 +25,12 @@ from typing import NamedTuple
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import Tensor, nn
 from torch.nn.utils.rnn import pad_sequence
 
 from fidellm.errors import FidelError
+from fidellm.generate.batch import pad_batch
+from fidellm.models.blocks import is_kv_cache
 from fidellm.tokenizer.base import TextTokenizer
 
 
@@ -78,45 +80,118 @@ def continuation_logprobs(
     max_length: int | None = None,
 ) -> list[ContinuationScore]:
     """Score every continuation after its context (module docstring); one `ContinuationScore` per pair,
-    in input order. Rows are batched longest first and right-padded (a causal model ignores the padding)."""
+    in input order. Rows are batched longest first and right-padded (a causal model ignores the padding).
+
+    Pairs that share their context ids (the choices of one item) and fit the context untruncated are
+    scored from one pass over the context when the model keeps a KV cache (the Llama): each choice
+    continues from a copy of the context's cache, so a k-shot prompt runs once, not once per choice.
+    The log-probabilities are the same up to float rounding; `batch_size` then counts contexts.
+    """
     if len(contexts) != len(continuations):
         raise FidelError(f"{len(contexts)} contexts but {len(continuations)} continuations")
     if batch_size < 1:
         raise FidelError(f"batch size must be at least 1, got {batch_size}")
     limit = max_length if max_length is not None else model_context(model)
     pairs = [encode_pair(tokenizer, c, x) for c, x in zip(contexts, continuations, strict=True)]
-    rows = []
-    for number, (context_ids, continuation_ids) in enumerate(pairs):
+    for number, (_, continuation_ids) in enumerate(pairs):
         if not continuation_ids:
             raise FidelError(f"continuation {number} ({continuations[number]!r}) has no tokens of its own")
         if len(continuation_ids) > limit:
             raise FidelError(
                 f"continuation {number} has {len(continuation_ids)} tokens, more than the context of {limit}"
             )
-        rows.append((context_ids + continuation_ids)[-(limit + 1) :][:-1])
     model.eval()
+    groups: dict[tuple[int, ...], list[int]] = {}
+    if hasattr(model, "new_cache") and is_kv_cache(model.new_cache()):
+        for i, (context_ids, continuation_ids) in enumerate(pairs):
+            if len(context_ids) + len(continuation_ids) <= limit + 1:
+                groups.setdefault(tuple(context_ids), []).append(i)
+    shared = [(list(ids), members) for ids, members in groups.items() if len(members) > 1]
+    alone = sorted(set(range(len(pairs))) - {i for _, members in shared for i in members})
+    scored = _score_shared(model, pairs, shared, tokenizer.pad_id, batch_size)
+    scored.update(_score_alone(model, pairs, alone, tokenizer.pad_id, batch_size, limit))
+    return [
+        ContinuationScore(
+            logprob=scored[i][0],
+            tokens=len(pairs[i][1]),
+            bytes=len(continuations[i].encode("utf-8")),
+            greedy=scored[i][1],
+        )
+        for i in range(len(pairs))
+    ]
+
+
+def _logprob_and_greedy(logprobs: Tensor, target: list[int]) -> tuple[float, bool]:
+    """Summed log-probability of `target` under per-position log-probabilities (len(target), vocab), and
+    whether each target token is the argmax."""
+    ids = torch.tensor(target, dtype=torch.long, device=logprobs.device)
+    return float(logprobs.gather(1, ids[:, None]).sum()), bool((logprobs.argmax(-1) == ids).all())
+
+
+def _score_alone(
+    model: nn.Module,
+    pairs: list[tuple[list[int], list[int]]],
+    indices: list[int],
+    pad_id: int,
+    batch_size: int,
+    limit: int,
+) -> dict[int, tuple[float, bool]]:
+    """{pair index: (logprob, greedy)} of the pairs at `indices`, each a row of context + continuation
+    (truncated from the left to the model's context), batched longest first."""
     device = _device(model)
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-    scores: list[ContinuationScore | None] = [None] * len(rows)
+    rows = {i: (pairs[i][0] + pairs[i][1])[-(limit + 1) :][:-1] for i in indices}
+    order = sorted(indices, key=lambda i: -len(rows[i]))
+    scores: dict[int, tuple[float, bool]] = {}
     for start in range(0, len(order), batch_size):
         chunk = order[start : start + batch_size]
         width = len(rows[chunk[0]])
         padded = [torch.tensor(rows[i], dtype=torch.long) for i in chunk]
-        ids = pad_sequence(padded, batch_first=True, padding_value=tokenizer.pad_id)
+        ids = pad_sequence(padded, batch_first=True, padding_value=pad_id)
         # only the columns holding some row's continuation get logits (the rest is context)
         keep = max(width - len(rows[i]) + len(pairs[i][1]) for i in chunk)
         logits = model(ids.to(device), logits_to_keep=keep).logits
         for row, i in enumerate(chunk):
-            target = torch.tensor(pairs[i][1], dtype=torch.long, device=device)
             end = len(rows[i]) - width + keep  # the row's last position, counted in the kept columns
+            target = pairs[i][1]
             logprobs = F.log_softmax(logits[row, end - len(target) : end].float(), dim=-1)
-            scores[i] = ContinuationScore(
-                logprob=float(logprobs.gather(1, target[:, None]).sum()),
-                tokens=len(target),
-                bytes=len(continuations[i].encode("utf-8")),
-                greedy=bool((logprobs.argmax(-1) == target).all()),
-            )
-    return [score for score in scores if score is not None]
+            scores[i] = _logprob_and_greedy(logprobs, target)
+    return scores
+
+
+def _score_shared(
+    model: nn.Module,
+    pairs: list[tuple[list[int], list[int]]],
+    groups: list[tuple[list[int], list[int]]],
+    pad_id: int,
+    batch_size: int,
+) -> dict[int, tuple[float, bool]]:
+    """{pair index: (logprob, greedy)} of the pairs of `groups` ((context ids, the pair indices sharing
+    them)): `batch_size` contexts left-padded per pass, whose last position predicts each continuation's
+    first token; then every continuation's other tokens, right-padded after a copy of its context's cache."""
+    device = _device(model)
+    groups = sorted(groups, key=lambda group: -len(group[0]))
+    scores: dict[int, tuple[float, bool]] = {}
+    for start in range(0, len(groups), batch_size):
+        chunk = groups[start : start + batch_size]
+        ids, mask = pad_batch([context for context, _ in chunk], pad_id, device, left=True)
+        cache = model.new_cache()
+        last = model(ids, cache=cache, attention_mask=mask, logits_to_keep=1).logits[:, -1]
+        first = F.log_softmax(last.float(), dim=-1)
+        members = [(owner, i) for owner, (_, indices) in enumerate(chunk) for i in indices]
+        rest = None
+        if any(len(pairs[i][1]) > 1 for _, i in members):
+            owners = torch.tensor([owner for owner, _ in members], device=device)
+            inputs, new_mask = pad_batch([pairs[i][1][:-1] for _, i in members], pad_id, device, left=False)
+            copies = [layer.select(owners) for layer in cache]
+            logits = model(inputs, cache=copies, attention_mask=torch.cat((mask[owners], new_mask), 1)).logits
+            rest = F.log_softmax(logits.float(), dim=-1)
+        for row, (owner, i) in enumerate(members):
+            target = pairs[i][1]
+            logprobs = first[owner, None]
+            if rest is not None and len(target) > 1:
+                logprobs = torch.cat((logprobs, rest[row, : len(target) - 1]))
+            scores[i] = _logprob_and_greedy(logprobs, target)
+    return scores
 
 
 @dataclass
