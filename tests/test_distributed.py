@@ -20,6 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from fidellm.compat import FSDP_ON_CPU, torch_release
 from fidellm.train.distributed import Distributed, _by_index, _by_name
 from fidellm.train.loop import TrainConfig, train
 from fixtures.train.build_run import build_flores_run
@@ -103,7 +104,13 @@ def test_ddp_two_processes_equal_one_and_resume(flores_run: Path, single: Path, 
     assert logged(run, "train", "tok_per_s")[0] > 0
 
 
+needs_cpu_fsdp = pytest.mark.skipif(
+    torch_release() < FSDP_ON_CPU, reason=f"FSDP2 on CPU needs torch >= 2.9, this is {torch.__version__}"
+)
+
+
 @pytest.mark.slow
+@needs_cpu_fsdp
 def test_fsdp_two_processes_equal_one(flores_run: Path, single: Path, tmp_path: Path) -> None:
     run = copy_run(flores_run, tmp_path / "fsdp")
     torchrun(run, "--batch-size", "4", "--strategy", "fsdp")
@@ -111,6 +118,7 @@ def test_fsdp_two_processes_equal_one(flores_run: Path, single: Path, tmp_path: 
 
 
 @pytest.mark.slow
+@needs_cpu_fsdp
 def test_one_process_resumes_a_two_process_checkpoint(flores_run: Path, single: Path, tmp_path: Path) -> None:
     run = copy_run(flores_run, tmp_path / "mixed")
     torchrun(run, "--batch-size", "4", "--strategy", "fsdp", "--stop-at-step", "3")

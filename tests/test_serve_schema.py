@@ -10,6 +10,7 @@ from collections.abc import Iterator
 
 import pytest
 import schemathesis
+import torch
 from hypothesis import settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import (
@@ -56,6 +57,14 @@ def api_schema(base_url: str) -> schemathesis.BaseSchema:
     show request bodies unfiltered (schemathesis hides fields like `max_tokens` by default)."""
     config = schemathesis.Config.from_dict({"seed": 20240601, "output": {"sanitization": {"enabled": False}}})
     return schemathesis.openapi.from_url(f"{base_url}/openapi.json", config=config)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def subnormal_floats() -> None:
+    """Older torch releases' inductor (2.4 and 2.5 at least) links its CPU kernels with -ffast-math, which
+    turns subnormal floats off for the whole process once any earlier test has compiled one; hypothesis
+    then refuses to generate floats. Turn them back on (a no-op where nothing turned them off)."""
+    torch.set_flush_denormal(False)
 
 
 @pytest.fixture(autouse=True)

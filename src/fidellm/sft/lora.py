@@ -20,6 +20,7 @@ from typing import Any
 
 from torch import nn
 
+from fidellm.compat import require_transformers_for_torch
 from fidellm.errors import FidelError
 
 DEFAULT_TARGETS = {
@@ -79,6 +80,7 @@ def resolve_targets(model: nn.Module, spec: dict[str, Any]) -> list[str]:
 def apply_lora(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
     """`model` with LoRA adapters injected into the `spec` targets; only adapter weights train. With
     `quantize`, the base's Linear layers become frozen NF4 layers first (QLoRA)."""
+    require_transformers_for_torch("LoRA (peft)")
     from peft import LoraConfig, inject_adapter_in_model
 
     targets = resolve_targets(model, spec)
@@ -99,6 +101,7 @@ def apply_lora(model: nn.Module, spec: dict[str, Any]) -> nn.Module:
 def merge_lora(model: nn.Module) -> nn.Module:
     """Fold every LoRA adapter into its base layer and replace the LoRA layer with it (in place); 4-bit
     base layers (QLoRA) become plain Linear layers holding the dequantized weight plus the adapter's."""
+    require_transformers_for_torch("Merging LoRA (peft)")
     from peft.tuners.tuners_utils import BaseTunerLayer
 
     from fidellm.sft.qlora import dequantize_linear_layers, merged_linear

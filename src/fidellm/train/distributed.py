@@ -19,6 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from fidellm.compat import FSDP_ON_CPU, torch_release
 from fidellm.errors import FidelError
 from fidellm.sft.qlora import quantized_keys
 
@@ -132,6 +133,11 @@ def wrap_model(model: nn.Module, ctx: Distributed, device: torch.device, strateg
     if strategy == "ddp":
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if device.type == "cpu" and torch_release() < FSDP_ON_CPU:
+        raise FidelError(
+            f"--strategy fsdp on CPU needs torch >= 2.9 (this is torch {torch.__version__}, whose FSDP2"
+            " fails or sums gradients over gloo); use --strategy ddp on CPU, or upgrade torch"
+        )
     from fidellm.models.factory import repeated_blocks
 
     fully_shard = _fully_shard()

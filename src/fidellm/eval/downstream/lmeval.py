@@ -24,6 +24,7 @@ from typing import Any
 
 import yaml
 
+from fidellm.compat import require_transformers_for_torch
 from fidellm.errors import FidelError
 from fidellm.eval.downstream.sib import (
     DEFAULT_SEED,
@@ -130,6 +131,7 @@ def run_lm_eval(
     missing = [name for name in tasks if not (tasks_dir / f"{name}.yaml").is_file()]
     if missing:
         raise FidelError(f"{tasks_dir}: no task file for {', '.join(missing)}; run write_lmeval_tasks first")
+    require_transformers_for_torch("lm-eval's hf model")
     with offline():
         try:
             import lm_eval
