@@ -5,7 +5,8 @@
 - FSDP2 (`fully_shard`) over CPU processes (gloo) needs torch >= 2.9: 2.4 to 2.6 drive CUDA streams even
   for CPU tensors and fail, 2.7 and 2.8 run but sum the gradients over the ranks instead of averaging
   them (measured: a 2-process run's gradient norm is twice a single process's). DDP works on CPU
-  everywhere, and FSDP2 on CUDA (NCCL) is not affected.
+  everywhere, and FSDP2 on CUDA (NCCL) is not affected. FIDELLM_ALLOW_CPU_FSDP=1 lifts the check, so
+  `benchmarks/fsdp_cpu_check.py` can show what another release does.
 """
 
 from __future__ import annotations

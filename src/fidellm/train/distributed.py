@@ -133,7 +133,8 @@ def wrap_model(model: nn.Module, ctx: Distributed, device: torch.device, strateg
     if strategy == "ddp":
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if device.type == "cpu" and torch_release() < FSDP_ON_CPU:
+    checked = not os.environ.get("FIDELLM_ALLOW_CPU_FSDP")
+    if device.type == "cpu" and torch_release() < FSDP_ON_CPU and checked:
         raise FidelError(
             f"--strategy fsdp on CPU needs torch >= 2.9 (this is torch {torch.__version__}, whose FSDP2"
             " fails or sums gradients over gloo); use --strategy ddp on CPU, or upgrade torch"
