@@ -11,6 +11,7 @@ sampler state is saved in the checkpoints.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Any
 
@@ -61,7 +62,7 @@ class DataPosition:
         return cls(int(data["epoch"]), int(data["step"]))
 
 
-class ShuffledBatches:
+class ShuffledBatches(ABC):
     """Batches of `n_rows` training rows visited in a per-epoch permutation drawn from (seed, epoch);
     `next_batch()` returns (inputs, targets) and advances. Subclasses say what a row is (`rows`).
 
@@ -82,9 +83,9 @@ class ShuffledBatches:
         self._order_epoch = -1
         self._order = np.zeros(0, dtype=np.int64)
 
+    @abstractmethod
     def rows(self, indices: np.ndarray) -> tuple[Tensor, Tensor]:
         """(inputs, targets) of the rows at `indices`."""
-        raise NotImplementedError
 
     def order(self, epoch: int) -> np.ndarray:
         """The row permutation of `epoch` (a function of the seed and the epoch only)."""
