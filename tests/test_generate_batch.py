@@ -96,3 +96,24 @@ def test_reshaping_needs_stepped_kv_batches(model, tokenizer) -> None:
         fresh.keep([])
     with pytest.raises(FidelError, match="at least one row"):
         DecodeBatch(model, tokenizer, [])
+
+
+@pytest.mark.parametrize("columns", [1, 3, 64])
+def test_prompts_fed_in_parts_decode_as_fed_whole(model, tokenizer, columns: int) -> None:
+    """Chunked prefill: the left-padded prompts (three lengths) fed `columns` at a time, the last column
+    always left to the first step, give every row the tokens of its solo run."""
+    batch = DecodeBatch(model, tokenizer, [r for i in (1, 2, 0) for r in rows_for(model, tokenizer, i)])
+    width = batch.prompt_left
+    assert width == max(len(tokenizer.encode(PROMPTS[i], add_bos=True)) for i in (0, 1, 2)) > 3
+    while batch.prompt_left > 1:
+        before = batch.prompt_left
+        batch.prefill_part(columns)
+        assert batch.prompt_left == max(1, before - columns)
+        assert batch.cache[0].k.shape[2] == width - batch.prompt_left and not batch.reshapable
+    while not batch.done:
+        batch.step()
+    assert batch.prompt_left == 0 and not batch.chunkable
+    for row in batch.rows:
+        assert row.result.token_ids == alone(model, tokenizer, row.owner), f"row {row.owner} changed"
+    with pytest.raises(FidelError, match="not yet stepped"):
+        batch.prefill_part(1)

@@ -167,3 +167,72 @@ def test_waiting_chunks_are_joined_into_one_event() -> None:
         return [event async for event in job_events(job, request=None)]  # type: ignore[arg-type]
 
     assert asyncio.run(main()) == [("chunks", ["ሰላም", "ab"]), ("done", [], None)]
+
+
+class Calls(WrappedLM):
+    """Wraps a model and records every call as (rows, new positions, cached positions); decode steps
+    (one new position) sleep `delay` seconds so that requests overlap."""
+
+    def __init__(self, inner: LlamaForCausalLM, delay: float):
+        super().__init__(inner)
+        self.delay = delay
+        self.calls: list[tuple[int, int, int]] = []
+
+    def forward(self, input_ids: Tensor, cache: Any = None, **kwargs: Any) -> LMOutput:
+        cached = cache[0].length if cache else 0
+        output = super().forward(input_ids, cache=cache, **kwargs)
+        self.calls.append((input_ids.shape[0], input_ids.shape[1], cached))
+        if input_ids.shape[1] == 1:
+            time.sleep(self.delay)
+        return output
+
+
+LONG = dict(messages=[{"role": "user", "content": " ".join(["የኢትዮጵያ ዋና ከተማ የት ነው?"] * 24)}], max_tokens=5)
+
+
+@pytest.mark.parametrize("prefill_chunk", [0, 32])
+def test_long_prompt_is_prefilled_in_chunks_between_decode_steps(inner, tokenizer, prefill_chunk) -> None:
+    """B's long prompt arrives while A streams: with --prefill-chunk 32 it is fed 32 positions per
+    iteration, each after a decode step of A, so A never waits for the whole prompt; with 0 it is fed
+    at once. Both answers equal the unchunked ones."""
+    model = Calls(inner, delay=0.01)
+
+    prompt: list[int] = []
+
+    async def body(client: openai.AsyncOpenAI, _: Any) -> list[str]:
+        async def stream_a() -> str:
+            stream = await client.chat.completions.create(
+                model=NAME, messages=REQUESTS[0]["messages"], max_tokens=60, temperature=0, stream=True
+            )
+            return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+        async def request_b() -> str:
+            while sum(n == 1 for _, n, _ in model.calls) < 3:  # A is decoding
+                await asyncio.sleep(0.005)
+            reply = await client.chat.completions.create(model=NAME, temperature=0, **LONG)
+            prompt.append(reply.usage.prompt_tokens)
+            return reply.choices[0].message.content
+
+        return list(await asyncio.gather(stream_a(), request_b()))
+
+    app = app_for(model, tokenizer, max_tokens_cap=128, prefill_chunk=prefill_chunk)
+    answers = run(app, body)
+    assert prompt[0] > 4 * 32 and prompt[0] % 32 != 1  # (else B's last part would look like a decode step)
+    feeds = [i for i, (_, n, _) in enumerate(model.calls) if n > 1][1:]  # B's; the first is A's prompt
+    assert sum(model.calls[i][1] for i in feeds) == prompt[0]
+    if prefill_chunk:
+        assert len(feeds) == -(-prompt[0] // 32) and all(model.calls[i][1] <= 32 for i in feeds)
+        between = [n for _, n, _ in model.calls[feeds[0] : feeds[-1]]]
+        assert between.count(1) >= len(feeds) - 1  # A stepped between every two parts
+    else:
+        assert len(feeds) == 1
+    reference = run(app_for(inner, tokenizer, max_tokens_cap=128, prefill_chunk=0), body_alone)
+    assert answers == reference
+
+
+async def body_alone(client: openai.AsyncOpenAI, _: Any) -> list[str]:
+    first = await client.chat.completions.create(
+        model=NAME, messages=REQUESTS[0]["messages"], max_tokens=60, temperature=0
+    )
+    second = await client.chat.completions.create(model=NAME, temperature=0, **LONG)
+    return [first.choices[0].message.content, second.choices[0].message.content]

@@ -1,7 +1,8 @@
 """Rows decoded together: each with its own settings, and (KV-cache models) batches that merge and
 shrink between steps, the mechanism behind the server's continuous batching.
 
-A `DecodeBatch` starts with its rows' prompts; its first `step()` is their prefill. After any step
+A `DecodeBatch` starts with its rows' prompts; its first `step()` is their prefill (of what is left
+of them after any `prefill_part`: Llama prompts may be fed a few columns at a time). After any step
 every row has exactly one pending token, so two stepped batches can `merge` and a batch can `keep`
 a subset of its rows, between two decode steps:
 - Llama batches are left-padded. Merging pads the shorter cache on the left with masked zeros;
@@ -134,6 +135,31 @@ class DecodeBatch:
     @property
     def done(self) -> bool:
         return all(row.finished for row in self.rows)
+
+    @property
+    def prompt_left(self) -> int:
+        """Prompt columns (of the padded batch) not yet fed to the model; 0 once stepped."""
+        return 0 if self.prefilled else self._input.shape[1]
+
+    @property
+    def chunkable(self) -> bool:
+        """Whether `prefill_part` applies: a batch not yet stepped, of a model with a per-layer KV cache."""
+        return not self.prefilled and not self.right_padded and is_kv_cache(self.cache)
+
+    @torch.inference_mode()
+    def prefill_part(self, columns: int) -> None:
+        """Feed the next `columns` prompt columns into the cache, always leaving the last one to `step()`
+        (chunked prefill: a long prompt spread over several engine iterations). The cache then holds
+        what a whole-prompt prefill would have put there, so the rows' logits do not change."""
+        if not self.chunkable:
+            raise FidelError("generation: only a batch of a KV-cache model not yet stepped prefills in parts")
+        columns = min(columns, self._input.shape[1] - 1)
+        if columns < 1:
+            return
+        end = self.cache[0].length + columns
+        part, self._input = self._input[:, :columns], self._input[:, columns:]
+        mask = None if bool(self.mask[:, :end].all()) else self.mask[:, :end]
+        self.model(part, cache=self.cache, attention_mask=mask, logits_to_keep=1)
 
     @property
     def reshapable(self) -> bool:

@@ -152,7 +152,9 @@ def create_app(
     """An OpenAI-compatible app serving `model` under `settings.model_name`; `cache` None = no response
     cache, `limiter` None = no rate limit (it counts per API key, or per client address without keys)."""
     metrics = ServerMetrics()
-    engine = Engine(model.eval(), tokenizer, settings.queue_size, metrics, settings.max_batch)
+    engine = Engine(
+        model.eval(), tokenizer, settings.queue_size, metrics, settings.max_batch, settings.prefill_chunk
+    )
     state = ServerState(model=model, tokenizer=tokenizer, settings=settings, engine=engine)
 
     @asynccontextmanager

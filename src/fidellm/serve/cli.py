@@ -43,6 +43,14 @@ if TYPE_CHECKING:
     help="Sequences decoded together (continuous batching); more wait in the queue.",
 )
 @click.option(
+    "--prefill-chunk",
+    default=512,
+    show_default=True,
+    type=click.IntRange(min=0),
+    help="Prompt tokens fed per engine step while other requests decode (chunked prefill: a long prompt"
+    " delays their next token by one chunk, not by its whole prefill); 0 = whole prompts at once.",
+)
+@click.option(
     "--timeout",
     "timeout_s",
     default=600.0,
@@ -116,6 +124,7 @@ def serve_command(
     max_tokens_cap: int,
     queue_size: int,
     max_batch: int,
+    prefill_chunk: int,
     timeout_s: float,
     max_body_mb: float,
     api_keys: tuple[str, ...],
@@ -144,6 +153,7 @@ def serve_command(
         max_tokens_cap=max_tokens_cap,
         queue_size=queue_size,
         max_batch=max_batch,
+        prefill_chunk=prefill_chunk,
         api_keys=tuple(api_keys),
         request_timeout_s=timeout_s,
         max_body_bytes=int(max_body_mb * 1024 * 1024),

@@ -26,12 +26,14 @@ DISCONNECT_POLL_S = 0.5
 class ServeSettings:
     """`model_name` is what clients put in "model"; `max_tokens_cap` bounds max_tokens per request;
     `api_keys` empty = no authentication; `request_timeout_s` counts from arrival (queueing included);
-    `max_batch` sequences (choices of all running requests) decode together."""
+    `max_batch` sequences (choices of all running requests) decode together; an engine iteration feeds
+    at most `prefill_chunk` prompt positions while others decode (0 = whole prompts; `serve.engine`)."""
 
     model_name: str
     max_tokens_cap: int = 1024
     queue_size: int = 64
     max_batch: int = 16
+    prefill_chunk: int = 512
     api_keys: tuple[str, ...] = ()
     request_timeout_s: float = 600.0
     max_body_bytes: int = 4 * 1024 * 1024

@@ -5,6 +5,12 @@ steps it admits waiting requests (their prompts are prefilled as one batch, then
 running batch; `fidellm.generate.batch`) and drops the sequences that finished, were cancelled (the
 client went away) or ran past their deadline, so their slots are free at the next step. At most
 `max_batch` sequences decode at once; a request whose `n` choices or prompts exceed it runs alone.
+
+Chunked prefill: an iteration feeds at most `prefill_chunk` prompt positions (the padded batch's rows
+× columns), so a long prompt is prefilled over several iterations, each after a decode step of the
+running sequences: their next tokens wait for one chunk, not for the whole prompt. Waiting prompts are
+fed oldest first; one that fits in what is left of the budget takes its first step in the same
+iteration. While nothing decodes, prompts are fed whole.
 H-Net batches cannot merge (per-level routing caches), so each admitted group of H-Net requests
 decodes as its own batch, all groups advancing one step per iteration.
 
@@ -86,19 +92,23 @@ class Engine:
         queue_size: int,
         metrics: ServerMetrics,
         max_batch: int = 16,
+        prefill_chunk: int = 512,
     ):
+        if prefill_chunk < 0:
+            raise FidelError(f"prefill_chunk must be 0 (whole prompts) or positive, got {prefill_chunk}")
         self.model, self.tokenizer, self.metrics = model, tokenizer, metrics
-        self.queue_size, self.max_batch = queue_size, max_batch
+        self.queue_size, self.max_batch, self.prefill_chunk = queue_size, max_batch, prefill_chunk
         self._queue: asyncio.Queue[Job] | None = None
         self._worker: asyncio.Task[None] | None = None
         self._held: Job | None = None  # taken from the queue, waiting for free slots
         self.running: list[Job] = []
         self.batches: list[DecodeBatch] = []
+        self.prefilling: list[DecodeBatch] = []  # admitted, prompts partly fed; oldest first
 
     @property
     def active_rows(self) -> int:
-        """Sequences decoding now (finished rows of an H-Net batch still hold their slot)."""
-        return sum(len(batch.rows) for batch in self.batches)
+        """Sequences decoding or being prefilled now (finished rows of an H-Net batch hold their slot)."""
+        return sum(len(batch.rows) for batch in self.batches + self.prefilling)
 
     def _ensure_worker(self) -> asyncio.Queue[Job]:
         """Start the worker on the running loop the first time (works without ASGI lifespan events)."""
@@ -168,15 +178,15 @@ class Engine:
             log.exception("generation failed")
             for job in self.running:
                 job.emit("error", error)
-            self.running, self.batches = [], []
+            self.running, self.batches, self.prefilling = [], [], []
 
     def _decode_step(self) -> None:
         for batch in self.batches:
             self._emit_chunks(batch, batch.step())
 
     def _prefill(self, admitted: list[Job]) -> None:
-        """Start the admitted jobs: scoring-only jobs finish at once; the others are prefilled together
-        and join the running batch (a batch of their own when it cannot merge)."""
+        """Start the admitted jobs: scoring-only jobs finish at once; the others form one batch that
+        waits for its prefill (`_feed_prompts`)."""
         rows: list[DecodeRow] = []
         for job in admitted:
             if time.perf_counter() > job.deadline:
@@ -194,15 +204,31 @@ class Engine:
                 continue
             rows.extend(job.rows)
             self.running.append(job)
-        if not rows:
-            return
-        batch = DecodeBatch(self.model, self.tokenizer, rows)
-        self._emit_chunks(batch, batch.step())
-        main = next((b for b in self.batches if b.reshapable), None)
-        if main is not None and batch.reshapable:
-            main.merge(batch)
-        else:
-            self.batches.append(batch)
+        if rows:
+            self.prefilling.append(DecodeBatch(self.model, self.tokenizer, rows))
+        self._feed_prompts()
+
+    def _feed_prompts(self) -> None:
+        """Prefill waiting batches within this iteration's budget (module docstring), oldest first. A
+        batch whose prompts are all fed takes its first step and joins the running batch (a batch of
+        its own when it cannot merge); an H-Net batch is always prefilled whole, and so is every batch
+        while nothing decodes (no one waits for the next token)."""
+        budget = self.prefill_chunk if self.prefill_chunk and self.batches else None
+        while self.prefilling and (budget is None or budget > 0):
+            batch = self.prefilling[0]
+            cost = len(batch.rows) * batch.prompt_left
+            if budget is not None and cost > budget and batch.chunkable:
+                batch.prefill_part(max(1, budget // len(batch.rows)))
+                return
+            self.prefilling.pop(0)
+            self._emit_chunks(batch, batch.step())
+            main = next((b for b in self.batches if b.reshapable), None)
+            if main is not None and batch.reshapable:
+                main.merge(batch)
+            else:
+                self.batches.append(batch)
+            if budget is not None:
+                budget -= cost
 
     def _emit_chunks(self, batch: DecodeBatch, chunks: list[str]) -> None:
         """Send each job with rows in `batch` the text its rows produced in this step (in its rows'
@@ -240,6 +266,7 @@ class Engine:
             self._complete(job, [row.result for row in job.rows])
         for job in late:
             job.emit("error", RequestTimeoutError())
+        self.prefilling = [batch for batch in self.prefilling if not batch.done]
         kept: list[DecodeBatch] = []
         for batch in self.batches:
             if batch.done:
