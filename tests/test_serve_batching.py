@@ -99,9 +99,22 @@ def test_concurrent_requests_batch_and_answer_as_alone(inner, tokenizer, max_bat
     assert len(batched_model.decode_batches) < len(solo_model.decode_batches)
 
 
-def test_request_arriving_mid_decode_joins_the_running_batch(inner, tokenizer) -> None:
-    """B arrives while A streams 60 tokens (of random, mostly held-back bytes); B (5 tokens) joins A's
-    batch and is answered long before A ends."""
+def test_a_prefill_chunk_smaller_than_a_batch_still_feeds_a_column_per_step(inner, tokenizer) -> None:
+    """--prefill-chunk 1 with batches of up to 5 rows: every part feeds one column, nothing stalls, and
+    every request gets its solo answer."""
+    solo = run(app_for(inner, tokenizer), lambda client, _: answers(client, concurrently=False))
+    slow = Recording(inner, delay=0.002)
+    chunked = run(
+        app_for(slow, tokenizer, prefill_chunk=1), lambda client, _: answers(client, concurrently=True)
+    )
+    assert chunked == solo
+
+
+@pytest.mark.parametrize(("n", "prefill_chunk"), [(1, 512), (2, 1)])
+def test_request_arriving_mid_decode_joins_the_running_batch(inner, tokenizer, n, prefill_chunk) -> None:
+    """B arrives while A streams 60 tokens (of random, mostly held-back bytes); B (5 tokens, n choices)
+    joins A's batch and is answered long before A ends, also when its 2-row prompt is fed through a
+    1-position prefill budget (each part still feeds one column; the last goes to B's first step)."""
     model = Recording(inner, delay=0.01)
     events: list[str] = []
 
@@ -118,16 +131,18 @@ def test_request_arriving_mid_decode_joins_the_running_batch(inner, tokenizer) -
             while len(model.decode_batches) < 5:  # A is decoding
                 await asyncio.sleep(0.005)
             events.append("B sent")
-            await client.chat.completions.create(model=NAME, messages=REQUESTS[1]["messages"], max_tokens=5)
+            await client.chat.completions.create(
+                model=NAME, messages=REQUESTS[1]["messages"], max_tokens=5, n=n
+            )
             events.append("B done")
 
         await asyncio.gather(stream_a(), request_b())
 
-    with loopback(app_for(model, tokenizer, max_tokens_cap=128)) as base:
+    with loopback(app_for(model, tokenizer, max_tokens_cap=128, prefill_chunk=prefill_chunk)) as base:
         client = openai.AsyncOpenAI(base_url=base + "/v1", api_key="k", max_retries=0, timeout=30)
         asyncio.run(body(client))
     assert events == ["B sent", "B done", "A done"]
-    assert 2 in model.decode_batches and model.decode_batches[-1] == 1  # joined, then A alone again
+    assert n + 1 in model.decode_batches and model.decode_batches[-1] == 1  # joined, then A alone again
 
 
 def test_hnet_requests_overlap_in_their_own_batches() -> None:

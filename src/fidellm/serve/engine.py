@@ -217,7 +217,7 @@ class Engine:
         while self.prefilling and (budget is None or budget > 0):
             batch = self.prefilling[0]
             cost = len(batch.rows) * batch.prompt_left
-            if budget is not None and cost > budget and batch.chunkable:
+            if budget is not None and cost > budget and batch.chunkable and batch.prompt_left > 1:
                 batch.prefill_part(max(1, budget // len(batch.rows)))
                 return
             self.prefilling.pop(0)
