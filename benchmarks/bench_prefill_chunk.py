@@ -1,7 +1,7 @@
 """Chunked prefill in the serving engine: how long running streams wait while a long prompt arrives.
 
-python benchmarks/bench_prefill_chunk.py [--preset 25m] [--streams 4] [--prompt-tokens 1536]
-       [--chunks 0,256,512] [--repeats 3] [--threads N]
+python benchmarks/bench_prefill_chunk.py [--preset 25m] [--streams 4] [--stream-tokens 400]
+       [--prompt-tokens 1536] [--chunks 0,256,512] [--repeats 3] [--threads N]
 
 The engine in process (`fidellm.serve.engine.Engine`, what `fidellm serve` runs, without HTTP), a
 random-init Llama preset with the demo BPE (runs/demo/tokenizer). Per chunk setting and repeat:
@@ -104,7 +104,8 @@ def main() -> None:
 
     command = (
         f"python benchmarks/bench_prefill_chunk.py --preset {args.preset} --streams {args.streams}"
-        f" --prompt-tokens {args.prompt_tokens} --chunks {args.chunks} --repeats {args.repeats}"
+        f" --stream-tokens {args.stream_tokens} --prompt-tokens {args.prompt_tokens} --chunks {args.chunks}"
+        f" --repeats {args.repeats}"
     )
     print(MARKDOWN_HEADER)
     for chunk, rounds in results.items():
