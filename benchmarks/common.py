@@ -5,6 +5,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import platform
+import shutil
 import statistics
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
@@ -36,12 +37,15 @@ def markdown_row(what: str, command: str, values: list[float], unit: str) -> str
     )
 
 
-def training_workdir(run: Path, work: Path) -> Path:
-    """A run directory for one training experiment sharing `run`'s tokens and tokenizer (symlinks)."""
+def training_workdir(run: Path, work: Path, shared: tuple[str, ...] = ("tokens", "tokenizer")) -> Path:
+    """A run directory for one training experiment sharing `run`'s `shared` folders (symlinks), without
+    the training output of an earlier experiment there (training refuses to start beside old checkpoints
+    unless it resumes them)."""
     work.mkdir(parents=True, exist_ok=True)
-    for name in ("tokens", "tokenizer"):
+    for name in shared:
         if not (work / name).exists():
             (work / name).symlink_to((run / name).resolve())
+    shutil.rmtree(work / "train", ignore_errors=True)
     return work
 
 

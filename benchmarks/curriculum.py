@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import statistics
 import time
 from pathlib import Path
@@ -67,7 +66,6 @@ def main() -> None:
                 config_from_args(args), curriculum=arm == "curriculum", curriculum_span=args.span
             )
             work = training_workdir(scored_run, args.out / f"{arm}-s{seed}")
-            shutil.rmtree(work / "train", ignore_errors=True)  # a fresh run every time
             started = time.perf_counter()
             summary = train(work, config)
             seconds = time.perf_counter() - started

@@ -37,7 +37,7 @@ ARMS = {
 
 CHILD = textwrap.dedent(
     """
-    import json, resource, sys, time
+    import json, resource, shutil, sys, time
     from pathlib import Path
     import torch
     from fidellm.sft.cli import prepare_output
@@ -54,6 +54,7 @@ CHILD = textwrap.dedent(
         save_every=0, device=args["device"], seed=args["seed"], resume=False, echo=False,
         curriculum=bool(lora and lora.get("curriculum")),
     )
+    shutil.rmtree(Path(args["out"]) / "train", ignore_errors=True)  # a fresh arm every time
     started = time.perf_counter()
     summary = train(Path(args["out"]), config)
     cuda = torch.cuda.is_available() and args["device"] != "cpu"

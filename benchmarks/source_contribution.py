@@ -20,7 +20,7 @@ import dataclasses
 import json
 from pathlib import Path
 
-from common import git_commit, machine_description
+from common import git_commit, machine_description, training_workdir
 from quality_run import add_training_options, config_from_args, summary_line, train_and_score
 
 from fidellm.tokenizer.shards import tokenize_splits
@@ -36,15 +36,6 @@ def parse_experiment(text: str) -> tuple[str, dict[str, float]]:
     if not name or not weights:
         raise SystemExit(f"--experiment {text!r}: expected NAME=SOURCE=WEIGHT[,SOURCE=WEIGHT...]")
     return name, weights
-
-
-def experiment_workdir(run: Path, work: Path) -> Path:
-    """A run directory sharing RUN's data splits and tokenizer (symlinks), with its own tokens/."""
-    work.mkdir(parents=True, exist_ok=True)
-    for name in ("data", "tokenizer"):
-        if not (work / name).exists():
-            (work / name).symlink_to((run / name).resolve())
-    return work
 
 
 def main() -> None:
@@ -71,7 +62,7 @@ def main() -> None:
     for name, weights in experiments:
         seed = int(name.removeprefix("all-seed")) if name.startswith("all-seed") else args.seed
         config = dataclasses.replace(config_from_args(args), seed=seed)
-        work = experiment_workdir(args.run, args.out / name)
+        work = training_workdir(args.run, args.out / name, shared=("data", "tokenizer"))  # own tokens/
         tokenize_splits(work, workers=args.workers, splits=("train", "val"), source_weights=weights)
         result = {"name": name, "source_weights": weights, "seed": seed}
         result.update(train_and_score(work, config, args.data_dir))

@@ -185,3 +185,53 @@ def test_source_weight_overrides_reweight_train_only(
     assert isinstance(bad.exception, FidelError) and "SOURCE=WEIGHT" in str(bad.exception)
     with pytest.raises(FidelError, match="finite numbers >= 0"):
         tokenize_splits(run, workers=1, show_progress=False, source_weights={left_out: -1.0})
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda meta: "{not json", r"not valid JSON \(Expecting"),
+        (lambda meta: "[]", r"not a JSON object"),
+        (
+            lambda meta: json.dumps({k: v for k, v in meta.items() if k != "dtype"}),
+            r"field 'dtype' is missing",
+        ),
+        (lambda meta: json.dumps({**meta, "dtype": "bogus"}), r"field 'dtype' .* got 'bogus'"),
+        (lambda meta: json.dumps({**meta, "n_tokens": "many"}), r"field 'n_tokens' .* got 'many'"),
+        (
+            lambda meta: json.dumps({k: v for k, v in meta.items() if k != "n_docs"}),
+            r"field 'n_docs' is missing",
+        ),
+        (lambda meta: json.dumps({**meta, "source_names": 3}), r"field 'source_names'"),
+        (lambda meta: json.dumps({**meta, "tokenizer": "x"}), r"field 'tokenizer'"),
+    ],
+)
+def test_bad_meta_json_names_file_and_field(
+    run_dir: Path, metas: dict[str, dict], tmp_path: Path, edit, message: str
+) -> None:
+    shards = tmp_path / "val"
+    shutil.copytree(run_dir / "tokens" / "val", shards)
+    meta = json.loads((shards / "meta.json").read_text())
+    (shards / "meta.json").write_text(edit(meta))
+    with pytest.raises(FidelError, match=rf"val/meta\.json: {message}"):
+        TokenShards(shards)
+
+
+def test_damaged_offsets_name_the_file(run_dir: Path, metas: dict[str, dict], tmp_path: Path) -> None:
+    shards = tmp_path / "val"
+    shutil.copytree(run_dir / "tokens" / "val", shards)
+    (shards / "offsets.npy").write_bytes(b"not numpy")
+    with pytest.raises(FidelError, match=r"val/offsets\.npy: unreadable"):
+        TokenShards(shards)
+
+
+def test_empty_split_file_is_refused(run_dir: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run, ignore=lambda d, names: ["tokens"] if Path(d) == run_dir else [])
+    [empty, *_] = split_files(run, "val")
+    empty.write_bytes(b"")
+    with pytest.raises(FidelError, match=rf"{empty.name}: empty file; re-run `fidellm data prepare"):
+        list(read_split_file(empty))
+    with pytest.raises(FidelError, match=rf"val/{empty.name}: empty file"):
+        tokenize_splits(run, workers=1, show_progress=False)
+    assert not (run / "tokens").exists()  # refused before any split was written

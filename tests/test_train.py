@@ -334,3 +334,80 @@ def test_chunked_loss_trains_like_the_materialized_logits(flores_run: Path, tmp_
     for bad, message in bad_cases:
         with pytest.raises(FidelError, match=message):
             train(tmp_path / "chunked/run", dataclasses.replace(config, **bad))
+
+
+@pytest.fixture(scope="module")
+def stopped_run(flores_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run stopped at step 2 of 4 (one checkpoint, step_00000002), to be copied and damaged."""
+    run = fresh_run(flores_run, tmp_path_factory.mktemp("stopped"))
+    train(run, small_config(max_steps=4, stop_at_step=2, save_every=0))
+    return run
+
+
+def _edit_state(path: Path, **changes) -> None:
+    state = json.loads(path.read_text())
+    state.update(changes)
+    path.write_text(json.dumps({k: v for k, v in state.items() if v is not None}))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            lambda c: (c / "optimizer.pt").write_bytes(b"garbage"),
+            r"optimizer\.pt: unreadable \(.*delete this",
+        ),
+        (lambda c: (c / "rng.pt").unlink(), r"rng\.pt: missing; delete this checkpoint"),
+        (lambda c: (c / "rng.pt").write_bytes(b""), r"rng\.pt: unreadable"),
+        (lambda c: _edit_state(c / "state.json", step="abc"), r"state\.json: field 'step' .* got 'abc'"),
+        (lambda c: _edit_state(c / "state.json", step=None), r"state\.json: field 'step' .* got None"),
+        (lambda c: _edit_state(c / "state.json", data=None), r"state\.json: no field 'data'"),
+        (lambda c: _edit_state(c / "state.json", rng=None), r"state\.json: no field 'rng'"),
+        (lambda c: (c / "state.json").write_text("[1]"), r"state\.json: not a JSON object"),
+    ],
+    ids=["garbage-optimizer", "missing-rng", "empty-rng", "bad-step", "no-step", "no-data", "no-rng", "list"],
+)
+def test_damaged_checkpoint_names_its_file(stopped_run: Path, tmp_path: Path, damage, message: str) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(stopped_run, run)
+    damage(run / "train/checkpoints/step_00000002")
+    with pytest.raises(FidelError, match=rf"step_00000002/{message}") as raised:
+        train(run, small_config(max_steps=4))
+    assert "\n" not in str(raised.value)
+
+
+def test_no_resume_refuses_a_dir_with_checkpoints(stopped_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(stopped_run, run)
+    metrics = (run / "train/metrics.jsonl").read_text()
+    with pytest.raises(FidelError, match=r"train/checkpoints holds checkpoints .*step_00000002.*new run dir"):
+        train(run, small_config(max_steps=1, resume=False))
+    assert (run / "train/metrics.jsonl").read_text() == metrics  # nothing overwritten
+    shutil.rmtree(run / "train")  # what the message says to do
+    assert train(run, small_config(max_steps=1, save_every=0, resume=False))["step"] == 1
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        ({"stop_at_step": -1}, "stop_at_step must be positive, got -1"),
+        ({"stop_at_step": 0}, "stop_at_step must be positive, got 0"),
+        ({"weight_decay": -1.0}, "weight_decay must be >= 0 and finite, got -1.0"),
+        ({"weight_decay": math.nan}, "weight_decay must be >= 0 and finite, got nan"),
+    ],
+)
+def test_no_op_settings_are_refused(tmp_path: Path, bad: dict, message: str) -> None:
+    with pytest.raises(FidelError, match=message):
+        train(tmp_path, small_config(**bad))
+
+
+def test_cli_refuses_negative_weight_decay_in_one_line(tmp_path: Path, capsys) -> None:
+    from fidellm.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["train", str(tmp_path), "--weight-decay", "-1", "--stop-at-step", "3"])
+    err = capsys.readouterr().err
+    assert (
+        exited.value.code == 2
+        and err == "error: train config: weight_decay must be >= 0 and finite, got -1.0\n"
+    )

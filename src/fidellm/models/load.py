@@ -18,11 +18,13 @@ from fidellm.export.hf import WEIGHTS_FILE, load_hf_dir
 from fidellm.export.hnet import is_hnet_dir, load_hnet_dir
 from fidellm.models.factory import build_model, config_from_dict
 from fidellm.train.checkpoint import STATE_FILE, latest_checkpoint, read_checkpoint, restore_checkpoint
+from fidellm.train.distributed import pick_device
 
 
 def load_checkpoint_model(path: Path, device: torch.device | str = "cpu") -> nn.Module:
     """The model saved in a training checkpoint directory (weights only), in eval mode; its architecture
     is the one state.json's "model_config" names (no "arch": Llama)."""
+    device = pick_device(device)
     checkpoint = read_checkpoint(Path(path))
     if "model_config" not in checkpoint.state:
         raise FidelError(f"{Path(path) / STATE_FILE}: no model_config (not a model checkpoint)")
@@ -33,7 +35,10 @@ def load_checkpoint_model(path: Path, device: torch.device | str = "cpu") -> nn.
 
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Path]:
     """(model, tokenizer directory) from an exported HF or H-Net directory, a checkpoint directory (also
-    RUN/train/best, the best-validation weights), or a run directory (its latest checkpoint)."""
+    RUN/train/best, the best-validation weights), or a run directory (its latest checkpoint).
+
+    `device` ("auto", "cpu", "cuda:1", ...) is checked first: a bad one is a one-line FidelError."""
+    device = pick_device(device)
     path = Path(path)
     if (path / "config.json").is_file() and (path / WEIGHTS_FILE).is_file():
         if is_hnet_dir(path):

@@ -65,13 +65,22 @@ def split_files(run_dir: str | os.PathLike, split: str) -> list[Path]:
     files = sorted(directory.glob("*.jsonl.gz"))
     if not files:
         raise FidelError(f"split directory {directory} holds no *.jsonl.gz shards")
+    for path in files:
+        _check_not_empty(path)
     return files
+
+
+def _check_not_empty(path: Path) -> None:
+    """Refuse a 0-byte split file: gzip would read it as an empty split (every writer leaves a header)."""
+    if path.stat().st_size == 0:
+        raise FidelError(f"{path}: empty file; re-run `fidellm data prepare RUN`")
 
 
 def read_split_file(path: Path) -> Iterator[SplitDocument]:
     """Documents of one datatrove JsonlWriter file; a malformed line raises naming file, line and field."""
     import gzip
 
+    _check_not_empty(path)
     try:
         with gzip.open(path, "rb") as handle:
             for number, line in enumerate(handle, start=1):
@@ -389,6 +398,42 @@ def tokenize_splits(
         }
 
 
+WHOLE = ("a whole number >= 0", lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0)
+META_FIELDS = {  # meta.json fields TokenShards relies on: (what each must be, its check)
+    "dtype": ("uint16 or uint32", lambda v: v in ("uint16", "uint32")),
+    "n_tokens": WHOLE,
+    "n_docs": WHOLE,
+    "source_names": ("a list of names", lambda v: isinstance(v, list) and all(isinstance(s, str) for s in v)),
+    "tokenizer": ("an object", lambda v: isinstance(v, dict)),
+}
+
+
+def read_meta(path: Path) -> dict[str, Any]:
+    """A split's meta.json, checked for the fields TokenShards relies on: a damaged one names the file and
+    the field instead of failing later with a KeyError."""
+    rerun = "rerun `fidellm data tokenize RUN`"
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise FidelError(f"{path}: not valid JSON ({error}); {rerun}") from error
+    if not isinstance(meta, dict):
+        raise FidelError(f"{path}: not a JSON object; {rerun}")
+    for name, (wanted, ok) in META_FIELDS.items():
+        if name not in meta and name != "tokenizer":  # without it load_shards reports another tokenizer
+            raise FidelError(f"{path}: field {name!r} is missing; {rerun}")
+        if name in meta and not ok(meta[name]):
+            raise FidelError(f"{path}: field {name!r} must be {wanted}, got {meta[name]!r}; {rerun}")
+    return meta
+
+
+def _load_array(path: Path) -> np.ndarray:
+    """A memory-mapped .npy of the shards; a missing or damaged file names itself."""
+    try:
+        return np.load(path, mmap_mode="r")
+    except (OSError, ValueError, EOFError) as error:
+        raise FidelError(f"{path}: unreadable ({error}); rerun `fidellm data tokenize RUN`") from error
+
+
 class TokenShards:
     """Memory-mapped token shards of one split: len() documents, document(i), and the full `tokens` array."""
 
@@ -399,9 +444,9 @@ class TokenShards:
             raise FidelError(
                 f"{self.directory} holds no token shards (no {META_FILE}; run `fidellm data tokenize RUN`)"
             )
-        self.meta: dict[str, Any] = json.loads(meta_path.read_text(encoding="utf-8"))
+        self.meta: dict[str, Any] = read_meta(meta_path)
         dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
-        n_tokens = int(self.meta["n_tokens"])
+        n_tokens = self.meta["n_tokens"]
         path = self.directory / TOKENS_FILE
         if not path.is_file() or path.stat().st_size != n_tokens * dtype.itemsize:
             raise FidelError(
@@ -410,8 +455,8 @@ class TokenShards:
         self.tokens: np.ndarray = (
             np.memmap(path, dtype=dtype, mode="r", shape=(n_tokens,)) if n_tokens else np.zeros(0, dtype)
         )
-        self.offsets: np.ndarray = np.load(self.directory / OFFSETS_FILE, mmap_mode="r")
-        self.doc_source: np.ndarray = np.load(self.directory / SOURCES_FILE, mmap_mode="r")
+        self.offsets: np.ndarray = _load_array(self.directory / OFFSETS_FILE)
+        self.doc_source: np.ndarray = _load_array(self.directory / SOURCES_FILE)
         if len(self.offsets) != self.meta["n_docs"] + 1 or int(self.offsets[-1]) != n_tokens:
             raise FidelError(f"{self.directory / OFFSETS_FILE}: does not match meta.json (n_docs, n_tokens)")
 

@@ -62,6 +62,17 @@ def latest_checkpoint(directory: Path) -> Path | None:
     return found[-1] if found else None
 
 
+def refuse_old_checkpoints(directory: Path) -> None:
+    """Refuse a fresh start (no resume) beside an earlier run's checkpoints: their higher steps would win
+    over the new run's everywhere later (summary, generate, export, eval) while metrics.jsonl is new."""
+    found = latest_checkpoint(directory)
+    if found is not None:
+        raise FidelError(
+            f"{directory} holds checkpoints of an earlier run (newest {found.name}); without resume they"
+            f" would mix with the new run's. Use a new run dir, or remove {directory.parent} (or resume)"
+        )
+
+
 def rng_state() -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
     """(JSON-able python/numpy states, tensor states of torch CPU and every CUDA device)."""
     version, internal, gauss = random.getstate()
@@ -222,19 +233,59 @@ class Checkpoint:
     path: Path
     state: dict[str, Any]
 
+    def __post_init__(self) -> None:
+        """Check state.json's shape and step here, so no later use of them can crash."""
+        if not isinstance(self.state, dict):
+            raise FidelError(f"{self.path / STATE_FILE}: not a JSON object; {DAMAGED}")
+        step = self.state.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise FidelError(
+                f"{self.path / STATE_FILE}: field 'step' must be a whole number >= 0, got {step!r}; {DAMAGED}"
+            )
+
     @property
     def step(self) -> int:
-        return int(self.state["step"])
+        return self.state["step"]
+
+    def field(self, name: str) -> Any:
+        """state.json's `name`, or an error naming the file and the field when it is missing."""
+        if name not in self.state:
+            raise FidelError(f"{self.path / STATE_FILE}: no field {name!r}; {DAMAGED}")
+        return self.state[name]
+
+
+DAMAGED = "delete this checkpoint to resume from the one before, or start a new run dir"
 
 
 def read_checkpoint(path: Path) -> Checkpoint:
-    """The state.json of a checkpoint directory, with a clear error when it is not one."""
+    """The state.json of a checkpoint directory (checked to hold a valid step), with a clear error when it
+    is not one."""
     state_path = path / STATE_FILE
     try:
         state = json.loads(state_path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as error:
-        raise FidelError(f"{state_path}: not a readable checkpoint state: {error}") from error
+        raise FidelError(f"{state_path}: not a readable checkpoint state: {_brief(error)}") from error
     return Checkpoint(path, state)
+
+
+def _brief(error: BaseException) -> str:
+    """An exception as one short line: its type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0][:200]}" if lines else type(error).__name__
+
+
+def _load_torch_file(path: Path, key: str) -> dict[str, Any]:
+    """A dict saved by `save_checkpoint` with torch.save (tensors only, weights_only), holding `key`;
+    a missing, damaged or foreign file is a FidelError naming it, never an unpickling traceback."""
+    if not path.is_file():
+        raise FidelError(f"{path}: missing; {DAMAGED}")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # UnpicklingError, RuntimeError (bad zip), EOFError, ...
+        raise FidelError(f"{path}: unreadable ({_brief(error)}); {DAMAGED}") from error
+    if not isinstance(saved, dict) or key not in saved:
+        raise FidelError(f"{path}: no {key!r} entry (not a fidellm checkpoint file); {DAMAGED}")
+    return saved
 
 
 def restore_checkpoint(
@@ -251,14 +302,23 @@ def restore_checkpoint(
     """
     path = checkpoint.path
     weights = read_weights(model, path / "model.safetensors")
-    saved = (
-        torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        if optimizer is not None
-        else {}
-    )
-    load_full_states(model, optimizer, weights, saved.get("optimizer"))
-    if scaler is not None and "scaler" in saved:
-        scaler.load_state_dict(saved["scaler"])
-    if restore_rng:
-        ranks = torch.load(path / "rng.pt", weights_only=True)["ranks"]
-        set_rng_state(checkpoint.state["rng"], ranks[rank if rank < len(ranks) else 0])
+    saved = _load_torch_file(path / "optimizer.pt", "optimizer") if optimizer is not None else {}
+    plain_rng = checkpoint.field("rng") if restore_rng else None
+    ranks = _load_torch_file(path / "rng.pt", "ranks")["ranks"] if restore_rng else None
+    try:
+        load_full_states(model, optimizer, weights, saved.get("optimizer"))
+        if scaler is not None and "scaler" in saved:
+            scaler.load_state_dict(saved["scaler"])
+    except (KeyError, ValueError, TypeError) as error:  # torch's messages for a foreign optimizer state
+        raise FidelError(
+            f"{path / 'optimizer.pt'}: does not fit the optimizer ({_brief(error)}); {DAMAGED}"
+        ) from error
+    if ranks is not None:
+        if not isinstance(ranks, list) or not ranks:
+            raise FidelError(f"{path / 'rng.pt'}: no RNG states in 'ranks'; {DAMAGED}")
+        try:
+            set_rng_state(plain_rng, ranks[rank if rank < len(ranks) else 0])
+        except (KeyError, ValueError, TypeError, RuntimeError) as error:
+            raise FidelError(
+                f"{path}: RNG state in rng.pt / {STATE_FILE} 'rng' unusable ({_brief(error)}); {DAMAGED}"
+            ) from error

@@ -72,11 +72,53 @@ class Distributed:
         return box[0]
 
 
-def pick_device(name: str) -> torch.device:
-    """CUDA for "auto" when available, else CPU; any other name is taken as it is."""
-    if name == "auto":
+DEVICE_TYPES = ("cpu", "cuda", "mps", "xpu")
+
+
+def pick_device(name: str | torch.device) -> torch.device:
+    """CUDA for "auto" when available, else CPU; any other name is checked to be a device this machine
+    has, so a typo or a missing GPU is one clear line (naming --device) instead of a torch traceback."""
+    if isinstance(name, torch.device):
+        device = name
+    elif name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    else:
+        try:
+            device = torch.device(name)
+        except (RuntimeError, ValueError, TypeError) as error:
+            raise FidelError(
+                f"--device {name}: not a torch device ({str(error).splitlines()[0]}); use auto, cpu, cuda"
+                " or cuda:N"
+            ) from None
+    if device.type not in DEVICE_TYPES:
+        raise FidelError(f"--device {name}: fidellm runs models on {', '.join(DEVICE_TYPES)} only")
+    if device.type == "cuda":
+        _check_cuda(name, device)
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise FidelError(f"--device {name}: no MPS (Apple GPU) is available to this torch; use --device cpu")
+    elif device.type == "xpu" and not (hasattr(torch, "xpu") and torch.xpu.is_available()):
+        raise FidelError(f"--device {name}: no XPU is available to this torch; use --device cpu")
+    return device
+
+
+def _check_cuda(name: str | torch.device, device: torch.device) -> None:
+    """Refuse a CUDA device this process cannot use: a CPU-only torch, no visible GPU, or a bad index."""
+    if not torch.cuda.is_available():
+        if torch.version.cuda is None and getattr(torch.version, "hip", None) is None:
+            raise FidelError(
+                f"--device {name}: this torch ({torch.__version__}) has no CUDA (a CPU-only build);"
+                " use --device cpu, or install a CUDA build of torch"
+            )
+        raise FidelError(
+            f"--device {name}: no CUDA GPU is visible to torch (check nvidia-smi and CUDA_VISIBLE_DEVICES);"
+            " use --device cpu"
+        )
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise FidelError(
+            f"--device {name}: only {count} CUDA device{'s' if count != 1 else ''} visible"
+            f" (cuda:0 to cuda:{count - 1})"
+        )
 
 
 def init_distributed(device_name: str) -> tuple[Distributed, torch.device]:
@@ -85,9 +127,10 @@ def init_distributed(device_name: str) -> tuple[Distributed, torch.device]:
     if world_size <= 1:
         return Distributed(), pick_device(device_name)
     rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
-    use_cuda = device_name in ("auto", "cuda") and torch.cuda.is_available()
-    if device_name == "cuda" and not use_cuda:
-        raise FidelError("train config: device cuda was asked for but CUDA is not available")
+    asked = pick_device(device_name)  # a bad name or a missing GPU fails here, on every rank
+    if asked.type not in ("cpu", "cuda"):
+        raise FidelError(f"--device {device_name}: several processes (torchrun) run on cuda or cpu only")
+    use_cuda = asked.type == "cuda"
     if use_cuda:
         if local_rank >= torch.cuda.device_count():
             raise FidelError(

@@ -43,6 +43,7 @@ from fidellm.tokenizer.shards import TokenShards
 from fidellm.train.checkpoint import (
     latest_checkpoint,
     read_checkpoint,
+    refuse_old_checkpoints,
     restore_checkpoint,
     save_checkpoint,
     save_weights,
@@ -162,6 +163,10 @@ class TrainConfig:
             raise FidelError(f"train config: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
         if not (self.lr > 0 and math.isfinite(self.lr)) or self.warmup_steps < 0 or self.grad_clip < 0:
             raise FidelError("train config: lr must be positive and finite, warmup_steps and grad_clip >= 0")
+        if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+            raise FidelError(f"train config: weight_decay must be >= 0 and finite, got {self.weight_decay}")
+        if self.stop_at_step is not None and self.stop_at_step < 1:  # 0 would silently mean "no stop"
+            raise FidelError(f"train config: stop_at_step must be positive, got {self.stop_at_step}")
         if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.decay_fraction <= 1:
             raise FidelError("train config: min_lr_ratio and decay_fraction must lie in [0, 1]")
         if self.arch not in ARCHS:
@@ -293,6 +298,8 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
         raise FidelError("train config: fp16 needs a CUDA device (use fp32 or bf16 on CPU)")
     out = run.root / "train"
     ckpt_dir = out / "checkpoints"
+    if not config.resume:
+        refuse_old_checkpoints(ckpt_dir)
 
     batches, val_set = training_data(run, config, tokenizer, ctx)
     if config.epochs is not None:
@@ -336,10 +343,10 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
     previous = latest_checkpoint(ckpt_dir) if config.resume else None
     if previous is not None:
         loaded = read_checkpoint(previous)
-        if loaded.state.get("model_config") != json.loads(json.dumps(config_to_dict(mconfig))):
+        if loaded.field("model_config") != json.loads(json.dumps(config_to_dict(mconfig))):
             raise FidelError(f"{previous}: its model config differs from this run's; pass a new run dir")
         restore_checkpoint(loaded, model, optimizer, scaler, rank=ctx.rank)
-        batches.load_state_dict(loaded.state["data"])
+        batches.load_state_dict(loaded.field("data"))
         step = loaded.step
     forward = torch.compile(wrapped, mode=config.compile_mode) if config.compile else wrapped
     cuda_graphs = config.compile and config.compile_mode in ("reduce-overhead", "max-autotune")
@@ -392,8 +399,8 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
     best_dir = out / "best"
     best = {"step": 0, "val_loss": math.inf}  # the best-validation model is kept in train/best
     if previous is not None and (best_dir / "state.json").is_file():
-        kept = json.loads((best_dir / "state.json").read_text(encoding="utf-8"))
-        best = {"step": kept["step"], "val_loss": kept["val_loss"], "val_bpb": kept["val_bpb"]}
+        kept = read_checkpoint(best_dir)
+        best = {"step": kept.step, "val_loss": kept.field("val_loss"), "val_bpb": kept.field("val_bpb")}
     stop = min(config.max_steps, config.stop_at_step or config.max_steps)
     losses: list[float] = []
     val: dict[str, float] = {}
