@@ -30,7 +30,9 @@ def data() -> None:
     "--sources", help="Comma-separated registry sources to read (default: every pretraining source)."
 )
 @click.option("--open-licences-only", is_flag=True, help="Keep only sources under open licences.")
-@click.option("--workers", type=int, help="Parallel worker processes (default from config: 2).")
+@click.option(
+    "--workers", type=click.IntRange(min=1), help="Parallel worker processes (default from config: 2)."
+)
 @click.option("--overwrite", is_flag=True, help="Replace RUN_DIR/data if it exists.")
 @click.option(
     "--verbose", is_flag=True, help="Show datatrove's per-task logs instead of writing them to logs/."
@@ -59,7 +61,7 @@ def prepare(
         config.sources.include = [s.strip() for s in sources.split(",") if s.strip()]
     if open_licences_only:
         config.sources.licence_families = ["open"]
-    if workers:
+    if workers is not None:
         config.workers = config.tasks = workers
     config.validate()
     report = run_prepare(run_dir, resolve_data_dir(data_dir), config, overwrite=overwrite, quiet=not verbose)
@@ -81,7 +83,9 @@ def prepare(
     type=click.Path(file_okay=False, path_type=Path),
     help="Tokenizer directory (default: RUN_DIR/tokenizer).",
 )
-@click.option("--workers", type=int, default=2, show_default=True, help="Parallel encoding processes.")
+@click.option(
+    "--workers", type=click.IntRange(min=1), default=2, show_default=True, help="Parallel encoding processes."
+)
 @click.option(
     "--source-weight",
     "source_weights",

@@ -7,9 +7,10 @@ report); a YAML file given with `--config` overrides any subset of them.
 from __future__ import annotations
 
 import dataclasses
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Union, get_args, get_origin, get_type_hints
 
 import yaml
 
@@ -104,29 +105,87 @@ class PrepareConfig:
         bad = {w for w in self.sources.weights.values() if not isinstance(w, (int, float)) or w < 0}
         if bad:
             raise FidelError(f"sources.weights must be numbers >= 0, got {sorted(map(str, bad))}")
+        positive = {
+            "dedup.n_grams": self.dedup.n_grams,
+            "dedup.num_buckets": self.dedup.num_buckets,
+            "dedup.hashes_per_bucket": self.dedup.hashes_per_bucket,
+            "decontam.n": self.decontam.n,
+            "boilerplate.min_docs": self.boilerplate.min_docs,
+        }  # counts and sizes the pipeline divides by or slices with: 0 fails deep inside datatrove
+        for name, value in positive.items():
+            if value < 1:
+                raise FidelError(f"{name} must be >= 1, got {value}")
         return self
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
 
-def _build(cls: type, values: Any, where: str) -> Any:
-    """Instantiate dataclass `cls` from a mapping, naming unknown keys precisely."""
+_EXPECTED = {
+    bool: "true or false",
+    int: "an integer",
+    float: "a number",
+    str: "a string",
+    list: "a list",
+    tuple: "a list",
+    dict: "a mapping",
+}
+"""Field type -> how an error names it; fields of other types are not checked."""
+
+
+def _type_problem(hint: Any, value: Any, key: str) -> str | None:
+    """Why `value` does not fit the annotation `hint` ("KEY: expected an integer, got 'one'"), or None.
+
+    YAML gives plain values, so a wrong one would otherwise fail later as a TypeError deep in the
+    pipeline. An int fits a float field; a bool is not a number; list/dict items are checked too."""
+    origin, args = get_origin(hint), get_args(hint)
+    if origin in (Union, types.UnionType):  # X | None: the only unions the config uses
+        if value is None and type(None) in args:
+            return None
+        hint = next(arg for arg in args if arg is not type(None))
+        origin, args = get_origin(hint), get_args(hint)
+    kind = origin or hint
+    if kind not in _EXPECTED:
+        return None
+    if kind in (int, float):
+        fits = isinstance(value, int if kind is int else (int, float)) and not isinstance(value, bool)
+    else:
+        fits = isinstance(value, (list, tuple) if kind in (list, tuple) else kind)
+    if not fits:
+        return f"{key}: expected {_EXPECTED[kind]}, got {value!r}"
+    if kind in (list, tuple) and args:  # list[X] or tuple[X, ...]
+        problems = (_type_problem(args[0], item, f"{key}[{i}]") for i, item in enumerate(value))
+    elif kind is dict and args:
+        problems = (
+            _type_problem(args[0], k, f"{key} (key {k!r})") or _type_problem(args[1], v, f"{key}.{k}")
+            for k, v in value.items()
+        )
+    else:
+        return None
+    return next((problem for problem in problems if problem), None)
+
+
+def _build(cls: type, values: Any, path: str, key: str = "") -> Any:
+    """Instantiate dataclass `cls` from the mapping at `key` of the file at `path`, naming unknown keys
+    and wrong-typed values precisely ("cfg.yaml: filters.min_chars: expected an integer, got 'abc'")."""
+    where = f"{path}: {key}" if key else path
     if not isinstance(values, dict):
-        raise FidelError(f"{where}: expected a mapping, got {type(values).__name__}")
+        raise FidelError(f"{where}: expected a mapping, got {values!r}")
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - set(known))
     if unknown:
         raise FidelError(f"{where}: unknown key(s) {unknown}; known: {sorted(known)}")
+    hints = get_type_hints(cls)
     kwargs = {}
     for name, value in values.items():
-        default = (
-            known[name].default_factory() if known[name].default_factory is not dataclasses.MISSING else None
-        )
-        if dataclasses.is_dataclass(default):
-            kwargs[name] = _build(type(default), value, f"{where}.{name}")
-        else:
-            kwargs[name] = value
+        dotted = f"{key}.{name}" if key else name
+        if dataclasses.is_dataclass(hints[name]):
+            kwargs[name] = _build(hints[name], value, path, dotted)
+            continue
+        problem = _type_problem(hints[name], value, dotted)
+        if problem:
+            raise FidelError(f"{path}: {problem}")
+        kwargs[name] = value
     return cls(**kwargs)
 
 
@@ -141,4 +200,8 @@ def load_prepare_config(path: str | Path | None) -> PrepareConfig:
         values = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as error:
         raise FidelError(f"{path}: invalid YAML: {error}") from None
-    return _build(PrepareConfig, values, str(path)).validate()
+    config = _build(PrepareConfig, values, str(path))
+    try:
+        return config.validate()
+    except FidelError as error:
+        raise FidelError(f"{path}: {error}") from None

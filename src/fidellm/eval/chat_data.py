@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fidellm.chat.schema import Conversation, conversation_error
 from fidellm.data.compressed import decode_line, iter_raw_lines
 from fidellm.data.registry import SourceSpec, load_registry
 from fidellm.data.sources import locate, resolve_files
@@ -223,20 +222,14 @@ def sft_chat_dir(model_path: Path) -> Path | None:
 
 
 def read_eval_split(chat_dir: Path, files_read: dict[str, str] | None = None) -> list[dict[str, Any]]:
-    """The conversations of CHAT_DIR/eval.jsonl, each checked against the conversation schema."""
+    """The conversations of CHAT_DIR/eval.jsonl, each checked against the conversation schema (by
+    `read_conversations`)."""
     path = chat_dir / "eval.jsonl"
     if not path.is_file():
         raise FidelError(
             f"{path}: no chat eval split (run `fidellm data chat RUN --eval-split F`, or pass --chat-dir)"
         )
     conversations = read_conversations(path)
-    for record in conversations:
-        conversation = Conversation(
-            str(record["id"]), str(record.get("source")), record["messages"], record.get("tools")
-        )
-        problem = conversation_error(conversation)
-        if problem:
-            raise FidelError(f"{path}: conversation {record['id']}: {problem}")
     if not conversations:
         raise FidelError(f"{path}: no conversations")
     if files_read is not None:

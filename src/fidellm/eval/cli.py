@@ -35,7 +35,12 @@ CHAT_GROUP = "chat"
     help="`fidellm data chat` output whose eval.jsonl the chat tasks read (default: the directory MODEL"
     " was fine-tuned on, else RUN/chat).",
 )
-@click.option("--limit", type=int, default=None, help="At most N items per task split (quick checks).")
+@click.option(
+    "--limit",
+    type=click.IntRange(min=1),
+    default=None,
+    help="At most N items per task split (quick checks).",
+)
 @click.option(
     "--out", type=click.Path(file_okay=False, path_type=Path), help="Default: RUN/eval or MODEL/eval."
 )
@@ -57,6 +62,7 @@ def eval_command(
     downstream tasks and, for a chat model, the chat tasks (translation chrF++/BLEU, SFT held-out loss,
     tool-call validity, answers saved to OUT/generations); writes results.json (every figure with its
     provenance)."""
+    from fidellm.errors import FidelError
     from fidellm.eval.chat_data import sft_chat_dir
     from fidellm.eval.suite import EvalContext, default_out_dir, run_suite
     from fidellm.models.load import load_model
@@ -64,21 +70,24 @@ def eval_command(
     from fidellm.tokenizer.base import load_tokenizer
     from fidellm.train.distributed import pick_device
 
+    requested = [t.strip() for t in tasks.split(",") if t.strip()] if tasks is not None else None
+    if requested == []:  # checked before the model loads
+        raise FidelError(f"--tasks {tasks!r} names no task; e.g. --tasks flores,probes")
     torch_device = pick_device(device)
     network, tokenizer_dir = load_model(model, torch_device)
     if run_dir is None and (tokenizer_dir.parent / "data" / "splits").is_dir():
         run_dir = tokenizer_dir.parent
     tuned_on = sft_chat_dir(model.resolve())
-    if tasks is None:
-        tasks = DEFAULT_TASKS + (f",{CHAT_GROUP}" if tuned_on is not None else "")
+    names = requested or DEFAULT_TASKS.split(",") + ([CHAT_GROUP] if tuned_on is not None else [])
     if chat_dir is None:
         chat_dir = tuned_on or (
             run_dir / "chat" if run_dir is not None and (run_dir / "chat").is_dir() else None
         )
-    names = [t.strip() for t in tasks.split(",") if t.strip()]
     if run_dir is None and "heldout" in names:
         names.remove("heldout")
         click.echo("heldout skipped: no run directory with data/splits (pass --run RUN)", err=True)
+        if not names:
+            raise FidelError("--tasks: nothing left to run (heldout needs a run directory: pass --run RUN)")
     context = EvalContext(
         network.eval(),
         load_tokenizer(tokenizer_dir),

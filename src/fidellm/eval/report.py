@@ -13,7 +13,9 @@ to the command that made it.
 from __future__ import annotations
 
 import json
+import reprlib
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,24 +63,93 @@ def locate_results(path: Path) -> Path:
     )
 
 
-def load_run(path: Path) -> RunSummary:
-    results_path = locate_results(path)
+_KINDS: dict[str, Callable[[Any], bool]] = {
+    "a string": lambda v: isinstance(v, str),
+    "a number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "an integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "true or false": lambda v: isinstance(v, bool),
+    "an object": lambda v: isinstance(v, dict),
+    "a list": lambda v: isinstance(v, list),
+}
+"""What a field must be -> its test (JSON numbers: bool is not one)."""
+RESULTS_FIELDS = {
+    "model": "a string",
+    "parameters": "an integer",
+    "tokenizer": "an object",
+    "results": "a list",
+}
+OPTIONAL_FIELDS = {"run": "a string", "anchors": "a list", "command": "a list", "provenance": "an object"}
+"""Top-level fields of results.json the report reads; the optional ones may be missing or null."""
+ENTRY_FIELDS = {
+    "task": "a string",
+    "metric": "a string",
+    "value": "a number",  # TaskResult.value is a float: `fidellm eval` never writes null
+    "n": "an integer",
+    "higher_is_better": "true or false",
+    "details": "an object",
+}
+TOKENIZER_FIELDS = {"kind": "a string", "vocab_size": "an integer", "flores": "an object"}
+FERTILITY_FIELDS = {"tokens_per_word": "a number", "bytes_per_token": "a number"}
+ANCHOR_FIELDS = {"model": "a string", "value": "a number", "source": "a string"}
+
+
+def _check_fields(record: Any, fields: dict[str, str], where: str, optional: bool = False) -> None:
+    """FidelError naming `where` and the field when `record` lacks one of `fields` or has it of another
+    kind (`optional`: missing or null is fine)."""
+    if not isinstance(record, dict):
+        raise FidelError(f"{where}: expected an object, got {reprlib.repr(record)}")
+    for key, kind in fields.items():
+        if optional and record.get(key) is None:
+            continue
+        if key not in record:
+            raise FidelError(f"{where}: missing field {key!r}")
+        if not _KINDS[kind](record[key]):
+            raise FidelError(f"{where}: field {key!r} must be {kind}, got {reprlib.repr(record[key])}")
+
+
+def check_results(results: Any, path: Path) -> None:
+    """Check every part of a results.json the report card reads, so a malformed file is one FidelError
+    naming the file, the entry and the field instead of a KeyError or TypeError while rendering."""
+    _check_fields(results, RESULTS_FIELDS, str(path))
+    _check_fields(results, OPTIONAL_FIELDS, str(path), optional=True)
+    _check_fields(results["tokenizer"], TOKENIZER_FIELDS, f"{path}: tokenizer")
+    _check_fields(results["tokenizer"]["flores"], FERTILITY_FIELDS, f"{path}: tokenizer.flores")
+    for index, anchor in enumerate(results.get("anchors") or []):
+        _check_fields(anchor, ANCHOR_FIELDS, f"{path}: anchors[{index}]")
+    for index, entry in enumerate(results["results"]):
+        _check_fields(entry, ENTRY_FIELDS, f"{path}: results[{index}]")
+
+
+def _json(text: bytes, where: str) -> Any:
+    """Parsed JSON; bad JSON or UTF-8 is a FidelError naming `where` (a training run killed mid-write
+    leaves a cut last line in metrics.jsonl)."""
     try:
-        results = json.loads(results_path.read_text(encoding="utf-8"))
-        if not isinstance(results["results"], list):
-            raise TypeError("'results' is not a list")
-    except (ValueError, KeyError, TypeError) as error:
-        raise FidelError(f"{results_path}: not a fidellm results file: {error}") from error
+        return json.loads(text)
+    except ValueError as error:  # JSONDecodeError and UnicodeDecodeError
+        raise FidelError(f"{where}: not JSON: {error}") from None
+
+
+def load_run(path: Path) -> RunSummary:
+    """A run's results.json (checked: `check_results`) with its training metrics and config, if any."""
+    results_path = locate_results(path)
+    results = _json(results_path.read_bytes(), f"{results_path}: not a fidellm results file")
+    check_results(results, results_path)
     run = Path(results["run"]) if results.get("run") else None
     metrics = run / "train" / "metrics.jsonl" if run else None
     records = (
-        [json.loads(line) for line in metrics.read_text(encoding="utf-8").splitlines() if line.strip()]
+        [
+            _json(line, f"{metrics}:{number}")
+            for number, line in enumerate(metrics.read_bytes().splitlines(), 1)
+            if line.strip()
+        ]
         if metrics is not None and metrics.is_file()
         else []
     )
     config_path = run / "train" / "config.json" if run else None
     config = (
-        json.loads(config_path.read_text()) if config_path is not None and config_path.is_file() else None
+        _json(config_path.read_bytes(), str(config_path))
+        if config_path is not None and config_path.is_file()
+        else None
     )
     label = path.name if path.is_dir() else path.parent.name
     return RunSummary(label, results_path, results, records, config)

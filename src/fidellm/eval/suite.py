@@ -55,6 +55,11 @@ class EvalContext:
     files_read: dict[str, str] = dataclasses.field(default_factory=dict)
     _flores: list[str] | None = dataclasses.field(default=None, repr=False)
 
+    def __post_init__(self) -> None:
+        """A limit below 1 would slice texts[:-1] (one document silently dropped) or score nothing."""
+        if self.limit is not None and self.limit < 1:
+            raise FidelError(f"--limit must be >= 1, got {self.limit}")
+
     def flores(self) -> list[str]:
         """FLORES amh dev + devtest, normalized like the run's training text (read once; sha256 recorded)."""
         if self._flores is None:

@@ -25,6 +25,27 @@ def _require_llama(network: object, target: str) -> None:
         )
 
 
+def _refuse_overwrite(model: Path, tokenizer_dir: Path, out: Path, is_file: bool = False) -> None:
+    """Refuse an output that would overwrite what is being exported (silently replacing the source
+    weights, e.g. with bf16 ones): MODEL or its tokenizer directory itself, anything inside a run's
+    train/ (checkpoints, best) and, for a file (GGUF), a file already in either directory that is not a
+    previous .gguf."""
+    from fidellm.errors import FidelError
+
+    target, sources = out.resolve(), (model.resolve(), tokenizer_dir.resolve())
+    train = next(
+        (p for p in (target, *target.parents) if p.name == "train" and (p / "checkpoints").is_dir()), None
+    )
+    if train is not None:
+        raise FidelError(f"{out}: lies inside {train} (training checkpoints); write the export elsewhere")
+    if is_file:
+        clobbers = target.parent in sources and target.exists() and target.suffix != ".gguf"
+    else:
+        clobbers = target in sources
+    if clobbers:
+        raise FidelError(f"{out}: would overwrite the model being exported ({model}); write it elsewhere")
+
+
 @export.command("hf")
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
@@ -39,6 +60,7 @@ def export_hf_command(model: Path, out_dir: Path, dtype: str) -> None:
 
     network, tokenizer_dir = load_model(model)
     _require_llama(network, "HF")
+    _refuse_overwrite(model, tokenizer_dir, out_dir)
     export_hf(network, network.config, tokenizer_dir, out_dir, dtype=dtype)
     click.echo(f"wrote {out_dir} ({dtype}, {network.num_parameters():,} parameters)")
 
@@ -62,6 +84,7 @@ def export_gguf_command(model: Path, out_file: Path, qtype: str) -> None:
 
     network, tokenizer_dir = load_model(model)
     _require_llama(network, "GGUF")
+    _refuse_overwrite(model, tokenizer_dir, out_file, is_file=True)
     export_gguf(network, network.config, tokenizer_dir, out_file, qtype=qtype, name=model.resolve().name)
     size = out_file.stat().st_size
     click.echo(f"wrote {out_file} ({qtype}, {size / 1e6:.1f} MB, {network.num_parameters():,} parameters)")
@@ -80,5 +103,6 @@ def export_hnet_command(model: Path, out_dir: Path, dtype: str) -> None:
     from fidellm.models.load import load_model
 
     network, tokenizer_dir = load_model(model)
+    _refuse_overwrite(model, tokenizer_dir, out_dir)
     export_hnet(network, tokenizer_dir, out_dir, dtype=dtype)
     click.echo(f"wrote {out_dir} ({dtype}, {network.num_parameters():,} parameters)")

@@ -61,14 +61,22 @@ def prepare_output(output: Path, base: str) -> None:
     show_default=True,
     help="LoRA: after training, merge the adapters into OUTPUT/merged (a plain model).",
 )
-@click.option("--epochs", default=1, show_default=True, help="Passes over the packed training rows.")
+@click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="Passes over the packed training rows.",
+)
 @click.option("--batch-size", default=8, show_default=True, help="Packed rows per micro-batch.")
 @click.option("--grad-accum", default=1, show_default=True)
 @click.option("--seq-len", default=1024, show_default=True, help="Tokens per packed row.")
 @click.option("--lr", default=2e-4, show_default=True, help="Peak learning rate (cosine schedule).")
 @click.option("--warmup", "warmup_steps", default=20, show_default=True, help="Linear warmup steps.")
 @click.option("--weight-decay", default=0.0, show_default=True)
-@click.option("--max-samples", type=int, default=None, help="Train on the first N conversations only.")
+@click.option(
+    "--max-samples", type=click.IntRange(min=1), default=None, help="Train on the first N conversations only."
+)
 @click.option("--seed", default=0, show_default=True)
 @click.option(
     "--dtype", type=click.Choice(["auto", "fp32", "bf16", "fp16"]), default="auto", show_default=True

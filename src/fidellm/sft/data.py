@@ -38,7 +38,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fidellm.chat.schema import Conversation, conversation_error
 from fidellm.chat.template import encode_chat, end_of_turn_ids, render_chat
+from fidellm.data.compressed import decode_line
 from fidellm.errors import FidelError
 from fidellm.models.loss import IGNORE_INDEX
 from fidellm.tokenizer.base import TextTokenizer
@@ -79,8 +81,12 @@ def encode_conversation(
     tools: Sequence[Mapping[str, Any]] | None = None,
     conversation_id: str = "?",
 ) -> tuple[list[int], list[int]]:
-    """(token ids, loss mask) of one conversation; the mask is 1 exactly on assistant tokens (see module)."""
-    ids = encode_chat(tokenizer, render_chat(messages, tools))
+    """(token ids, loss mask) of one conversation; the mask is 1 exactly on assistant tokens (see module).
+    Messages the chat template refuses are a FidelError naming the conversation."""
+    try:
+        ids = encode_chat(tokenizer, render_chat(messages, tools))
+    except FidelError as error:
+        raise FidelError(f"conversation {conversation_id}: {error}") from None
     if not ids or ids[0] != tokenizer.bos_id:
         raise FidelError(f"conversation {conversation_id}: the rendered chat does not start with BOS")
     mask, marker = [0] * len(ids), end_of_turn_ids(tokenizer)
@@ -121,23 +127,36 @@ def example_from(ids: Sequence[int], mask: Sequence[int], seq_len: int) -> tuple
 
 
 def read_conversations(path: Path, max_samples: int | None = None) -> list[dict[str, Any]]:
-    """The conversations of a `fidellm data chat` JSONL file (the first `max_samples` when given)."""
+    """The conversations of a `fidellm data chat` JSONL file (the first `max_samples` when given).
+
+    Each is checked against the conversation schema (`fidellm.chat.schema.conversation_error`, which
+    also renders it), so a line that is not UTF-8, not JSON or not a valid conversation is a FidelError
+    naming the file and line here, not a crash inside the chat template later."""
     if not path.is_file():
         raise FidelError(f"{path}: no conversation file (run `fidellm data chat RUN` first)")
     conversations = []
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, 1):
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, 1):
             if max_samples is not None and len(conversations) >= max_samples:
                 break
+            line = decode_line(raw)
+            if line is None:
+                raise FidelError(f"{path}:{number}: not UTF-8")
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
                 raise FidelError(f"{path}:{number}: not JSON: {error}") from error
-            if not isinstance(record, dict) or not isinstance(record.get("messages"), list):
-                raise FidelError(f"{path}:{number}: field 'messages' must be a list")
+            if not isinstance(record, dict):
+                raise FidelError(f"{path}:{number}: not a JSON object")
             record.setdefault("id", f"{path.name}:{number}")
+            conversation = Conversation(
+                str(record["id"]), str(record.get("source")), record.get("messages"), record.get("tools")
+            )
+            problem = conversation_error(conversation)
+            if problem:
+                raise FidelError(f"{path}:{number}: conversation {record['id']}: {problem}")
             conversations.append(record)
     return conversations
 
@@ -201,14 +220,22 @@ class ConversationBatches(ShuffledBatches):
         rank: int = 0,
         world_size: int = 1,
         source: str = "conversations",
+        dropped: int = 0,
     ):
         self.inputs, self.targets = self._pack(examples, seq_len, pad_id, seed)
         super().__init__(len(self.inputs), batch_size, seed, rank, world_size)
         if self.steps_per_epoch == 0:
-            raise FidelError(
-                f"{source}: {len(examples)} conversations pack into {len(self.inputs)} rows of {seq_len}"
-                f" tokens, fewer than one batch of {self.global_batch}; lower --batch-size or add data"
+            packed = (
+                f"{len(examples)} conversations pack into {len(self.inputs)} rows of {seq_len} tokens, fewer"
+                f" than one batch of {self.global_batch}"
             )
+            if dropped:  # `dropped` conversations kept no assistant token within seq_len
+                raise FidelError(
+                    f"{source}: {dropped} of {dropped + len(examples)} conversations are longer than"
+                    f" --seq-len {seq_len} (no assistant token within it) and were dropped; the other"
+                    f" {packed}; raise --seq-len (or lower --batch-size)"
+                )
+            raise FidelError(f"{source}: {packed}; lower --batch-size or add data")
 
     def _pack(
         self, examples: Sequence[Example], seq_len: int, pad_id: int, seed: int
@@ -235,8 +262,9 @@ class CurriculumConversations(StagedBatches, ConversationBatches):
         rank: int = 0,
         world_size: int = 1,
         source: str = "conversations",
+        dropped: int = 0,
     ):
-        super().__init__(examples, seq_len, batch_size, seed, pad_id, rank, world_size, source)
+        super().__init__(examples, seq_len, batch_size, seed, pad_id, rank, world_size, source, dropped)
         self.sampler = StagedSampler(self.row_stages, self.global_batch, seed)
 
     def _pack(
@@ -268,7 +296,10 @@ def chat_validation_batches(
     """The first `max_batches` batches of eval rows packed in file order (the same every evaluation)."""
     inputs, targets = pack(examples, seq_len, pad_id)
     if len(inputs) == 0:
-        raise FidelError("chat eval set: no conversation keeps an assistant token within seq_len")
+        raise FidelError(
+            f"chat eval set: no conversation keeps an assistant token within seq_len {seq_len};"
+            " raise --seq-len or add conversations"
+        )
     inputs, targets = inputs[: batch_size * max_batches], targets[: batch_size * max_batches]
     return [
         (torch.from_numpy(inputs[i : i + batch_size]), torch.from_numpy(targets[i : i + batch_size]))
@@ -296,7 +327,15 @@ def chat_data(
     )
     eval_examples, eval_stats = tokenize_conversations(read_conversations(eval_path), tokenizer, seq_len)
     batches = (CurriculumConversations if curriculum else ConversationBatches)(
-        train_examples, seq_len, batch_size, seed, tokenizer.pad_id, rank, world_size, str(train_path)
+        train_examples,
+        seq_len,
+        batch_size,
+        seed,
+        tokenizer.pad_id,
+        rank,
+        world_size,
+        str(train_path),
+        train_stats.dropped,
     )
     val = chat_validation_batches(eval_examples, seq_len, batch_size, eval_batches, tokenizer.pad_id)
     counts = {"train": vars(train_stats), "eval": vars(eval_stats), "train_rows": len(batches.inputs)}

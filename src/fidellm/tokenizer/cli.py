@@ -59,8 +59,7 @@ def train(run_dir: Path, vocab_size: int, sample_mb: float, kind: str, out: Path
         ByteTokenizer().save(out)
         click.echo(f"byte tokenizer (256 ids, BOS 254, EOS/pad 255) written to {out}")
         return
-    if sample_mb < 0:
-        raise FidelError(f"--sample-mb must be >= 0, got {sample_mb}")
+    _check_sample_mb(sample_mb)
     start = time.perf_counter()
     trained = train_from_run(run_dir, vocab_size, sample_mb or None, show_progress=not quiet)
     _remove_stale(out)
@@ -70,6 +69,12 @@ def train(run_dir: Path, vocab_size: int, sample_mb: float, kind: str, out: Path
         f"BPE with {trained.vocab_size:,} ids trained on {training['docs']:,} documents "
         f"({training['bytes'] / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s; written to {out}"
     )
+
+
+def _check_sample_mb(sample_mb: float | None) -> None:
+    """--sample-mb is a size: a negative one is an error (train and report alike), not a silent default."""
+    if sample_mb is not None and sample_mb < 0:
+        raise FidelError(f"--sample-mb must be >= 0, got {sample_mb}")
 
 
 def _remove_stale(out: Path) -> None:
@@ -124,6 +129,7 @@ def report(
     writes report.md and report.json into the tokenizer directory (RUN/tokenizer)."""
     from fidellm.tokenizer.report import build_report, locate, write_report
 
+    _check_sample_mb(sample_mb)
     tokenizer_dir, run_dir = locate(target)
     out = tokenizer_dir or RunLayout(run_dir).tokenizer
     result = build_report(target, _parse_sizes(vocab_sizes), data_dir, sample_mb, show_progress=not quiet)

@@ -1,0 +1,260 @@
+"""Bad input to the stages (data prepare config, SFT chat data, report, export, eval, tokenizer report) is
+one clear error naming the file, line, field or option: never a traceback, never silently ignored."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from click.testing import CliRunner
+
+from fidellm.cli import cli, main
+from fidellm.data.config import load_prepare_config
+from fidellm.errors import FidelError
+from fidellm.eval.report import load_run, render_markdown
+from fidellm.eval.suite import EvalContext
+from fidellm.export.hf import export_hf
+from fidellm.models.factory import config_to_dict
+from fidellm.paths import resolve_data_dir
+from fidellm.sft.data import chat_data, encode_conversation, read_conversations
+from fidellm.tokenizer.bpe import train_bpe
+from fidellm.tokenizer.bytes import ByteTokenizer
+from fidellm.train.checkpoint import save_checkpoint
+from fixtures.models import gqa_config, random_llama
+
+
+def fails_with(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The one stderr line `fidellm ARGS` prints when it exits with code 2."""
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err
+    return err
+
+
+def usage_error(args: list[str]) -> str:
+    """click's output for a rejected option value (exit code 2, the option named)."""
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2, result.output
+    return result.output
+
+
+# data prepare --config
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "message"),
+    [
+        ("workers: one\n", r"cfg\.yaml: workers: expected an integer, got 'one'"),
+        ("filters: {min_chars: abc}\n", r"cfg\.yaml: filters\.min_chars: expected an integer, got 'abc'"),
+        ("sources: {weights: [1, 2]}\n", r"cfg\.yaml: sources\.weights: expected a mapping, got \[1, 2\]"),
+        ('split: {val_fraction: "0.1"}\n', r"cfg\.yaml: split\.val_fraction: expected a number, got '0\.1'"),
+        ("sources: {include: [a, 1]}\n", r"cfg\.yaml: sources\.include\[1\]: expected a string, got 1"),
+        ("tasks: true\n", r"cfg\.yaml: tasks: expected an integer, got True"),
+        ("normalize: 3\n", r"cfg\.yaml: normalize: expected a mapping, got 3"),
+        ("dedup: {num_buckets: 0}\n", r"cfg\.yaml: dedup\.num_buckets must be >= 1, got 0"),
+    ],
+)
+def test_prepare_config_values_are_type_checked(tmp_path: Path, yaml_text: str, message: str) -> None:
+    config = tmp_path / "cfg.yaml"
+    config.write_text(yaml_text)
+    with pytest.raises(FidelError, match=message):
+        load_prepare_config(config)
+
+
+def test_prepare_config_accepts_ints_for_floats_and_null_for_optional(tmp_path: Path) -> None:
+    config = tmp_path / "cfg.yaml"
+    config.write_text("filters: {min_quality: 60}\nsplit: {val_fraction: 0}\nsources: {include: null}\n")
+    loaded = load_prepare_config(config)
+    assert loaded.filters.min_quality == 60 and loaded.sources.include is None
+
+
+def test_prepare_workers_must_be_positive(tmp_path: Path) -> None:
+    assert "--workers" in usage_error(["data", "prepare", str(tmp_path / "run"), "--workers", "0"])
+
+
+# sft chat data
+
+
+def write_chat(path: Path, lines: list[str | bytes]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join((x if isinstance(x, bytes) else x.encode()) + b"\n" for x in lines))
+    return path
+
+
+GOOD = {
+    "id": "x",
+    "messages": [{"role": "user", "content": "ሰላም"}, {"role": "assistant", "content": "ሰላም ነው"}],
+}
+
+
+@pytest.mark.parametrize(
+    ("bad", "message"),
+    [
+        (
+            {
+                "id": "y",
+                "messages": [{"role": "user", "content": 123}, {"role": "assistant", "content": None}],
+            },
+            r"train\.jsonl:2: conversation y: messages\[0\]\.content is int",
+        ),
+        (
+            {"id": "w", "messages": [{"role": "wizard", "content": "hi"}]},
+            r"train\.jsonl:2: conversation w: messages\[0\]\.role is 'wizard'",
+        ),
+        ({"id": "e", "messages": []}, r"train\.jsonl:2: conversation e: messages must be a non-empty list"),
+        ({"messages": "hi"}, r"train\.jsonl:2: conversation train\.jsonl:2: messages must be a non-empty"),
+    ],
+)
+def test_sft_reads_chat_records_with_their_file_and_line(
+    tmp_path: Path, bad: dict[str, Any], message: str
+) -> None:
+    path = write_chat(tmp_path / "train.jsonl", [json.dumps(GOOD), json.dumps(bad)])
+    with pytest.raises(FidelError, match=message):
+        read_conversations(path)
+
+
+def test_sft_reports_a_line_that_is_not_utf8(tmp_path: Path) -> None:
+    path = write_chat(tmp_path / "train.jsonl", [json.dumps(GOOD), b'{"id": "z", "messages": "\xff\xfe"}'])
+    with pytest.raises(FidelError, match=r"train\.jsonl:2: not UTF-8"):
+        read_conversations(path)
+    assert [r["id"] for r in read_conversations(path, max_samples=1)] == ["x"]
+
+
+def test_chat_template_errors_name_the_conversation() -> None:
+    with pytest.raises(FidelError, match="conversation w: chat template: unknown chat role wizard"):
+        encode_conversation(ByteTokenizer(), [{"role": "wizard", "content": "hi"}], None, "w")
+    with pytest.raises(FidelError, match="conversation e: a chat needs at least one message"):
+        encode_conversation(ByteTokenizer(), [], None, "e")
+
+
+def test_sft_says_when_every_conversation_is_longer_than_seq_len(tmp_path: Path) -> None:
+    chat = tmp_path / "chat"
+    write_chat(chat / "train.jsonl", [json.dumps({**GOOD, "id": f"c{i}"}) for i in range(3)])
+    write_chat(chat / "eval.jsonl", [json.dumps(GOOD)])
+    message = r"train\.jsonl: 3 of 3 conversations are longer than --seq-len 8 .* raise --seq-len"
+    with pytest.raises(FidelError, match=message):
+        chat_data(chat, ByteTokenizer(), seq_len=8, batch_size=1, seed=0, eval_batches=1)
+
+
+@pytest.mark.parametrize("option", ["--epochs", "--max-samples"])
+def test_sft_counts_must_be_positive(tmp_path: Path, option: str) -> None:
+    assert option in usage_error(["sft", str(tmp_path), "--base", str(tmp_path), option, "0"])
+
+
+# report
+
+
+def results_file(tmp_path: Path, **changes: Any) -> Path:
+    """A minimal valid results.json with `changes` applied (a value of ... deletes the key)."""
+    entry = {"task": "flores", "metric": "bits_per_char", "value": 1.5, "n": 3, "split": "dev",
+             "higher_is_better": False, "details": {}}  # fmt: skip
+    fertility = {"tokens_per_word": 2.0, "bytes_per_token": 3.0}
+    results = {
+        "model": "m", "run": None, "parameters": 10, "results": [entry],
+        "tokenizer": {"kind": "bpe", "vocab_size": 512, "flores": fertility},
+    }  # fmt: skip
+    for key, value in changes.items():
+        if value is ...:
+            del results[key]
+        else:
+            results[key] = value
+    path = tmp_path / "eval" / "results.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results))
+    return path
+
+
+ENTRY = {"task": "t", "metric": "m", "value": 1.0, "n": 1, "higher_is_better": True, "details": {}}
+NO_METRIC = {k: v for k, v in ENTRY.items() if k != "metric"}
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"results": [NO_METRIC]}, r"results\[0\]: missing field 'metric'"),
+        ({"results": [ENTRY, {**ENTRY, "value": "high"}]}, r"results\[1\]: field 'value' must be a number"),
+        ({"results": [ENTRY, ENTRY, 7]}, r"results\[2\]: expected an object, got 7"),
+        ({"results": [{**ENTRY, "value": None}]}, r"results\[0\]: field 'value' must be a number, got None"),
+        ({"model": ...}, r"results\.json: missing field 'model'"),
+        ({"results": {}}, r"results\.json: field 'results' must be a list"),
+        ({"tokenizer": {"kind": "bpe"}}, r"results\.json: tokenizer: missing field 'vocab_size'"),
+        ({"anchors": [{"model": "x"}]}, r"results\.json: anchors\[0\]: missing field 'value'"),
+    ],
+)  # fmt: skip
+def test_report_names_the_bad_entry_and_field(tmp_path: Path, changes: dict, message: str) -> None:
+    results_file(tmp_path, **changes)
+    with pytest.raises(FidelError, match=message):
+        load_run(tmp_path)
+
+
+def test_report_reads_a_valid_minimal_file_and_names_cut_metrics(tmp_path: Path) -> None:
+    results_file(tmp_path / "a")
+    assert "| flores | bits_per_char | lower | 1.5000 |" in render_markdown([load_run(tmp_path / "a")], [])
+    run = tmp_path / "run"
+    (run / "train").mkdir(parents=True)
+    (run / "train" / "metrics.jsonl").write_text('{"kind": "val", "step": 1}\n{"kind": "tr')
+    results_file(tmp_path / "b", run=str(run))
+    with pytest.raises(FidelError, match=r"metrics\.jsonl:2: not JSON"):
+        load_run(tmp_path / "b")
+
+
+# export
+
+
+@pytest.fixture(scope="module")
+def llama_run(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A run with a tokenizer and one checkpoint of a tiny Llama, and an HF export of it."""
+    root = tmp_path_factory.mktemp("export")
+    lines = (resolve_data_dir() / "flores200" / "amh_Ethi.dev").read_text(encoding="utf-8").splitlines()
+    run = root / "run"
+    train_bpe(lines[:200], 512, show_progress=False).save(run / "tokenizer")
+    config = gqa_config(vocab_size=512, num_hidden_layers=1)
+    model = random_llama(config)
+    state = {"data": {}, "model_config": config_to_dict(config)}
+    optimizer = torch.optim.AdamW(model.parameters())
+    checkpoints = run / "train" / "checkpoints"
+    save_checkpoint(checkpoints, 2, model, optimizer, state, keep_last=1)
+    checkpoint = next(checkpoints.iterdir())
+    hf = export_hf(model, config, run / "tokenizer", root / "hf", "float32")
+    return {"run": run, "checkpoint": checkpoint, "hf": hf}
+
+
+def test_export_refuses_to_overwrite_its_source(llama_run: dict[str, Path], capsys, tmp_path: Path) -> None:
+    hf, checkpoint, run = llama_run["hf"], llama_run["checkpoint"], llama_run["run"]
+    weights = (hf / "model.safetensors").read_bytes()
+    assert "would overwrite the model being exported" in fails_with(
+        ["export", "hf", str(hf), str(hf)], capsys
+    )
+    assert (hf / "model.safetensors").read_bytes() == weights  # still float32
+    err = fails_with(["export", "hf", str(checkpoint), str(checkpoint)], capsys)
+    assert err.startswith(f"error: {checkpoint}: lies inside {run / 'train'}") and err.count("\n") == 1
+    assert "would overwrite" in fails_with(["export", "hf", str(run), str(run)], capsys)
+    assert "would overwrite" in fails_with(["export", "hf", str(run), str(run / "tokenizer")], capsys)
+    gguf = ["export", "gguf", str(hf), str(hf / "model.safetensors")]
+    assert "would overwrite the model being exported" in fails_with(gguf, capsys)
+    assert "lies inside" in fails_with(["export", "gguf", str(run), str(checkpoint / "m.gguf")], capsys)
+    assert (hf / "model.safetensors").read_bytes() == weights
+    main(["export", "hf", str(checkpoint), str(tmp_path / "out")])  # elsewhere: fine
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+
+
+# eval and tokenizer report
+
+
+def test_eval_limit_and_tasks_are_checked(tmp_path: Path, capsys) -> None:
+    for limit in ("-1", "0"):
+        assert "--limit" in usage_error(["eval", str(tmp_path), "--limit", limit])
+    assert fails_with(["eval", str(tmp_path), "--tasks", ","], capsys).startswith(
+        "error: --tasks ',' names no"
+    )
+    with pytest.raises(FidelError, match="--limit must be >= 1, got -1"):
+        EvalContext(None, None, torch.device("cpu"), tmp_path, None, limit=-1)  # type: ignore[arg-type]
+
+
+def test_tokenizer_report_rejects_a_negative_sample_size(tmp_path: Path, capsys) -> None:
+    args = ["tokenizer", "report", str(tmp_path), "--sample-mb", "-3", "--vocab-sizes", "none"]
+    assert fails_with(args, capsys) == "error: --sample-mb must be >= 0, got -3.0\n"
