@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from fidellm.errors import FidelError
+from fidellm.jsonfile import read_json_object
 from fidellm.models.factory import config_from_dict, config_to_dict
 from fidellm.models.hnet import HNetConfig, HNetForCausalLM
 from fidellm.tokenizer.base import read_meta
@@ -81,14 +82,7 @@ def export_hnet(
 
 
 def _read_config(directory: Path) -> dict[str, Any]:
-    path = directory / CONFIG_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise FidelError(f"{path}: not readable JSON: {error}") from error
-    if not isinstance(data, dict):
-        raise FidelError(f"{path}: expected a JSON object")
-    return data
+    return read_json_object(directory / CONFIG_FILE)
 
 
 def is_hnet_dir(directory: str | os.PathLike) -> bool:

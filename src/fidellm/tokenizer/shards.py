@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from fidellm.errors import FidelError
 from fidellm.hashing import file_sha256, unit_interval
+from fidellm.jsonfile import read_json_object
 from fidellm.paths import RunLayout
 from fidellm.tokenizer.base import TextTokenizer, load_tokenizer
 from fidellm.train.curriculum import SCORE_VERSION, text_complexity
@@ -412,12 +413,7 @@ def read_meta(path: Path) -> dict[str, Any]:
     """A split's meta.json, checked for the fields TokenShards relies on: a damaged one names the file and
     the field instead of failing later with a KeyError."""
     rerun = "rerun `fidellm data tokenize RUN`"
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise FidelError(f"{path}: not valid JSON ({error}); {rerun}") from error
-    if not isinstance(meta, dict):
-        raise FidelError(f"{path}: not a JSON object; {rerun}")
+    meta = read_json_object(path, rerun)
     for name, (wanted, ok) in META_FIELDS.items():
         if name not in meta and name != "tokenizer":  # without it load_shards reports another tokenizer
             raise FidelError(f"{path}: field {name!r} is missing; {rerun}")

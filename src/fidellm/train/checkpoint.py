@@ -29,6 +29,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from fidellm.errors import FidelError
+from fidellm.jsonfile import read_json_object
 from fidellm.sft.qlora import quantized_keys
 from fidellm.train.distributed import (
     Distributed,
@@ -260,12 +261,7 @@ DAMAGED = "delete this checkpoint to resume from the one before, or start a new 
 def read_checkpoint(path: Path) -> Checkpoint:
     """The state.json of a checkpoint directory (checked to hold a valid step), with a clear error when it
     is not one."""
-    state_path = path / STATE_FILE
-    try:
-        state = json.loads(state_path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise FidelError(f"{state_path}: not a readable checkpoint state: {_brief(error)}") from error
-    return Checkpoint(path, state)
+    return Checkpoint(path, read_json_object(path / STATE_FILE, DAMAGED))
 
 
 def _brief(error: BaseException) -> str:
