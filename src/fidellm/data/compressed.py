@@ -12,8 +12,6 @@ import zlib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
-import zstandard
-
 from fidellm.errors import FidelError
 
 COMPRESSED_SUFFIXES = (".zst", ".gz")
@@ -31,7 +29,11 @@ def logical_name(path: Path) -> str:
 
 
 def _zstd_chunks(handle: io.BufferedIOBase, path: Path) -> Iterator[bytes]:
-    """Stream-decompress every zstd frame; a truncated last frame is an error (zstandard is silent on it)."""
+    """Stream-decompress every zstd frame; a truncated last frame is an error (zstandard is silent on it).
+    zstandard is imported here, for .zst files only: training and scoring import this module too (line
+    decoding) on machines without it, such as the GPU device image (tests/test_device_image.py)."""
+    import zstandard
+
     decompressor = zstandard.ZstdDecompressor()
     obj = decompressor.decompressobj()
     pending = False
@@ -40,7 +42,10 @@ def _zstd_chunks(handle: io.BufferedIOBase, path: Path) -> Iterator[bytes]:
         if not data:
             break
         while data:
-            out = obj.decompress(data)
+            try:
+                out = obj.decompress(data)
+            except zstandard.ZstdError as error:
+                raise FidelError(f"{path}: corrupt zstd file ({error})") from error
             pending = True
             if out:
                 yield out
@@ -75,9 +80,8 @@ def iter_chunks(path: Path) -> Iterator[bytes]:
                     yield chunk
     except FileNotFoundError as error:
         raise FidelError(f"{path} does not exist") from error
-    except (zstandard.ZstdError, gzip.BadGzipFile, EOFError, zlib.error) as error:
-        kind = "zstd" if path.name.endswith(".zst") else "gzip"
-        raise FidelError(f"{path}: corrupt {kind} file ({error})") from error
+    except (gzip.BadGzipFile, EOFError, zlib.error) as error:  # corrupt zstd: FidelError in _zstd_chunks
+        raise FidelError(f"{path}: corrupt gzip file ({error})") from error
     if empty:
         raise FidelError(f"{path} is empty")
 
