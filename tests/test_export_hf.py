@@ -183,6 +183,14 @@ def test_bad_inputs_are_clear_errors(tokenizer_dir: Path, tmp_path: Path) -> Non
     (tmp_path / "config.json").write_text(json.dumps({**data, "model_type": "gpt2"}), encoding="utf-8")
     with pytest.raises(FidelError, match="model_type is 'gpt2'"):
         load_hf_dir(tmp_path)
+    for field, value in [("num_hidden_layers", "three"), ("max_position_embeddings", -5),
+                         ("hidden_size", "abc"), ("num_attention_heads", True)]:  # fmt: skip
+        (tmp_path / "config.json").write_text(json.dumps({**data, field: value}), encoding="utf-8")
+        with pytest.raises(FidelError, match=rf"config\.json: .*{field} must be a positive integer, got"):
+            load_hf_dir(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps({k: v for k, v in data.items() if k != "vocab_size"}))
+    with pytest.raises(FidelError, match=r"config\.json: missing field 'vocab_size'"):
+        load_hf_dir(tmp_path)
     with pytest.raises(FidelError, match="does not exist"):
         load_hf_dir(tmp_path / "nowhere")
     (tmp_path / "config.json").write_text(json.dumps(data), encoding="utf-8")

@@ -137,6 +137,12 @@ def _config_from_hf(data: dict[str, Any], path: Path) -> LlamaConfig:
     rope_theta = data.get("rope_theta", rope.get("rope_theta"))
     if rope_theta is None:
         raise FidelError(f"{path}: neither rope_theta nor rope_parameters.rope_theta is set")
+    for name in ("vocab_size", "intermediate_size", "num_hidden_layers"):
+        if name not in data:
+            raise FidelError(f"{path}: missing field {name!r}")
+    for name in ("hidden_size", "num_attention_heads"):  # head_dim is derived from them below
+        if not isinstance(data.get(name), int) or isinstance(data[name], bool) or data[name] < 1:
+            raise FidelError(f"{path}: {name} must be a positive integer, got {data.get(name)!r}")
     eos = data.get("eos_token_id")
     try:
         return LlamaConfig.from_dict(
@@ -150,8 +156,10 @@ def _config_from_hf(data: dict[str, Any], path: Path) -> LlamaConfig:
                 "eos_token_id": tuple(eos) if isinstance(eos, list) else (eos,),
             }
         )
-    except (KeyError, TypeError) as error:
-        raise FidelError(f"{path}: missing or malformed field {error}") from error
+    except KeyError as error:
+        raise FidelError(f"{path}: missing field {error}") from error
+    except FidelError as error:  # LlamaConfig's own checks name the field
+        raise FidelError(f"{path}: {error}") from None
 
 
 def load_hf_dir(

@@ -14,6 +14,7 @@ small test tokenizers it runs with). `python -m fidellm.models.llama` prints the
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -34,6 +35,13 @@ from fidellm.tokenizer.special import BOS_ID, IM_END_ID, PAD_ID
 
 VOCAB_MULTIPLE = 64
 INIT_STD = 0.02
+
+
+SIZE_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "max_position_embeddings",
+)  # fmt: skip
+"""LlamaConfig fields that must be positive integers."""
 
 
 @dataclass
@@ -59,11 +67,10 @@ class LlamaConfig:
 
     def __post_init__(self) -> None:
         self.eos_token_id = tuple(self.eos_token_id)
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "head_dim"):
-            if getattr(self, name) < 1:
-                raise FidelError(f"model config: {name} must be positive, got {getattr(self, name)}")
-        if self.num_attention_heads < 1 or self.num_key_value_heads < 1:
-            raise FidelError("model config: num_attention_heads and num_key_value_heads must be positive")
+        for name in SIZE_FIELDS:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise FidelError(f"model config: {name} must be a positive integer, got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise FidelError(
                 f"model config: num_attention_heads {self.num_attention_heads} is not a multiple of"
