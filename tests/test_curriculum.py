@@ -270,7 +270,7 @@ def test_curriculum_training_resumes_bit_exact(curriculum_run: dict[str, Path], 
     second = train(runs["stopped"], small_config())
     assert second["resumed_from"] == 5
     assert first["losses"] + second["losses"] == straight["losses"]
-    with pytest.raises(FidelError, match="with --curriculum"):
+    with pytest.raises(FidelError, match="cannot resume with curriculum true → false"):
         train(runs["stopped"], small_config(curriculum=False, max_steps=9))
     config = json.loads((runs["straight"] / "train" / "config.json").read_text())["train"]
     assert config["curriculum"] is True and config["curriculum_span"] == 0.5

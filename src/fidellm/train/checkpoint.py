@@ -294,6 +294,8 @@ def restore_checkpoint(
 ) -> None:
     """Load weights (strictly), optimizer and scaler states and this rank's RNG states into fresh objects.
 
+    The optimizer keeps its own hyperparameters (built from this run's config): only its state is loaded.
+
     A rank the checkpoint has no RNG state for (the run had fewer processes) takes rank 0's.
     """
     path = checkpoint.path
@@ -301,6 +303,11 @@ def restore_checkpoint(
     saved = _load_torch_file(path / "optimizer.pt", "optimizer") if optimizer is not None else {}
     plain_rng = checkpoint.field("rng") if restore_rng else None
     ranks = _load_torch_file(path / "rng.pt", "ranks")["ranks"] if restore_rng else None
+    fresh = (
+        [{k: v for k, v in group.items() if k != "params"} for group in optimizer.param_groups]
+        if optimizer
+        else []
+    )
     try:
         load_full_states(model, optimizer, weights, saved.get("optimizer"))
         if scaler is not None and "scaler" in saved:
@@ -309,6 +316,8 @@ def restore_checkpoint(
         raise FidelError(
             f"{path / 'optimizer.pt'}: does not fit the optimizer ({_brief(error)}); {DAMAGED}"
         ) from error
+    for group, settings in zip(optimizer.param_groups if optimizer else [], fresh, strict=True):
+        group.update(settings)  # this run's weight decay, betas, stage lr factors, fused…, not the saved ones
     if ranks is not None:
         if not isinstance(ranks, list) or not ranks:
             raise FidelError(f"{path / 'rng.pt'}: no RNG states in 'ranks'; {DAMAGED}")

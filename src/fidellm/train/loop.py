@@ -67,6 +67,7 @@ from fidellm.train.distributed import (
 from fidellm.train.evaluation import evaluate
 from fidellm.train.monitor import Monitor, flops_per_token
 from fidellm.train.optim import SCHEDULES, build_optimizer, learning_rate
+from fidellm.train.resume import check_last_step, check_model_config, resume_changes, resume_notice
 from fidellm.train.step import StepRecord, optimizer_update, updates_skip_on_device
 from fidellm.train.unfreeze import UnfreezeSchedule, apply_unfreeze, preset_schedule, validate_schedule
 
@@ -340,14 +341,22 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
         raise FidelError("train config: progressive unfreezing is single-process only for now (no torchrun)")
     boundaries = {start for start, _ in schedule}
     step = 0
+    stop = min(config.max_steps, config.stop_at_step or config.max_steps)
     previous = latest_checkpoint(ckpt_dir) if config.resume else None
+    changes: dict[str, Any] = {}  # honored trajectory changes of a resumed run
     if previous is not None:
         loaded = read_checkpoint(previous)
-        if loaded.field("model_config") != json.loads(json.dumps(config_to_dict(mconfig))):
-            raise FidelError(f"{previous}: its model config differs from this run's; pass a new run dir")
+        check_model_config(previous, loaded.field("model_config"), config_to_dict(mconfig))
+        changes = resume_changes(
+            previous, loaded.state.get("train_config"), loaded.state.get("world_size"),
+            dataclasses.asdict(config), ctx.world_size, run.root,
+        )  # fmt: skip
+        check_last_step(previous, loaded.step, config.max_steps, config.stop_at_step)
         restore_checkpoint(loaded, model, optimizer, scaler, rank=ctx.rank)
         batches.load_state_dict(loaded.field("data"))
         step = loaded.step
+        if config.echo and ctx.main:
+            print(resume_notice(previous, step, stop, changes), flush=True)
     forward = torch.compile(wrapped, mode=config.compile_mode) if config.compile else wrapped
     cuda_graphs = config.compile and config.compile_mode in ("reduce-overhead", "max-autotune")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(dtype)
@@ -355,12 +364,13 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
         torch.autocast, device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None
     )
 
+    resumed = None if previous is None else {"from": str(previous), "step": step, "changed": changes}
     if ctx.main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.json").write_text(
             json.dumps(
                 {"train": dataclasses.asdict(config), "model": config_to_dict(mconfig),
-                 "world_size": ctx.world_size}, indent=2,
+                 "world_size": ctx.world_size, "resumed": resumed}, indent=2,
             ) + "\n"
         )  # fmt: skip
     monitor = Monitor(
@@ -401,7 +411,6 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
     if previous is not None and (best_dir / "state.json").is_file():
         kept = read_checkpoint(best_dir)
         best = {"step": kept.step, "val_loss": kept.field("val_loss"), "val_bpb": kept.field("val_bpb")}
-    stop = min(config.max_steps, config.stop_at_step or config.max_steps)
     losses: list[float] = []
     val: dict[str, float] = {}
     start_step, started = step, time.perf_counter()

@@ -1,0 +1,117 @@
+"""Resuming with other settings: refused where the data position or the saved state depends on them,
+honored and reported where only the trajectory changes, and never past the run's last step."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from fidellm.errors import FidelError
+from fidellm.models.llama import LlamaForCausalLM
+from fidellm.tokenizer.base import load_tokenizer
+from fidellm.train import checkpoint as ckpt
+from fidellm.train import loop
+from fidellm.train.loop import train
+from fidellm.train.optim import build_optimizer
+from fidellm.train.resume import resume_changes
+from test_train import SMALL, fresh_run, small_config
+
+from fixtures.train.build_run import build_flores_run
+
+STOPPED = small_config(max_steps=4, stop_at_step=2, save_every=0)
+
+
+@pytest.fixture(autouse=True)
+def _threads() -> None:
+    torch.set_num_threads(2)
+
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A run stopped at step 2 of 4 (checkpoint step_00000002), copied by each test."""
+    run = fresh_run(build_flores_run(tmp_path_factory.mktemp("flores")), tmp_path_factory.mktemp("stopped"))
+    train(run, STOPPED)
+    return run
+
+
+@pytest.fixture
+def run(stopped_run: Path, tmp_path: Path) -> Path:
+    copy = tmp_path / "run"
+    shutil.copytree(stopped_run, copy)
+    return copy
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        ({"seq_len": 32}, "seq_len 64 → 32"),
+        ({"seed": 1}, "seed 0 → 1"),
+        ({"batch_size": 2}, "batch_size × processes 4 × 1 = 4 → 2 × 1 = 2"),
+        ({"max_samples": 10}, "max_samples null → 10"),
+        ({"stage_lr_multipliers": [2.0]}, "stage_lr_multipliers [] → [2.0]"),
+    ],
+)
+def test_changes_the_data_position_depends_on_are_refused(run: Path, change: dict, named: str) -> None:
+    metrics = (run / "train/metrics.jsonl").read_text()
+    with pytest.raises(FidelError) as raised:
+        train(run, small_config(max_steps=4, **change))
+    message = str(raised.value)
+    assert "step_00000002: cannot resume with " + named in message and f"--base {run}" in message
+    assert (run / "train/metrics.jsonl").read_text() == metrics  # refused before anything was written
+
+
+def test_a_different_model_config_names_its_fields(run: Path) -> None:
+    config = small_config(max_steps=4, model_overrides={**SMALL, "dropout": 0.1, "hidden_size": 32})
+    with pytest.raises(FidelError, match=r"model config differs from this run's \(hidden_size 64 → 32\)"):
+        train(run, config)
+
+
+def test_the_same_rows_per_step_on_other_process_counts_resume() -> None:
+    saved = {"batch_size": 4, "seq_len": 64}
+    args = (Path("ckpt"), saved, 2)
+    assert resume_changes(*args, {"batch_size": 8, "seq_len": 64}, 1, Path("run")) == {}
+    with pytest.raises(FidelError, match=r"batch_size × processes 4 × 2 = 8 → 4 × 1 = 4"):
+        resume_changes(*args, {"batch_size": 4, "seq_len": 64}, 1, Path("run"))
+    assert resume_changes(Path("ckpt"), None, None, {"batch_size": 1}, 1, Path("run")) == {}  # unchecked
+
+
+def test_trajectory_changes_are_honored_and_reported(run: Path, capsys) -> None:
+    config = small_config(max_steps=6, lr=1e-3, weight_decay=0.3, echo=True)
+    summary = train(run, config)
+    assert summary["resumed_from"] == 2 and summary["step"] == 6
+    out = capsys.readouterr().out
+    assert "resuming from " in out and "step_00000002 (step 2)" in out
+    assert "max_steps 4 → 6, lr 0.003 → 0.001, weight_decay 0.1 → 0.3" in out  # and nothing else
+    resumed = json.loads((run / "train/config.json").read_text())["resumed"]
+    assert resumed["step"] == 2 and resumed["changed"]["weight_decay"] == [0.1, 0.3]
+
+
+def test_the_optimizer_keeps_this_runs_hyperparameters(run: Path) -> None:
+    """Loading an optimizer state restores its moments, not the saved weight decay or betas."""
+    path = run / "train/checkpoints/step_00000002"
+    model = LlamaForCausalLM(loop.model_config(STOPPED, load_tokenizer(run / "tokenizer").vocab_size))
+    optimizer = build_optimizer(model, 1e-3, weight_decay=0.3, betas=(0.8, 0.9))
+    ckpt.restore_checkpoint(ckpt.read_checkpoint(path), model, optimizer)
+    decayed, undecayed = optimizer.param_groups
+    assert (decayed["weight_decay"], undecayed["weight_decay"]) == (0.3, 0.0)
+    assert decayed["betas"] == (0.8, 0.9)
+    saved = torch.load(path / "optimizer.pt", weights_only=True)["optimizer"]["state"][0]["exp_avg"]
+    assert torch.equal(optimizer.state[decayed["params"][0]]["exp_avg"], saved)
+
+
+def test_a_checkpoint_past_the_last_step_is_refused(run: Path) -> None:
+    with pytest.raises(FidelError, match=r"step_00000002 is at step 2, past this run's last step 1 \(--steps 4"):
+        train(run, small_config(max_steps=4, stop_at_step=1))
+    with pytest.raises(FidelError, match=r"past this run's last step 1 \(--steps 1\): raise them"):
+        train(run, small_config(max_steps=1))
+
+
+def test_a_run_already_at_its_last_step_says_so(run: Path, capsys) -> None:
+    summary = train(run, small_config(max_steps=4, stop_at_step=2, echo=True))
+    assert summary["step"] == 2 and summary["losses"] == []
+    out = capsys.readouterr().out
+    assert "step 2 is already this run's last: nothing to train" in out and "changed" not in out
