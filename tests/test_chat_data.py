@@ -13,7 +13,7 @@ from fidellm.chat.data import build_chat_data
 from fidellm.chat.formats import RecordError, convert_record
 from fidellm.chat.schema import Conversation, conversation_error
 from fidellm.chat.template import render_chat
-from fidellm.cli import cli
+from fidellm.cli import cli, main
 from fidellm.errors import FidelError
 from fidellm.paths import resolve_data_dir
 
@@ -329,6 +329,22 @@ def test_split_and_cap_are_deterministic(tmp_path, data_dir):
         build_chat_data(tmp_path / "c", data_dir, sources=sources, eval_split=1.0)
     with pytest.raises(FidelError, match="not an sft/parallel source"):
         build_chat_data(tmp_path / "c", data_dir, sources=["flores200"])
+
+
+def test_existing_chat_dir_is_replaced_only_with_overwrite(tmp_path, data_dir, capsys):
+    args = ["data", "chat", str(tmp_path / "run"), "--sources", "gpteacher", "--data-dir", str(data_dir)]
+    main(args)
+    stale = tmp_path / "run" / "chat" / "stale.txt"
+    stale.write_text("from an earlier run")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    assert exited.value.code == 2
+    chat_dir = tmp_path / "run" / "chat"
+    assert capsys.readouterr().err == f"error: {chat_dir} already exists; pass --overwrite to replace it\n"
+    assert stale.exists()
+    main([*args, "--overwrite"])
+    assert not stale.exists() and (chat_dir / "report.json").exists()
 
 
 @pytest.mark.parametrize(

@@ -24,6 +24,7 @@ and translation pairs, which give two).
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -213,8 +214,10 @@ def build_chat_data(
     max_samples: int | None = None,
     eval_split: float = 0.05,
     registry: dict[str, SourceSpec] | None = None,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write RUN/chat/{train,eval}.jsonl, rejected.jsonl and report.json; return the report."""
+    """Write RUN/chat/{train,eval}.jsonl, rejected.jsonl and report.json; return the report. An existing
+    RUN/chat is replaced only with `overwrite`."""
     if not 0.0 <= eval_split < 1.0:
         raise FidelError(f"--eval-split must lie in [0, 1), got {eval_split}")
     if max_samples is not None and max_samples < 1:
@@ -223,7 +226,14 @@ def build_chat_data(
     specs = select_chat_sources(sources, registry)
     stats = {spec.name: SourceStats(spec) for spec in specs}
     out_dir = Path(run_dir) / "chat"
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if out_dir.exists() or out_dir.is_symlink():
+        if not overwrite:
+            raise FidelError(f"{out_dir} already exists; pass --overwrite to replace it")
+        if out_dir.is_dir() and not out_dir.is_symlink():
+            shutil.rmtree(out_dir)
+        else:
+            out_dir.unlink()
+    out_dir.mkdir(parents=True)
     conversations: list[Conversation] = []
     mt_index = None
     pairs: dict[str, Pair] = {}

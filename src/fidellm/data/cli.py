@@ -161,8 +161,14 @@ def list_sources(registry: Path | None) -> None:
 @click.option(
     "--eval-split", type=float, default=0.05, show_default=True, help="Fraction of conversations for eval."
 )
+@click.option("--overwrite", is_flag=True, help="Replace RUN_DIR/chat if it exists.")
 def chat(
-    run_dir: Path, data_dir: Path | None, sources: str | None, max_samples: int | None, eval_split: float
+    run_dir: Path,
+    data_dir: Path | None,
+    sources: str | None,
+    max_samples: int | None,
+    eval_split: float,
+    overwrite: bool,
 ) -> None:
     """Convert instruction/chat sets and MarsPanther translation pairs into RUN_DIR/chat/{train,eval}.jsonl.
 
@@ -174,7 +180,9 @@ def chat(
     from fidellm.paths import resolve_data_dir
 
     names = [s.strip() for s in sources.split(",") if s.strip()] if sources else None
-    report = build_chat_data(run_dir, resolve_data_dir(data_dir), names, max_samples, eval_split)
+    report = build_chat_data(
+        run_dir, resolve_data_dir(data_dir), names, max_samples, eval_split, overwrite=overwrite
+    )
     for name, info in report["sources"].items():
         click.echo(
             f"{name:30s} read {info['records_read']:>6,}  rejected {sum(info['rejected'].values()):>4,}  "
