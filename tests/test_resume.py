@@ -9,18 +9,20 @@ from pathlib import Path
 
 import pytest
 import torch
+from click.testing import CliRunner
 
+from fidellm.cli import cli
 from fidellm.errors import FidelError
 from fidellm.models.llama import LlamaForCausalLM
 from fidellm.tokenizer.base import load_tokenizer
+from fidellm.tokenizer.shards import TokenShards
 from fidellm.train import checkpoint as ckpt
 from fidellm.train import loop
 from fidellm.train.loop import train
 from fidellm.train.optim import build_optimizer
 from fidellm.train.resume import resume_changes
-from test_train import SMALL, fresh_run, small_config
-
 from fixtures.train.build_run import build_flores_run
+from test_train import SMALL, fresh_run, small_config
 
 STOPPED = small_config(max_steps=4, stop_at_step=2, save_every=0)
 
@@ -104,7 +106,9 @@ def test_the_optimizer_keeps_this_runs_hyperparameters(run: Path) -> None:
 
 
 def test_a_checkpoint_past_the_last_step_is_refused(run: Path) -> None:
-    with pytest.raises(FidelError, match=r"step_00000002 is at step 2, past this run's last step 1 \(--steps 4"):
+    with pytest.raises(
+        FidelError, match=r"step_00000002 is at step 2, past this run's last step 1 \(--steps 4"
+    ):
         train(run, small_config(max_steps=4, stop_at_step=1))
     with pytest.raises(FidelError, match=r"past this run's last step 1 \(--steps 1\): raise them"):
         train(run, small_config(max_steps=1))
@@ -115,3 +119,30 @@ def test_a_run_already_at_its_last_step_says_so(run: Path, capsys) -> None:
     assert summary["step"] == 2 and summary["losses"] == []
     out = capsys.readouterr().out
     assert "step 2 is already this run's last: nothing to train" in out and "changed" not in out
+
+
+def test_train_cli_passes_the_optimizer_options(tmp_path: Path, monkeypatch) -> None:
+    seen: list[loop.TrainConfig] = []
+    summary = {"step": 0, "parameters": 1, "checkpoint": "x"}
+    monkeypatch.setattr(loop, "train", lambda run, config: seen.append(config) or summary)
+    args = ["--epochs", "2", "--min-lr-ratio", "0", "--decay-fraction", "0.3", "--beta1", "0.8", "--beta2",
+            "0.99", "--grad-clip", "0.5", "--keep-last", "0", "--eval-batches", "4"]  # fmt: skip
+    result = CliRunner().invoke(cli, ["train", str(tmp_path), *args])
+    assert result.exit_code == 0, result.output
+    config = seen[0]
+    assert (config.epochs, config.min_lr_ratio, config.decay_fraction, config.beta1, config.beta2) == (
+        2, 0.0, 0.3, 0.8, 0.99
+    )  # fmt: skip
+    assert (config.grad_clip, config.keep_last, config.eval_batches) == (0.5, 0, 4)
+    for bad in (["--beta2", "1"], ["--grad-clip", "-1"], ["--epochs", "0"], ["--keep-last", "-1"]):
+        result = CliRunner().invoke(cli, ["train", str(tmp_path), *bad])
+        assert result.exit_code == 2 and bad[0] in result.output
+
+
+def test_pretraining_for_whole_epochs(stopped_run: Path, tmp_path: Path) -> None:
+    run = fresh_run(stopped_run, tmp_path)
+    windows = (len(TokenShards.from_run(run, "train").tokens) - 1) // 512
+    summary = train(run, small_config(epochs=1, seq_len=512, batch_size=32, grad_accum=1, save_every=0))
+    assert summary["step"] == windows // 32 and summary["step"] >= 2
+    saved = json.loads((run / "train/config.json").read_text())["train"]
+    assert saved["epochs"] == 1 and saved["max_steps"] == windows // 32

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from fidellm.train.cli import curriculum_options
+from fidellm.train.cli import curriculum_options, optimizer_options
 
 
 def prepare_output(output: Path, base: str) -> None:
@@ -88,6 +88,7 @@ def prepare_output(output: Path, base: str) -> None:
 @click.option("--log-every", default=10, show_default=True)
 @click.option("--save-every", default=500, show_default=True)
 @click.option("--resume/--no-resume", default=True, show_default=True)
+@optimizer_options
 @curriculum_options("the conversations")
 def sft_command(
     run_dir: Path,
@@ -117,7 +118,7 @@ def sft_command(
     config = TrainConfig(
         data="chat",
         chat_dir=str((run_dir / "chat").resolve()),  # absolute: eval finds it from any directory
-        base=base,
+        base=str(Path(base).resolve()),  # a resumed run compares it, from whatever directory
         lora=spec,
         max_steps=1,
         **options,  # type: ignore[arg-type]

@@ -33,6 +33,39 @@ def curriculum_options(what: str, note: str = "") -> Callable[[Callable[..., Any
     return decorate
 
 
+def optimizer_options(command: Callable[..., Any]) -> Callable[..., Any]:
+    """The AdamW, clipping, schedule-floor and checkpoint-count options `fidellm train` and `fidellm sft`
+    share (TrainConfig's defaults)."""
+    options = [
+        click.option(
+            "--min-lr-ratio",
+            type=click.FloatRange(0, 1),
+            default=0.1,
+            show_default=True,
+            help="The schedule ends at this fraction of the peak learning rate.",
+        ),
+        click.option("--beta1", type=click.FloatRange(0, 1, max_open=True), default=0.9, show_default=True),
+        click.option("--beta2", type=click.FloatRange(0, 1, max_open=True), default=0.95, show_default=True),
+        click.option(
+            "--grad-clip",
+            type=click.FloatRange(min=0),
+            default=1.0,
+            show_default=True,
+            help="Clip the global gradient norm to this (0: no clipping).",
+        ),
+        click.option(
+            "--keep-last",
+            type=click.IntRange(min=0),
+            default=3,
+            show_default=True,
+            help="Checkpoints kept (the newest; 0 keeps all). The best-validation weights are kept apart.",
+        ),
+    ]
+    for option in reversed(options):
+        command = option(command)
+    return command
+
+
 @click.command("train")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
@@ -66,6 +99,12 @@ def curriculum_options(what: str, note: str = "") -> Callable[[Callable[..., Any
     "--steps", "max_steps", default=1000, show_default=True, help="Optimizer steps the schedule spans."
 )
 @click.option(
+    "--epochs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Train for this many passes over the train split instead of --steps (the schedule spans them).",
+)
+@click.option(
     "--stop-at-step",
     type=int,
     default=None,
@@ -73,6 +112,13 @@ def curriculum_options(what: str, note: str = "") -> Callable[[Callable[..., Any
 )
 @click.option("--lr", default=3e-3, show_default=True, help="Peak learning rate.")
 @click.option("--schedule", type=click.Choice(["cosine", "wsd"]), default="cosine", show_default=True)
+@click.option(
+    "--decay-fraction",
+    type=click.FloatRange(0, 1),
+    default=0.2,
+    show_default=True,
+    help="wsd: the share of the steps spent decaying at the end.",
+)
 @click.option("--warmup", "warmup_steps", default=100, show_default=True, help="Linear warmup steps.")
 @click.option("--weight-decay", default=0.1, show_default=True, help="AdamW decay of the weight matrices.")
 @click.option("--dropout", default=0.0, show_default=True)
@@ -126,6 +172,7 @@ def curriculum_options(what: str, note: str = "") -> Callable[[Callable[..., Any
 @click.option(
     "--eval-every", default=200, show_default=True, help="Validation loss and bits/byte every N steps."
 )
+@click.option("--eval-batches", default=20, show_default=True, help="Validation batches per evaluation.")
 @click.option("--log-every", default=10, show_default=True)
 @click.option(
     "--save-every", default=500, show_default=True, help="Checkpoint every N steps (and at the end)."
@@ -133,6 +180,7 @@ def curriculum_options(what: str, note: str = "") -> Callable[[Callable[..., Any
 @click.option(
     "--resume/--no-resume", default=True, show_default=True, help="Continue from the latest checkpoint."
 )
+@optimizer_options
 @curriculum_options("the data", "; needs `fidellm data tokenize RUN --curriculum`")
 def train_command(
     run_dir: Path, dropout: float, preset: str | None, stage_lr_multipliers: str, **options: object

@@ -170,6 +170,12 @@ class TrainConfig:
             raise FidelError(f"train config: stop_at_step must be positive, got {self.stop_at_step}")
         if not 0 <= self.min_lr_ratio <= 1 or not 0 <= self.decay_fraction <= 1:
             raise FidelError("train config: min_lr_ratio and decay_fraction must lie in [0, 1]")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise FidelError(
+                f"train config: beta1 and beta2 must lie in [0, 1), got {self.beta1}, {self.beta2}"
+            )
+        if self.keep_last < 0 or (self.epochs is not None and self.epochs < 1):
+            raise FidelError("train config: keep_last must be >= 0 (0 keeps all) and epochs >= 1")
         if self.arch not in ARCHS:
             raise FidelError(f"train config: arch {self.arch!r} is not one of {', '.join(ARCHS)}")
         if any(not (m > 0 and math.isfinite(m)) for m in self.stage_lr_multipliers):

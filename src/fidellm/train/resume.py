@@ -45,6 +45,13 @@ def _differences(saved: dict[str, Any], current: dict[str, Any], names: tuple[st
     }
 
 
+def same_path(first: Any, second: Any) -> bool:
+    """Whether two saved paths (strings) name the same file, however each was spelled."""
+    return (
+        isinstance(first, str) and isinstance(second, str) and Path(first).resolve() == Path(second).resolve()
+    )
+
+
 def describe(changes: dict[str, Change]) -> str:
     """Changes as "seq_len 256 → 512, lr 0.003 → 0.001"."""
     return ", ".join(f"{name} {json.dumps(old)} → {json.dumps(new)}" for name, (old, new) in changes.items())
@@ -81,6 +88,8 @@ def resume_changes(
     if not isinstance(saved, dict):
         return {}
     current = plain(current)
+    if same_path(saved.get("base"), current.get("base")):
+        saved = {**saved, "base": current.get("base")}
     refused = _differences(saved, current, POSITION_FIELDS + STRUCTURE_FIELDS)
     if isinstance(saved.get("batch_size"), int) and isinstance(saved_processes, int):
         rows = (saved["batch_size"] * saved_processes, current["batch_size"] * processes)
