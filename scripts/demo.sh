@@ -68,7 +68,7 @@ fidellm eval "$RUN-bytes" --device cpu --tasks flores,heldout,probes
 fidellm report "$RUN" "$RUN-bytes"
 
 stage "10/10 chat: conversations -> a short LoRA SFT of the demo model -> one scripted chat turn"
-fidellm data chat "$RUN" --max-samples "${CHAT_SAMPLES:-100}"
+fidellm data chat "$RUN" --max-samples "${CHAT_SAMPLES:-100}" --overwrite
 rm -rf "$RUN/sft"
 fidellm sft "$RUN" --base "$RUN" --use-lora --lora-rank 8 --epochs 1 --batch-size 8 --seq-len 256 \
   --lr 1e-3 --warmup 5 --eval-every 20 --log-every 10
