@@ -206,5 +206,16 @@ def test_missing_split_and_bad_directories(tmp_path: Path) -> None:
     data = json.loads(foreign.hf.to_str())
     data["added_tokens"][0]["content"] = "<s>"
     (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
-    with pytest.raises(FidelError, match="expected '<\\|bos\\|>'"):
+    with pytest.raises(FidelError, match="should be '<\\|bos\\|>'"):
         load_tokenizer(tmp_path)
+
+
+def test_a_tokenizer_without_the_chat_tokens_is_named(tmp_path: Path) -> None:
+    data = json.loads(train_bpe(["ሰላም ለዓለም"] * 10, vocab_size=512, show_progress=False).hf.to_str())
+    data["added_tokens"] = [t for t in data["added_tokens"] if t["content"] != "<|im_start|>"]
+    (tmp_path / "tokenizer.json").write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(FidelError) as error:
+        load_tokenizer(tmp_path)
+    assert str(error.value).startswith(
+        f"{tmp_path / 'tokenizer.json'}: id 2 should be '<|im_start|>' (special=True), found no added token"
+    )

@@ -69,22 +69,25 @@ class BPETokenizer(TextTokenizer):
 
     kind = "bpe"
 
-    def __init__(self, tokenizer: Tokenizer, meta: dict[str, Any] | None = None):
+    def __init__(self, tokenizer: Tokenizer, meta: dict[str, Any] | None = None, source: Path | None = None):
+        """`source` (the tokenizer.json read) names the file in errors."""
         self.hf = tokenizer
         self._meta = {**(meta or {}), "kind": self.kind}
-        self._check_reserved()
+        self._check_reserved(source)
         self._batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
 
-    def _check_reserved(self) -> None:
-        """Ids 0-7 must be the reserved tokens with their special flags, else the file is not ours."""
+    def _check_reserved(self, source: Path | None) -> None:
+        """Ids 0-7 must be the reserved tokens with their special flags (the chat template, SFT and the
+        server rely on them), else the file is not ours."""
         added = self.hf.get_added_tokens_decoder()
         for token in RESERVED_TOKENS:
             found = added.get(token.id)
             if found is None or found.content != token.content or found.special != token.special:
+                actual = "no added token" if found is None else f"{found.content!r} (special={found.special})"
                 raise FidelError(
-                    f"tokenizer id {token.id} is {getattr(found, 'content', None)!r}"
-                    f" (special={getattr(found, 'special', None)}), expected {token.content!r}"
-                    f" (special={token.special})"
+                    f"{source or 'tokenizer'}: id {token.id} should be {token.content!r}"
+                    f" (special={token.special}), found {actual}: not a tokenizer from `fidellm tokenizer"
+                    " train`, whose reserved ids 0-7 the chat template and SFT need"
                 )
 
     def encode(self, text: str, add_bos: bool = False) -> list[int]:
@@ -163,7 +166,7 @@ class BPETokenizer(TextTokenizer):
             raise FidelError(f"{path}: cannot load tokenizer: {error}") from error
         meta_path = directory / META_FILE
         meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
-        return cls(tokenizer, meta)
+        return cls(tokenizer, meta, source=path)
 
 
 def hf_tokenizer_config(model_max_length: int, chat_template: str | None = None) -> dict[str, Any]:
