@@ -26,6 +26,12 @@ def test_missing_directory_is_named(tmp_path, monkeypatch):
         paths.resolve_data_dir()
 
 
+def test_a_file_given_as_data_directory_is_named(tmp_path):
+    (tmp_path / "data.txt").write_text("not a directory")
+    with pytest.raises(FidelError, match=r"data\.txt \(from --data-dir\) is a file, expected a directory"):
+        paths.resolve_data_dir(tmp_path / "data.txt")
+
+
 def test_no_data_anywhere_says_how_to_get_it(monkeypatch):
     monkeypatch.delenv(paths.DATA_ENV, raising=False)
     monkeypatch.setattr(paths, "default_shared_data", lambda: None)

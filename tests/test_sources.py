@@ -151,6 +151,25 @@ def test_registry_file_level_errors(tmp_path):
         load_registry(bad)
 
 
+def test_a_directory_where_the_registry_expects_files_is_named(tmp_path):
+    registry_file = tmp_path / "dirs.yaml"
+    registry_file.write_text(
+        "sources:\n  - {name: fx_dir, section: pretrain, paths: [corpus], format: jsonl, license: MIT,"
+        " license_family: open}\n",
+        encoding="utf-8",
+    )
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.jsonl").write_text('{"text": "ሰላም"}\n', encoding="utf-8")
+    with pytest.raises(FidelError) as caught:
+        source_files(load_registry(registry_file)["fx_dir"], tmp_path)
+    assert str(caught.value) == (
+        f"source 'fx_dir' ({registry_file}): path 'corpus' names a directory ({tmp_path / 'corpus'}),"
+        " expected jsonl files: list the files, or a glob such as 'corpus/*.jsonl'"
+    )
+    with pytest.raises(FidelError, match=r"sources file .*corpus is a directory, expected a YAML file"):
+        load_registry(tmp_path / "corpus")
+
+
 # ---------------------------------------------------------------------------------------------- documents
 
 

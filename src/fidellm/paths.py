@@ -26,7 +26,8 @@ def resolve_data_dir(explicit: str | os.PathLike | None = None) -> Path:
         if value:
             path = Path(value).expanduser()
             if not path.is_dir():
-                raise FidelError(f"data directory {path} (from {origin}) does not exist")
+                found = "is a file, expected a directory" if path.exists() else "does not exist"
+                raise FidelError(f"data directory {path} (from {origin}) {found}")
             return path.resolve()
     shared = default_shared_data()
     if shared is not None:

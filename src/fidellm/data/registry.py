@@ -253,6 +253,10 @@ def load_registry(extra: str | os.PathLike | None = None) -> dict[str, SourceSpe
     specs = _load_file(packaged.read_text(encoding="utf-8"), "fidellm/data/sources.yaml", None)
     if extra is not None:
         user = Path(extra).expanduser()
+        if user.is_dir():
+            raise FidelError(
+                f"sources file {user} is a directory, expected a YAML file with a 'sources:' list"
+            )
         if not user.is_file():
             raise FidelError(f"sources file {user} does not exist")
         specs += _load_file(user.read_text(encoding="utf-8"), str(user), str(user.resolve().parent))

@@ -60,6 +60,15 @@ def locate(spec: SourceSpec, pattern: str, data_dir: Path) -> list[Path]:
         found = _find(base)
         if found:
             return found
+    directories = [
+        hit for base in bases for hit in sorted(glob.glob(str(base), recursive=True)) if os.path.isdir(hit)
+    ]
+    if directories:
+        raise FidelError(
+            f"source {spec.name!r} ({spec.origin}): path {pattern!r} names a directory ({directories[0]}),"
+            f" expected {spec.format} files: list the files, or a glob such as"
+            f" '{pattern.rstrip('/')}/*.{spec.format}'"
+        )
     raise FidelError(
         f"source {spec.name!r}: {pattern} not found in {data_dir} (also tried .zst and .gz); "
         + _download_hint(spec, data_dir)
