@@ -198,8 +198,13 @@ def test_stream_generate_joins_to_generate_text(model, tokenizer) -> None:
 def test_prompt_too_long_for_context(tokenizer) -> None:
     small = make_model(tokenizer.vocab_size, max_positions=32)
     ids = [0] + [50] * 25
-    with pytest.raises(FidelError, match=r"prompt 0 has 26 tokens.*context of 32"):
+    too_long = r"prompt 0 has 26 tokens.*context of 32.*at most 24 tokens or ask for at most 6 new tokens$"
+    with pytest.raises(FidelError, match=too_long):
         generate(small, tokenizer, [ids], GenerationConfig(max_new_tokens=8))
+    with pytest.raises(
+        FidelError, match=r"max_new_tokens 40 .*context of 32 .*; ask for at most 6 new tokens$"
+    ):
+        generate(small, tokenizer, [ids], GenerationConfig(max_new_tokens=40))  # no negative prompt length
     assert len(generate(small, tokenizer, [ids], GenerationConfig(max_new_tokens=6))[0].token_ids) <= 6
 
 

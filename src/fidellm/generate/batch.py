@@ -78,10 +78,13 @@ def new_rows(
             raise FidelError(f"generation: prompt {row} is empty (no tokens to condition on)")
     for row, ids in enumerate(prompt_ids):
         if len(ids) + config.max_new_tokens > context:
+            fits, room = context - config.max_new_tokens, context - len(ids)
+            ways = [f"shorten it to at most {fits} tokens"] if fits > 0 else []
+            ways += [f"ask for at most {room} new tokens"] if room > 0 else []
             raise FidelError(
                 f"generation: prompt {row} has {len(ids)} tokens; with max_new_tokens"
                 f" {config.max_new_tokens} it exceeds the model's context of {context}"
-                f" (max_position_embeddings); shorten it to at most {context - config.max_new_tokens}"
+                f" (max_position_embeddings); {' or '.join(ways) or 'shorten it and ask for fewer'}"
             )
     device = next(model.parameters()).device
     base = config.seed if config.seed is not None else int(torch.randint(0, 2**62, ()).item())
