@@ -13,8 +13,10 @@ from click.testing import CliRunner
 
 from fidellm.cli import cli, main
 from fidellm.data.config import PrepareConfig, SplitConfig, load_prepare_config
-from fidellm.data.pipeline import prepare, split_of
+from fidellm.data.pipeline import prepare
+from fidellm.data.splits import SPLITS, fill_empty_splits, split_of
 from fidellm.errors import FidelError
+from fidellm.hashing import unit_interval
 from fidellm.paths import resolve_data_dir
 
 DATA = resolve_data_dir()
@@ -161,3 +163,87 @@ def test_cli_prepare_and_errors(mini, tmp_path):
     with pytest.raises(SystemExit) as stop:
         main(["data", "prepare", str(tmp_path / "r"), "--config", str(bad)])
     assert stop.value.code == 2
+
+
+def _write_split_files(splits: Path, docs: dict[str, list[str]], per_file: int) -> None:
+    """Split files as the writer leaves them: `per_file` records per rank file."""
+    for split, ids in docs.items():
+        for start in range(0, len(ids), per_file):
+            path = splits / split / f"{start // per_file:05d}.jsonl.gz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with gzip.open(path, "wt", encoding="utf-8") as handle:
+                for doc_id in ids[start : start + per_file]:
+                    record = {"text": f"ጽሑፍ {doc_id}", "id": doc_id, "metadata": {"split": split}}
+                    handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+
+def _read_splits(splits: Path) -> dict[str, dict[str, dict]]:
+    return {
+        split: {
+            record["id"]: record
+            for path in sorted((splits / split).glob("*.jsonl.gz"))
+            for record in map(json.loads, gzip.open(path, "rt", encoding="utf-8"))
+        }
+        for split in ("train", "val", "test")
+    }
+
+
+def test_a_small_corpus_gets_one_document_in_val_and_test(tmp_path):
+    config = SplitConfig()
+    ids = [f"doc/{i}" for i in range(20)]
+    assert {split_of(doc_id, config) for doc_id in ids} == {"train"}
+    by_hash = sorted(ids, key=lambda doc_id: unit_interval(f"{config.seed}:{doc_id}"))
+    for per_file in (20, 7):  # one writer task, or three: the same documents move
+        splits = tmp_path / str(per_file) / "splits"
+        _write_split_files(splits, {"train": ids}, per_file)
+        assert fill_empty_splits(splits, config) == []
+        found = _read_splits(splits)
+        assert list(found["test"]) == [by_hash[0]] and list(found["val"]) == [by_hash[1]]
+        assert sorted(found["train"]) == sorted(by_hash[2:])
+        assert found["val"][by_hash[1]]["metadata"] == {"split": "val", "split_filled": True}
+        assert found["test"][by_hash[0]]["text"] == f"ጽሑፍ {by_hash[0]}"
+    two = tmp_path / "two" / "splits"
+    _write_split_files(two, {"train": ids[:2]}, 20)
+    assert fill_empty_splits(two, config) == ["val", "test"]
+    assert len(_read_splits(two)["train"]) == 2  # too few documents: nothing moves
+
+
+def test_a_larger_corpus_is_split_exactly_by_the_hash(tmp_path):
+    config = SplitConfig()
+    ids = [f"source/{i}" for i in range(3000)]
+    docs = {split: [doc_id for doc_id in ids if split_of(doc_id, config) == split] for split in SPLITS}
+    assert all(docs.values())
+    splits = tmp_path / "splits"
+    _write_split_files(splits, docs, 500)
+    before = {path: path.read_bytes() for path in splits.rglob("*.gz")}
+    assert fill_empty_splits(splits, config) == []
+    assert {path: path.read_bytes() for path in splits.rglob("*.gz")} == before
+    found = _read_splits(splits)
+    assert {doc_id: split for split in SPLITS for doc_id in found[split]} == {
+        doc_id: split_of(doc_id, config) for doc_id in ids
+    }
+
+
+def test_prepare_fills_val_of_a_small_corpus_and_refuses_too_few_documents(mini, tmp_path):
+    by_split = mini["report"]["sources"]["mini"]["kept_by_split"]
+    assert all(by_split[split]["docs"] >= 1 for split in SPLITS), by_split
+    registry = tmp_path / "registry.yaml"
+    registry.write_text(
+        (mini["run"].parent / "registry.yaml").read_text().replace("mini.jsonl", "two.jsonl"),
+        encoding="utf-8",
+    )
+    two = [{"id": a["id"], "text": a["text"]} for a in _real_articles(2)]
+    (mini["run"].parent / "two.jsonl").write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in two), encoding="utf-8"
+    )
+    config = PrepareConfig()
+    config.sources.include = ["mini"]
+    config.sources.extra_registry = str(registry)
+    config.tasks = config.workers = 1
+    run = tmp_path / "run"
+    with pytest.raises(FidelError) as caught:
+        prepare(run, DATA, config.validate())
+    assert str(caught.value) == (
+        f"{run / 'data' / 'splits'}: only 2 document(s) kept, fewer than the 3 splits (train, val, test)"
+        f" that need one each, so val, test stayed empty; {run / 'data' / 'report.md'} shows what was dropped"
+    )

@@ -8,6 +8,7 @@ with `depends=`, see README "Scaling out"):
             length / quality filters -> work/filtered
 3. minhash  signatures, 4. buckets, 5. clusters (datatrove's MinHash LSH with an Amharic word tokenizer)
 6. split    work/filtered -> drop near duplicates -> train/val/test by a hash of the document id -> splits/
+            (then a small corpus's empty val/test get one document each: `fidellm.data.splits`)
 
 Every document that leaves the pipeline is accounted for: kept (splits/), dropped with a reason
 (dropped/<reason>/), or rejected as unreadable (rejected/, with file:line). The report checks that
@@ -40,19 +41,17 @@ from datatrove.pipeline.writers import JsonlWriter
 
 from fidellm.data.amharic import normalize
 from fidellm.data.boilerplate import BoilerplateRemover, CorpusCounter, ExactDedup
-from fidellm.data.config import PrepareConfig, SplitConfig
+from fidellm.data.config import PrepareConfig
 from fidellm.data.decontam import Decontaminate
 from fidellm.data.dedup import AmharicWordTokenizer, minhash_config
 from fidellm.data.filters import LanguageFilter, LengthFilter, QualityFilter, ScriptFilter
 from fidellm.data.readers import Rejection
 from fidellm.data.registry import SourceSpec, load_registry, select_sources
 from fidellm.data.sources import iter_documents
+from fidellm.data.splits import SplitAssigner, fill_empty_splits, required_splits
 from fidellm.data.writers import GzipJsonlWriter
 from fidellm.errors import FidelError
-from fidellm.hashing import unit_interval
 from fidellm.paths import RunLayout
-
-SPLITS = ("train", "val", "test")
 
 
 class SourceReader(PipelineStep):
@@ -136,31 +135,6 @@ class Normalize(PipelineStep):
                         writer.write(doc, rank)
                     continue
                 yield doc
-
-
-def split_of(doc_id: str, config: SplitConfig) -> str:
-    """train / val / test from a hash of the document id: stable across runs, machines and worker counts."""
-    u = unit_interval(f"{config.seed}:{doc_id}")
-    if u < config.test_fraction:
-        return "test"
-    if u < config.test_fraction + config.val_fraction:
-        return "val"
-    return "train"
-
-
-class SplitAssigner(PipelineStep):
-    name = "🪓 document split"
-    type = "🔻 - FILTER"
-
-    def __init__(self, config: SplitConfig):
-        super().__init__()
-        self.config = config
-
-    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        for doc in data:
-            doc.metadata["split"] = split_of(doc.id, self.config)
-            self.stat_update(f"split_{doc.metadata['split']}")
-            yield doc
 
 
 @dataclass
@@ -386,4 +360,13 @@ def prepare(
     layout.root.mkdir(parents=True)
     stages = build_stages(layout, data_dir, specs, config)
     timings = run_stages(stages, layout, config.workers, quiet=quiet)
-    return write_report(layout, specs, config, data_dir, timings)
+    empty = fill_empty_splits(layout.splits, config.split)
+    report = write_report(layout, specs, config, data_dir, timings)
+    if empty:
+        raise FidelError(
+            f"{layout.splits}: only {report['totals']['kept_docs']} document(s) kept, fewer than the"
+            f" {len(required_splits(config.split))} splits ({', '.join(required_splits(config.split))}) that"
+            f" need one each, so {', '.join(empty)} stayed empty; {layout.root / 'report.md'} shows what"
+            " was dropped"
+        )
+    return report
