@@ -4,6 +4,7 @@ one clear error naming the file, line, field or option: never a traceback, never
 from __future__ import annotations
 
 import json
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -258,3 +259,23 @@ def test_eval_limit_and_tasks_are_checked(tmp_path: Path, capsys) -> None:
 def test_tokenizer_report_rejects_a_negative_sample_size(tmp_path: Path, capsys) -> None:
     args = ["tokenizer", "report", str(tmp_path), "--sample-mb", "-3", "--vocab-sizes", "none"]
     assert fails_with(args, capsys) == "error: --sample-mb must be >= 0, got -3.0\n"
+
+
+# serve
+
+
+def test_serve_names_an_address_it_cannot_listen_on(tmp_path: Path, capsys) -> None:
+    err = fails_with(["serve", str(tmp_path), "--host", "999.1.1.1", "--port", "8000"], capsys)
+    assert err.startswith(
+        "error: cannot listen on 999.1.1.1:8000: --host '999.1.1.1' is not an IP address or a name that"
+        " resolves ("
+    )
+    assert err.count("\n") == 1
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert fails_with(["serve", str(tmp_path), "--port", str(port)], capsys) == (
+            f"error: cannot listen on 127.0.0.1:{port}: the port is already in use (another server? choose"
+            " one with --port)\n"
+        )

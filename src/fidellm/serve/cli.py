@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import math
+import socket
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -144,24 +146,60 @@ def serve_command(
     from fidellm.serve.app import create_app
     from fidellm.serve.common import ServeSettings
     from fidellm.tokenizer.base import load_tokenizer
+    from fidellm.train.distributed import pick_device
 
-    model, tokenizer_dir = load_model(model_dir, device=device)
-    if not tokenizer_dir.is_dir():
-        raise FidelError(f"{tokenizer_dir}: no tokenizer directory next to the model")
-    settings = ServeSettings(
-        model_name=model_name or model_dir.resolve().name,
-        max_tokens_cap=max_tokens_cap,
-        queue_size=queue_size,
-        max_batch=max_batch,
-        prefill_chunk=prefill_chunk,
-        api_keys=tuple(api_keys),
-        request_timeout_s=timeout_s,
-        max_body_bytes=int(max_body_mb * 1024 * 1024),
-    )
-    cache, limiter = cache_and_limiter(cache_size, redis_url, cache_ttl, rpm, burst)
-    app = create_app(model, load_tokenizer(tokenizer_dir), settings, cache=cache, limiter=limiter)
-    click.echo(f"serving {settings.model_name} on http://{host}:{port}/v1", err=True)
-    uvicorn.run(app, host=host, port=port, log_level="info", forwarded_allow_ips=forwarded_allow_ips)
+    torch_device = pick_device(device)
+    with listening_socket(host, port) as sock:  # a bad address fails now, not after loading the model
+        model, tokenizer_dir = load_model(model_dir, device=torch_device)
+        if not tokenizer_dir.is_dir():
+            raise FidelError(f"{tokenizer_dir}: no tokenizer directory next to the model")
+        settings = ServeSettings(
+            model_name=model_name or model_dir.resolve().name,
+            max_tokens_cap=max_tokens_cap,
+            queue_size=queue_size,
+            max_batch=max_batch,
+            prefill_chunk=prefill_chunk,
+            api_keys=tuple(api_keys),
+            request_timeout_s=timeout_s,
+            max_body_bytes=int(max_body_mb * 1024 * 1024),
+        )
+        cache, limiter = cache_and_limiter(cache_size, redis_url, cache_ttl, rpm, burst)
+        app = create_app(model, load_tokenizer(tokenizer_dir), settings, cache=cache, limiter=limiter)
+        click.echo(f"serving {settings.model_name} on http://{host}:{port}/v1", err=True)
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="info", forwarded_allow_ips=forwarded_allow_ips
+        )
+        uvicorn.Server(config).run(sockets=[sock])
+
+
+BIND_PROBLEMS = {
+    errno.EADDRINUSE: "the port is already in use (another server? choose one with --port)",
+    errno.EADDRNOTAVAIL: "the host is not an address of this machine",
+    errno.EACCES: "permission denied (ports below 1024 need privileges)",
+}
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to host:port for uvicorn (IPv6 when the host has a ':', as uvicorn does); an
+    address that does not resolve or cannot be bound is a FidelError naming host and port."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    where = f"cannot listen on {host}:{port}"
+    try:
+        (family, kind, proto, _, address), *_ = socket.getaddrinfo(
+            host, port, family, socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except (OSError, UnicodeError) as error:
+        reason = getattr(error, "strerror", None) or str(error)
+        problem = f"--host {host!r} is not an IP address or a name that resolves ({reason})"
+        raise FidelError(f"{where}: {problem}") from None
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+    except OSError as error:
+        sock.close()
+        raise FidelError(f"{where}: {BIND_PROBLEMS.get(error.errno) or error.strerror or error}") from None
+    return sock
 
 
 def cache_and_limiter(
