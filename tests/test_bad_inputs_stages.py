@@ -4,6 +4,8 @@ one clear error naming the file, line, field or option: never a traceback, never
 from __future__ import annotations
 
 import json
+import re
+import shutil
 import socket
 from pathlib import Path
 from typing import Any
@@ -13,15 +15,19 @@ import torch
 from click.testing import CliRunner
 
 from fidellm.cli import cli, main
+from fidellm.data.boilerplate import merge_examples
 from fidellm.data.config import load_prepare_config
+from fidellm.data.pipeline import PrepareLayout
+from fidellm.data.report import collect
 from fidellm.errors import FidelError
 from fidellm.eval.report import load_run, render_markdown
 from fidellm.eval.suite import EvalContext
-from fidellm.export.hf import export_hf
+from fidellm.export.hf import export_hf, load_hf_dir
 from fidellm.models.factory import config_to_dict
 from fidellm.paths import resolve_data_dir
 from fidellm.sft.data import chat_data, encode_conversation, read_conversations
-from fidellm.tokenizer.bpe import train_bpe
+from fidellm.tokenizer.base import META_FILE, load_tokenizer
+from fidellm.tokenizer.bpe import BPETokenizer, train_bpe
 from fidellm.tokenizer.bytes import ByteTokenizer
 from fidellm.train.checkpoint import save_checkpoint
 from fixtures.models import gqa_config, random_llama
@@ -279,3 +285,46 @@ def test_serve_names_an_address_it_cannot_listen_on(tmp_path: Path, capsys) -> N
             f"error: cannot listen on 127.0.0.1:{port}: the port is already in use (another server? choose"
             " one with --port)\n"
         )
+
+
+# damaged files the stages wrote: one line naming the file, never a JSONDecodeError
+
+
+def test_a_damaged_tokenizer_meta_file_is_named(tmp_path: Path) -> None:
+    lines = (resolve_data_dir() / "flores200" / "amh_Ethi.dev").read_text(encoding="utf-8").splitlines()
+    train_bpe(lines[:50], 512, show_progress=False).save(tmp_path / "bpe")
+    ByteTokenizer().save(tmp_path / "bytes")
+    loaders = {"bpe": BPETokenizer.load, "bytes": ByteTokenizer.load}
+    for name, loader in loaders.items():
+        meta = tmp_path / name / META_FILE
+        meta.write_text(meta.read_text()[:15])
+        damaged = rf"^{re.escape(str(meta))}: not valid JSON \(.*\); train the tokenizer again"
+        with pytest.raises(FidelError, match=damaged):
+            loader(tmp_path / name)
+        with pytest.raises(FidelError, match=damaged):
+            load_tokenizer(tmp_path / name)
+
+
+def test_damaged_prepare_work_files_are_named(tmp_path: Path) -> None:
+    layout = PrepareLayout(tmp_path / "run")
+    for folder in (layout.read_counts, layout.boilerplate_examples):
+        folder.mkdir(parents=True)
+        (folder / "00000.json").write_text('{"mini": {"documents": 3', encoding="utf-8")
+    advice = r"; a damaged intermediate file: re-run `fidellm data prepare RUN --overwrite`$"
+    counts = layout.read_counts / "00000.json"
+    with pytest.raises(FidelError, match=rf"^{re.escape(str(counts))}: not valid JSON .*{advice}"):
+        collect(layout, [])
+    examples = layout.boilerplate_examples / "00000.json"
+    with pytest.raises(FidelError, match=rf"^{re.escape(str(examples))}: not valid JSON .*{advice}"):
+        merge_examples(examples.parent)
+
+
+@pytest.mark.parametrize("content", [b"[1, 2]", b'{"model_type": "ll\xe9ama"}', b'{"model_type": '])
+def test_a_damaged_hf_config_is_named(llama_run: dict[str, Path], tmp_path: Path, content: bytes) -> None:
+    copy = tmp_path / "hf"
+    shutil.copytree(llama_run["hf"], copy)
+    (copy / "config.json").write_bytes(content)
+    with pytest.raises(
+        FidelError, match=rf"^{re.escape(str(copy / 'config.json'))}: not (valid JSON|a JSON object)"
+    ):
+        load_hf_dir(copy)

@@ -25,8 +25,9 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.writers.disk_base import DiskWriter
 
 from fidellm.data.amharic import match_key
-from fidellm.data.config import BoilerplateConfig
+from fidellm.data.config import RERUN_PREPARE, BoilerplateConfig
 from fidellm.hashing import stable_hash64
+from fidellm.jsonfile import read_json
 
 _DIGIT_RUN = re.compile(r"[0-9\u1369-\u137C]+")
 
@@ -180,5 +181,5 @@ def merge_examples(folder: str | Path, top: int = 25) -> list[tuple[str, str, in
     """(kind, line shape, removed count) of the most frequently removed lines over all ranks."""
     total: Counter[str] = Counter()
     for path in sorted(Path(folder).glob("*.json")):
-        total.update(dict(json.loads(path.read_text())))
+        total.update(dict(read_json(path, RERUN_PREPARE)))
     return [(*key.split("\t", 1), count) for key, count in total.most_common(top)]

@@ -16,6 +16,8 @@ import yaml
 
 from fidellm.errors import FidelError
 
+RERUN_PREPARE = "a damaged intermediate file: re-run `fidellm data prepare RUN --overwrite`"
+
 
 @dataclass
 class SourceSelection:

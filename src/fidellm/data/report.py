@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fidellm.data.boilerplate import merge_examples
-from fidellm.data.config import PrepareConfig
+from fidellm.data.config import RERUN_PREPARE, PrepareConfig
 from fidellm.data.registry import SourceSpec
 from fidellm.data.sources import source_files
 from fidellm.errors import FidelError
 from fidellm.hashing import file_sha256
+from fidellm.jsonfile import read_json_object
 
 if TYPE_CHECKING:
     from fidellm.data.pipeline import PrepareLayout
@@ -91,7 +92,7 @@ def collect(layout: PrepareLayout, specs: list[SourceSpec]) -> dict[str, Any]:
     """Count everything the pipeline produced, per source."""
     read: dict[str, Counter[str]] = defaultdict(Counter)
     for path in sorted(layout.read_counts.glob("*.json")):
-        for source, counts in json.loads(path.read_text()).items():
+        for source, counts in read_json_object(path, RERUN_PREPARE).items():
             read[source].update(counts)
 
     rejected: dict[str, Counter[str]] = defaultdict(Counter)

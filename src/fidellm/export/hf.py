@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 
 from fidellm.chat.template import CHAT_TEMPLATE
 from fidellm.errors import FidelError
+from fidellm.jsonfile import read_json_object
 from fidellm.models.llama import LlamaConfig, LlamaForCausalLM
 from fidellm.tokenizer.bpe import BPETokenizer
 
@@ -171,11 +172,7 @@ def load_hf_dir(
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FidelError(f"{path} does not exist")
-    try:
-        data = json.loads(config_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as error:
-        raise FidelError(f"{config_path}: invalid JSON: {error}") from error
-    config = _config_from_hf(data, config_path)
+    config = _config_from_hf(read_json_object(config_path), config_path)
     model = LlamaForCausalLM(config)
     expected = model.state_dict()
     try:

@@ -7,7 +7,6 @@ file that says which class reads the directory and records how the tokenizer was
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -17,8 +16,10 @@ from typing import Any
 import numpy as np
 
 from fidellm.errors import FidelError
+from fidellm.jsonfile import read_json_object
 
 META_FILE = "fidellm_tokenizer.json"
+RETRAIN = "train the tokenizer again with `fidellm tokenizer train RUN`"
 
 
 class TextTokenizer(ABC):
@@ -107,11 +108,8 @@ def read_meta(directory: Path) -> dict[str, Any]:
             f"{directory} is not a tokenizer directory: no {META_FILE} or tokenizer.json "
             "(make one with `fidellm tokenizer train RUN`)"
         )
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise FidelError(f"{path}: cannot read tokenizer metadata: {error}") from error
-    if not isinstance(meta, dict) or meta.get("kind") not in ("bpe", "bytes"):
+    meta = read_json_object(path, RETRAIN)
+    if meta.get("kind") not in ("bpe", "bytes"):
         raise FidelError(f'{path}: field \'kind\' must be "bpe" or "bytes"')
     return meta
 

@@ -29,7 +29,8 @@ from tqdm import tqdm
 
 from fidellm.errors import FidelError
 from fidellm.hashing import file_sha256, unit_interval
-from fidellm.tokenizer.base import META_FILE, TextTokenizer, id_list, sha256_text
+from fidellm.jsonfile import read_json_object
+from fidellm.tokenizer.base import META_FILE, RETRAIN, TextTokenizer, id_list, sha256_text
 from fidellm.tokenizer.shards import read_split_file, split_files
 from fidellm.tokenizer.special import BOS, BOS_ID, CHAT_TOKENS, PAD, PAD_ID, RESERVED_TOKENS
 
@@ -165,7 +166,7 @@ class BPETokenizer(TextTokenizer):
         except Exception as error:  # tokenizers raises a bare Exception for malformed files
             raise FidelError(f"{path}: cannot load tokenizer: {error}") from error
         meta_path = directory / META_FILE
-        meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+        meta = read_json_object(meta_path, RETRAIN) if meta_path.is_file() else {}
         return cls(tokenizer, meta, source=path)
 
 

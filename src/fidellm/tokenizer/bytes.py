@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 
 from fidellm.errors import FidelError
-from fidellm.tokenizer.base import META_FILE, TextTokenizer, id_list, sha256_text
+from fidellm.jsonfile import read_json_object
+from fidellm.tokenizer.base import META_FILE, RETRAIN, TextTokenizer, id_list, sha256_text
 from fidellm.tokenizer.special import BYTE_BOS_ID, BYTE_EOS_ID
 
 _CONTROL = bytes(range(BYTE_BOS_ID, 256))
@@ -80,7 +81,7 @@ class ByteTokenizer(TextTokenizer):
     def load(cls, directory: str | os.PathLike) -> ByteTokenizer:
         """Read a saved byte tokenizer, checking its ids are the ones this code uses."""
         path = Path(directory) / META_FILE
-        meta = json.loads(path.read_text(encoding="utf-8"))
+        meta = read_json_object(path, RETRAIN)
         tokenizer = cls()
         for key in ("vocab_size", "bos_id", "eos_id", "pad_id"):
             if meta.get(key) != tokenizer.meta[key]:
