@@ -4,8 +4,8 @@ Usage: python benchmarks/quality_run.py RUN --preset 25m --steps 2400 [--batch-s
        [--lr 2e-3] [--dropout 0.1] [--eval-every 240] [--data-dir DIR] [--out runs/quality]
 RUN holds tokens/ and tokenizer/; DIR holds flores200/amh_Ethi.{dev,devtest} (default: the data dir).
 Prints the validation curve's best step and the FLORES scores (evaluation.md) of the best-validation
-weights (RUN/train/best) and of the final checkpoint,
-and writes them to OUT/<preset>.json.
+weights (RUN/train/best: lowest val loss, or with --best-by-sources lowest bits/byte over those sources'
+val text) and of the final checkpoint, and writes them, with each source's val curve, to OUT/<name>.json.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ def main() -> None:
     name = (
         f"{args.preset}-lr{args.lr:g}-do{args.dropout:g}-wd{args.weight_decay:g}-s{args.steps}"
         f"-{args.schedule}{args.min_lr_ratio:g}{'-docmask' if args.document_mask else ''}-seed{args.seed}"
+        f"{'-bestby-' + args.best_by_sources.replace(',', '+') if args.best_by_sources else ''}"
     )
     work = training_workdir(args.run, args.out / name)
     result = train_and_score(work, config_from_args(args), args.data_dir)
@@ -63,6 +64,11 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-every", type=int, default=240)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--seed", type=int, default=0, help="Initialisation, dropout and data order.")
+    parser.add_argument(
+        "--best-by-sources",
+        default="",
+        help="Comma-separated sources whose val bits/byte choose train/best (default: the val loss).",
+    )
     parser.add_argument("--data-dir", type=Path, default=None)
 
 
@@ -83,6 +89,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         compile=args.compile,
         eval_every=args.eval_every,
         seed=args.seed,
+        best_by_sources=[name for name in args.best_by_sources.split(",") if name],
         save_every=0,
         keep_last=1,
         resume=False,
@@ -96,8 +103,12 @@ def train_and_score(work: Path, config: TrainConfig, data_dir: Path | None) -> d
     summary = train(work, config)
     train_seconds = time.perf_counter() - start
     records = [json.loads(line) for line in (work / "train" / "metrics.jsonl").read_text().splitlines()]
-    val = [(r["step"], r["val_loss"], r["val_bpb"]) for r in records if r.get("kind") == "val"]
-    best = min(val, key=lambda v: v[1])
+    val = [
+        (r["step"], r["val_loss"], r["val_bpb"], r.get("val_bpb_by_source", {}))
+        for r in records
+        if r.get("kind") == "val"
+    ]
+    best = summary["best"]  # the lowest val loss, or bits/byte over --best-by-sources
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(work / "tokenizer")
@@ -112,7 +123,8 @@ def train_and_score(work: Path, config: TrainConfig, data_dir: Path | None) -> d
         "tokens_per_s": summary["tokens_per_s"],
         "final_val_loss": summary.get("val_loss"),
         "final_val_bpb": summary.get("val_bpb"),
-        "best_val": {"step": best[0], "val_loss": best[1], "val_bpb": best[2]},
+        "best_val": {key: best[key] for key in ("step", "val_loss", "val_bpb", "score")},
+        "best_by_sources": config.best_by_sources,
         "val_curve": val,
         "flores": dataclasses.asdict(scores),  # the best-validation weights (train/best)
         "flores_final_step": dataclasses.asdict(final_scores),

@@ -203,7 +203,7 @@ def masked_val_loss(model: torch.nn.Module, chat_dir: Path, tokenizer_dir: Path)
     tokenizer = load_tokenizer(tokenizer_dir)
     examples, _ = tokenize_conversations(read_conversations(chat_dir / "eval.jsonl"), tokenizer, SEQ)
     nll, count = 0.0, 0
-    for inputs, targets in chat_validation_batches(examples, SEQ, 2, 2, PAD_ID):
+    for inputs, targets in chat_validation_batches(examples, SEQ, 2, 2, PAD_ID).batches:
         with torch.no_grad():
             logits = model(inputs).logits
         kept = targets != IGNORE_INDEX

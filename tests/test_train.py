@@ -18,6 +18,7 @@ from fidellm.tokenizer.base import load_tokenizer
 from fidellm.train import checkpoint as ckpt
 from fidellm.train import loop
 from fidellm.train.data import PackedBatches, token_byte_lengths
+from fidellm.train.evaluation import Validation
 from fidellm.train.loop import TrainConfig, train
 from fidellm.train.optim import build_optimizer, cosine_lr, learning_rate, param_groups, wsd_lr
 from fixtures.train.build_run import build_flores_run, flores_lines
@@ -249,7 +250,7 @@ def test_best_validation_weights_are_kept(flores_run: Path, tmp_path: Path, monk
     from fidellm.train import loop
 
     scripted = iter([5.0, 4.0, 4.5, 4.8, 4.2, 4.9])  # validation gets worse after step 4
-    monkeypatch.setattr(loop, "evaluate", lambda *args: (next(scripted), 1.0))
+    monkeypatch.setattr(loop, "evaluate", lambda *args: Validation(next(scripted), 1.0))
     run = fresh_run(flores_run, tmp_path / "best")
     summary = train(run, small_config(max_steps=12, eval_every=2, save_every=2, keep_last=10))
     kept = json.loads((run / "train/best/state.json").read_text())

@@ -52,7 +52,7 @@ from fidellm.train.curriculum import (
     conversation_complexity,
     stage_boundaries,
 )
-from fidellm.train.data import ShuffledBatches
+from fidellm.train.data import ShuffledBatches, ValidationSet
 
 
 @dataclass
@@ -292,7 +292,7 @@ class CurriculumConversations(StagedBatches, ConversationBatches):
 
 def chat_validation_batches(
     examples: Sequence[Example], seq_len: int, batch_size: int, max_batches: int, pad_id: int
-) -> list[tuple[Tensor, Tensor]]:
+) -> ValidationSet:
     """The first `max_batches` batches of eval rows packed in file order (the same every evaluation)."""
     inputs, targets = pack(examples, seq_len, pad_id)
     if len(inputs) == 0:
@@ -301,10 +301,12 @@ def chat_validation_batches(
             " raise --seq-len or add conversations"
         )
     inputs, targets = inputs[: batch_size * max_batches], targets[: batch_size * max_batches]
-    return [
-        (torch.from_numpy(inputs[i : i + batch_size]), torch.from_numpy(targets[i : i + batch_size]))
-        for i in range(0, len(inputs), batch_size)
-    ]
+    return ValidationSet(
+        [
+            (torch.from_numpy(inputs[i : i + batch_size]), torch.from_numpy(targets[i : i + batch_size]))
+            for i in range(0, len(inputs), batch_size)
+        ]
+    )
 
 
 def chat_data(
@@ -318,7 +320,7 @@ def chat_data(
     rank: int = 0,
     world_size: int = 1,
     curriculum: bool = False,
-) -> tuple[ConversationBatches, list[tuple[Tensor, Tensor]], dict[str, Any]]:
+) -> tuple[ConversationBatches, ValidationSet, dict[str, Any]]:
     """(training batches of chat_dir/train.jsonl, validation batches of chat_dir/eval.jsonl, counts);
     with `curriculum` the training rows are CurriculumConversations."""
     train_path, eval_path = chat_dir / "train.jsonl", chat_dir / "eval.jsonl"

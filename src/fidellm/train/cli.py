@@ -172,7 +172,18 @@ def optimizer_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @click.option(
     "--eval-every", default=200, show_default=True, help="Validation loss and bits/byte every N steps."
 )
-@click.option("--eval-batches", default=20, show_default=True, help="Validation batches per evaluation.")
+@click.option(
+    "--eval-batches",
+    default=20,
+    show_default=True,
+    help="Validation batches per evaluation (spread over the val split when it holds more).",
+)
+@click.option(
+    "--best-by-sources",
+    default="",
+    help="Keep as train/best the weights with the lowest val bits/byte over these comma-separated sources"
+    " (e.g. the modern ones) instead of the lowest val loss. Every log records each source's bits/byte.",
+)
 @click.option("--log-every", default=10, show_default=True)
 @click.option(
     "--save-every", default=500, show_default=True, help="Checkpoint every N steps (and at the end)."
@@ -202,7 +213,8 @@ def train_command(
     default_preset = "hnet-tiny" if options["arch"] == "hnet" else "tiny"
     overrides = {"dropout": dropout} if dropout else {}
     chosen = preset or default_preset
-    config = TrainConfig(**options, preset=chosen, model_overrides=overrides)
+    sources = [name.strip() for name in str(options.pop("best_by_sources")).split(",") if name.strip()]
+    config = TrainConfig(**options, preset=chosen, model_overrides=overrides, best_by_sources=sources)
     config.stage_lr_multipliers = multipliers
     summary = train(run_dir, config)
     if os.environ.get("RANK", "0") != "0":

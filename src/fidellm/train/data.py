@@ -12,7 +12,7 @@ sampler state is saved in the checkpoints.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -160,18 +160,36 @@ class CurriculumWindows(StagedBatches, PackedBatches):
         self.sampler = StagedSampler(self.stages, self.global_batch, seed)
 
 
-def validation_batches(
-    shards: TokenShards, seq_len: int, batch_size: int, max_batches: int
-) -> list[tuple[Tensor, Tensor]]:
-    """The first `max_batches` batches of consecutive windows of the val split (same every evaluation)."""
+@dataclass
+class ValidationSet:
+    """Fixed validation batches, the same every evaluation: (inputs, targets) or, from token shards,
+    (inputs, targets, the source index of each target) with the split's `source_names`."""
+
+    batches: list[tuple[Tensor, ...]]
+    source_names: list[str] = field(default_factory=list)
+
+
+def validation_batches(shards: TokenShards, seq_len: int, batch_size: int, max_batches: int) -> ValidationSet:
+    """Up to `max_batches` batches of windows of the val split: all of them when they fit, else that many
+    spread evenly over the split (whose files run source by source), so every source keeps its share."""
     n_windows = window_count(len(shards.tokens), seq_len)
     if n_windows == 0:
         raise FidelError(f"{shards.directory}: {len(shards.tokens)} tokens are too few for one window")
-    starts = np.arange(min(n_windows, batch_size * max_batches), dtype=np.int64) * seq_len
-    return [
-        windows_to_tensors(shards.tokens, starts[i : i + batch_size], seq_len)
-        for i in range(0, len(starts), batch_size)
-    ]
+    wanted = min(n_windows, batch_size * max_batches)
+    starts = np.linspace(0, n_windows - 1, wanted).round().astype(np.int64) * seq_len
+    positions = starts[:, None] + np.arange(1, seq_len + 1)  # of every target token
+    documents = np.searchsorted(shards.offsets, positions, side="right") - 1
+    sources = torch.from_numpy(np.asarray(shards.doc_source, dtype=np.int64)[documents])
+    return ValidationSet(
+        [
+            (
+                *windows_to_tensors(shards.tokens, starts[i : i + batch_size], seq_len),
+                sources[i : i + batch_size],
+            )
+            for i in range(0, len(starts), batch_size)
+        ],
+        list(shards.meta.get("source_names", [])),
+    )
 
 
 def _byte_level_decoder() -> dict[str, int]:

@@ -46,7 +46,6 @@ from fidellm.train.checkpoint import (
     refuse_old_checkpoints,
     restore_checkpoint,
     save_checkpoint,
-    save_weights,
 )
 from fidellm.train.curriculum import DEFAULT_SPAN, StagedBatches
 from fidellm.train.data import (
@@ -64,7 +63,7 @@ from fidellm.train.distributed import (
     shutdown_distributed,
     wrap_model,
 )
-from fidellm.train.evaluation import evaluate
+from fidellm.train.evaluation import BestWeights, check_selected_sources, evaluate
 from fidellm.train.monitor import Monitor, flops_per_token
 from fidellm.train.optim import SCHEDULES, build_optimizer, learning_rate
 from fidellm.train.resume import check_last_step, check_model_config, resume_changes, resume_notice
@@ -136,6 +135,9 @@ class TrainConfig:
     """Chat: train on the first N conversations of train.jsonl only."""
     epochs: int | None = None
     """When set, max_steps becomes epochs × the data's steps per epoch."""
+    best_by_sources: list[str] = field(default_factory=list)
+    """Keep as RUN/train/best the weights with the lowest val bits/byte over these sources' text (e.g. the
+    modern ones) instead of the lowest val loss over the whole split."""
     base: str | None = None
     """A model (anything `fidellm.models.load.load_model` reads) to start from instead of random weights;
     its tokenizer must be the run's (same fingerprint), and its config replaces preset/model_overrides."""
@@ -309,6 +311,7 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
         refuse_old_checkpoints(ckpt_dir)
 
     batches, val_set = training_data(run, config, tokenizer, ctx)
+    check_selected_sources(config.best_by_sources, val_set)
     if config.epochs is not None:
         config = dataclasses.replace(config, max_steps=config.epochs * batches.steps_per_epoch)
     if isinstance(batches, StagedBatches):
@@ -412,13 +415,9 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
             chunks = [float(x) for x in record.chunks]
             monitor.log_train(record.step, losses[-1], record.lr, record.grad_norm(), chunks or None)
 
-    best_dir = out / "best"
-    best = {"step": 0, "val_loss": math.inf}  # the best-validation model is kept in train/best
-    if previous is not None and (best_dir / "state.json").is_file():
-        kept = read_checkpoint(best_dir)
-        best = {"step": kept.step, "val_loss": kept.field("val_loss"), "val_bpb": kept.field("val_bpb")}
+    best = BestWeights(out / "best", config.best_by_sources, resumed=previous is not None)
     losses: list[float] = []
-    val: dict[str, float] = {}
+    val: dict[str, Any] = {}
     start_step, started = step, time.perf_counter()
     sync_free = updates_skip_on_device(optimizer) and device.type in SYNC_FREE_DEVICES
     pending: StepRecord | None = None  # sync-free: the last step, reported after the next one's backward
@@ -473,13 +472,11 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
             report(pending)  # these sync anyway; a non-finite step must stop before they run
             pending = None
         if at_eval:
-            val_loss, bpb = evaluate(forward, val_set, byte_lengths, device, autocast, ctx)
-            monitor.log_val(step, val_loss, bpb)
-            val = {"val_loss": val_loss, "val_bpb": bpb}
-            if val_loss < best["val_loss"]:
-                best = {"step": step, **val}
-                state = {"model_config": config_to_dict(mconfig), "val_loss": val_loss, "val_bpb": bpb}
-                save_weights(best_dir, step, model, state, ctx)
+            result = evaluate(forward, val_set, byte_lengths, device, autocast, ctx)
+            selected = result.bpb_of(config.best_by_sources) if config.best_by_sources else None
+            monitor.log_val(step, result.loss, result.bpb, result.source_bpb(), selected)
+            val = {"val_loss": result.loss, "val_bpb": result.bpb, "val_bpb_by_source": result.source_bpb()}
+            best.offer(step, result, model, {"model_config": config_to_dict(mconfig)}, ctx)
         if at_save:
             save(step)
     monitor.close()
@@ -495,6 +492,6 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
         "tokens_per_s": trained * tokens_per_step / max(seconds, 1e-9),
         "parameters": parameters,
         "checkpoint": str(latest_checkpoint(ckpt_dir)),
-        "best": {**best, "path": str(best_dir)},
+        "best": best.summary(),
         **val,
     }

@@ -180,11 +180,25 @@ class Monitor:
             )
         return record
 
-    def log_val(self, step: int, loss: float, bpb: float) -> None:
-        """Record a validation result and print it."""
-        self.write({"kind": "val", "step": step, "val_loss": loss, "val_bpb": bpb, "time": time.time()})
+    def log_val(
+        self,
+        step: int,
+        loss: float,
+        bpb: float,
+        by_source: dict[str, float] | None = None,
+        selected: float | None = None,
+    ) -> None:
+        """Record a validation result (with the bits/byte of each source, and of the sources the best
+        weights are chosen by) and print it."""
+        record = {"kind": "val", "step": step, "val_loss": loss, "val_bpb": bpb, "time": time.time()}
+        if by_source:
+            record["val_bpb_by_source"] = by_source
+        if selected is not None:
+            record["val_bpb_selected"] = selected
+        self.write(record)
         if self.echo:
-            print(f"step {step} | val loss {loss:.4f} | val bits/byte {bpb:.4f}", flush=True)
+            chosen = f" | selected sources {selected:.4f}" if selected is not None else ""
+            print(f"step {step} | val loss {loss:.4f} | val bits/byte {bpb:.4f}{chosen}", flush=True)
 
     def close(self) -> Path | None:
         """Flush TensorBoard and draw curves.png; returns the plot's path (None when nothing was logged)."""
@@ -193,7 +207,8 @@ class Monitor:
         return self.plot() if self.enabled else None
 
     def plot(self) -> Path | None:
-        """Loss (train, val), lr and tok/s against step in curves.png; None when nothing was logged."""
+        """Loss (train, val), lr, tok/s and val bits/byte by source against step in curves.png; None when
+        nothing was logged."""
         if not self.metrics_path.exists():
             return None
         records = [json.loads(line) for line in self.metrics_path.read_text(encoding="utf-8").splitlines()]
@@ -206,7 +221,8 @@ class Monitor:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+        by_source = [r for r in val if r.get("val_bpb_by_source")]
+        fig, axes = plt.subplots(1, 4 if by_source else 3, figsize=(20 if by_source else 15, 4))
         steps = [r["step"] for r in train]
         axes[0].plot(steps, [r["loss"] for r in train], label="train")
         if val:
@@ -217,6 +233,16 @@ class Monitor:
         axes[1].set(xlabel="step", ylabel="learning rate", title="learning rate")
         axes[2].plot(steps, [r["tok_per_s"] for r in train])
         axes[2].set(xlabel="step", ylabel="tokens/s", title="throughput")
+        if by_source:
+            for name in dict.fromkeys(n for r in by_source for n in r["val_bpb_by_source"]):
+                points = [
+                    (r["step"], r["val_bpb_by_source"][name])
+                    for r in by_source
+                    if name in r["val_bpb_by_source"]
+                ]
+                axes[3].plot(*zip(*points, strict=True), "o-", markersize=3, label=name)
+            axes[3].set(xlabel="step", ylabel="bits/byte", title="validation by source")
+            axes[3].legend(fontsize=6)
         fig.tight_layout()
         path = self.out_dir / "curves.png"
         fig.savefig(path, dpi=100)
