@@ -345,6 +345,12 @@ def test_chat_group_and_sft_detection(tmp_path: Path):
     assert sft_chat_dir(sft / "train" / "best") == sft / "chat"
     _write(tmp_path / "base", "train/config.json", json.dumps({"train": {"data": "tokens"}}))
     assert sft_chat_dir(tmp_path / "base" / "export" / "hf") is None
+    for damaged, message in (('{"train": ', "not valid JSON"), ('{"train": [1]}', "no 'train' object")):
+        _write(sft, "train/config.json", damaged)
+        with pytest.raises(
+            FidelError, match=rf"sft/train/config.json: (not a training config )?\(?{message}"
+        ):
+            sft_chat_dir(sft / "merged")
 
 
 @pytest.mark.usefixtures("short_answers")

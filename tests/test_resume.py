@@ -146,3 +146,15 @@ def test_pretraining_for_whole_epochs(stopped_run: Path, tmp_path: Path) -> None
     assert summary["step"] == windows // 32 and summary["step"] >= 2
     saved = json.loads((run / "train/config.json").read_text())["train"]
     assert saved["epochs"] == 1 and saved["max_steps"] == windows // 32
+
+
+def test_a_metrics_line_cut_by_a_kill_does_not_stop_the_resume(run: Path) -> None:
+    metrics = run / "train/metrics.jsonl"
+    whole = metrics.read_text()
+    metrics.write_text(whole + '{"kind": "train", "step": 3, "lo')  # killed mid-write
+    assert train(run, small_config(max_steps=4))["resumed_from"] == 2
+    records = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "val"] == [2, 4]
+    metrics.write_text('{"kind": "train", "st\n' + whole)  # damage elsewhere is named, not skipped
+    with pytest.raises(FidelError, match=r"metrics.jsonl:1: not JSON \(damaged\); remove that line"):
+        train(run, small_config(max_steps=5))

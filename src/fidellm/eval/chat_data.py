@@ -25,6 +25,7 @@ from fidellm.data.registry import SourceSpec, load_registry
 from fidellm.data.sources import locate, resolve_files
 from fidellm.errors import FidelError
 from fidellm.hashing import file_sha256
+from fidellm.jsonfile import read_json_object
 from fidellm.sft.data import read_conversations
 
 TRANSLATION_SETS: dict[str, tuple[str, str, str]] = {
@@ -211,10 +212,9 @@ def sft_chat_dir(model_path: Path) -> Path | None:
     for candidate in (model_path, *model_path.parents):
         config_path = candidate / "train" / "config.json"
         if config_path.is_file():
-            try:
-                train = json.loads(config_path.read_text(encoding="utf-8"))["train"]
-            except (ValueError, KeyError, TypeError) as error:
-                raise FidelError(f"{config_path}: not a training config ({error!r})") from error
+            train = read_json_object(config_path, "not a training config").get("train")
+            if not isinstance(train, dict):
+                raise FidelError(f"{config_path}: not a training config (no 'train' object)")
             if train.get("data") != "chat":
                 return None
             return Path(train["chat_dir"]) if train.get("chat_dir") else candidate / "chat"

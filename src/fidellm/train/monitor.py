@@ -121,8 +121,21 @@ class Monitor:
         """Drop records past the resumed step (written by a run that died before its next checkpoint)."""
         if not self.metrics_path.exists():
             return
-        lines = self.metrics_path.read_text(encoding="utf-8").splitlines()
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= step]
+        lines = [line for line in self.metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        kept = []
+        for number, line in enumerate(lines, 1):
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                if number == len(lines):  # cut off by a kill mid-write: past the checkpoint anyway
+                    break
+                raise FidelError(
+                    f"{self.metrics_path}:{number}: not JSON (damaged); remove that line to resume"
+                ) from None
+            if not isinstance(record, dict) or not isinstance(record.get("step"), int):
+                raise FidelError(f"{self.metrics_path}:{number}: not a metrics record (no 'step')")
+            if record["step"] <= step:
+                kept.append(line)
         self.metrics_path.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
 
     def count(self, tokens: int) -> None:
