@@ -54,7 +54,13 @@ def same_path(first: Any, second: Any) -> bool:
 
 def describe(changes: dict[str, Change]) -> str:
     """Changes as "seq_len 256 → 512, lr 0.003 → 0.001"."""
-    return ", ".join(f"{name} {json.dumps(old)} → {json.dumps(new)}" for name, (old, new) in changes.items())
+
+    def shown(name: str, value: Any) -> str:
+        return value if name == ROWS else json.dumps(value)  # rows come as "4 × 2 = 8"
+
+    return ", ".join(
+        f"{name} {shown(name, old)} → {shown(name, new)}" for name, (old, new) in changes.items()
+    )
 
 
 def check_model_config(checkpoint: Path, saved: Any, current: dict[str, Any]) -> None:
@@ -103,14 +109,10 @@ def resume_changes(
     if multipliers is not None and (not multipliers[0] or not multipliers[1]):  # other optimizer groups
         refused["stage_lr_multipliers"] = trajectory.pop("stage_lr_multipliers")
     if refused:
-        listed = ", ".join(
-            f"{name} {old} → {new}" if name == ROWS else f"{name} {json.dumps(old)} → {json.dumps(new)}"
-            for name, (old, new) in refused.items()
-        )
         raise FidelError(
-            f"{checkpoint}: cannot resume with {listed} (the data position or the saved state depends on"
-            f" {'it' if len(refused) == 1 else 'them'}). Pass the checkpoint's values, or start a new run"
-            f" dir from its weights with --base {run_dir}"
+            f"{checkpoint}: cannot resume with {describe(refused)} (the data position or the saved state"
+            f" depends on {'it' if len(refused) == 1 else 'them'}). Pass the checkpoint's values, or start"
+            f" a new run dir from its weights with --base {run_dir}"
         )
     return trajectory
 
