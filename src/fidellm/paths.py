@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 from fidellm.errors import FidelError
@@ -58,3 +59,16 @@ class RunLayout:
     @property
     def tokens(self) -> Path:
         return self.root / "tokens"
+
+
+def clear_output_dir(directory: Path, overwrite: bool) -> None:
+    """Make way for a stage's output directory: refuse an existing one unless `overwrite`, then remove it
+    (a symlink itself, never what it points to)."""
+    if not (directory.exists() or directory.is_symlink()):
+        return
+    if not overwrite:
+        raise FidelError(f"{directory} already exists; pass --overwrite to replace it")
+    if directory.is_dir() and not directory.is_symlink():
+        shutil.rmtree(directory)
+    else:
+        directory.unlink()

@@ -24,7 +24,6 @@ and translation pairs, which give two).
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -40,6 +39,7 @@ from fidellm.data.registry import SourceSpec, load_registry
 from fidellm.data.sources import iter_eval_units, resolve_files
 from fidellm.errors import FidelError
 from fidellm.hashing import stable_hash64, unit_interval
+from fidellm.paths import clear_output_dir
 
 CHAT_EVAL_SETS = ("mt_bench", "vicuna_bench", "self_instruct_user_oriented", "alpaca_eval")
 DEFAULT_PARALLEL = ("marspanther_am_en_parallel",)
@@ -226,13 +226,7 @@ def build_chat_data(
     specs = select_chat_sources(sources, registry)
     stats = {spec.name: SourceStats(spec) for spec in specs}
     out_dir = Path(run_dir) / "chat"
-    if out_dir.exists() or out_dir.is_symlink():
-        if not overwrite:
-            raise FidelError(f"{out_dir} already exists; pass --overwrite to replace it")
-        if out_dir.is_dir() and not out_dir.is_symlink():
-            shutil.rmtree(out_dir)
-        else:
-            out_dir.unlink()
+    clear_output_dir(out_dir, overwrite)
     out_dir.mkdir(parents=True)
     conversations: list[Conversation] = []
     mt_index = None

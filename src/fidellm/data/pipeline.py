@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterator
@@ -51,7 +50,7 @@ from fidellm.data.sources import iter_documents
 from fidellm.data.splits import SplitAssigner, fill_empty_splits, required_splits
 from fidellm.data.writers import GzipJsonlWriter
 from fidellm.errors import FidelError
-from fidellm.paths import RunLayout
+from fidellm.paths import RunLayout, clear_output_dir
 
 
 class SourceReader(PipelineStep):
@@ -341,10 +340,7 @@ def prepare(
     from fidellm.data.report import write_report
 
     layout = PrepareLayout(run_dir)
-    if layout.root.exists():
-        if not overwrite:
-            raise FidelError(f"{layout.root} already exists; pass --overwrite to replace it")
-        shutil.rmtree(layout.root)
+    clear_output_dir(layout.root, overwrite)
     registry = load_registry(config.sources.extra_registry)
     sel = config.sources
     specs = select_sources(
