@@ -14,7 +14,7 @@ import pytest
 from datatrove.data import Document
 
 from fidellm.data.amharic import HOMOPHONES, match_key, words
-from fidellm.data.decontam import Decontaminate, EvalNgramIndex, ngram_hashes
+from fidellm.data.decontam import Decontaminate, EvalNgramIndex
 from fidellm.data.registry import load_registry
 from fidellm.data.sources import iter_documents, iter_eval_units
 from fidellm.errors import FidelError
@@ -217,16 +217,21 @@ def test_counts_per_set_add_up(index, units, clean_docs):
 
 
 def test_hashes_are_deterministic_across_processes():
-    ws = ["ኢትዮጵያ", "ውስጥ", "ያሉ", "ሰዎች", "በጣም", "ብዙ", "ናቸው", "ሲሉ", "ገለጹ"]
+    texts = ["ኢትዮጵያ ውስጥ ያሉ ሰዎች በጣም ብዙ ናቸው ሲሉ ገለጹ", "ሰላም ለሁላችሁ ይሁን"]
     code = (
-        "from fidellm.data.decontam import ngram_hashes, key_hash;"
-        f"print(list(map(int, ngram_hashes({ws!r}, 8))), key_hash('ሰላም ለሁላችሁ'))"
+        "from fidellm.data.decontam import EvalNgramIndex, key_hash;"
+        "from fidellm.data.registry import EvalUnit;"
+        f"index = EvalNgramIndex.build([EvalUnit('s', str(i), t) for i, t in enumerate({texts!r})]);"
+        "print(list(map(int, index.ngrams)), key_hash('ሰላም ለሁላችሁ'))"
     )
     other = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={"PYTHONHASHSEED": "123", "PATH": ""})  # fmt: skip
     from fidellm.data.decontam import key_hash
+    from fidellm.data.registry import EvalUnit
 
-    assert other.stdout.strip() == f"{list(map(int, ngram_hashes(ws, 8)))} {key_hash('ሰላም ለሁላችሁ')}"
+    index = EvalNgramIndex.build([EvalUnit("s", str(i), t) for i, t in enumerate(texts)])
+    assert len(index.ngrams) == 2 and index.vocab["ኢትዮጵያ"] == 1
+    assert other.stdout.strip() == f"{list(map(int, index.ngrams))} {key_hash('ሰላም ለሁላችሁ')}"
 
 
 def test_step_pickles_without_index_and_rebuilds_lazily(data_dir, units):

@@ -12,10 +12,13 @@ removed), so a copy with other punctuation, spacing or ሐ/ሀ spelling still ma
   (the MANIFEST's overlap check uses the same 25-character floor; shorter keys such as "አመሰግናለሁ"
   would match ordinary text).
 
-Hashes are deterministic across processes (blake2b of each word, combined by a polynomial rolling hash
-with a splitmix64 finish; blake2b of the whole key for short units) and kept in sorted numpy arrays, so
-the index is small (6.6 MB of arrays, built in ~2 s, for the eight default eval sets) and each datatrove
-worker builds it once, lazily, and caches it per process (`Decontaminate` pickles without it). Units
+Words are numbered in the order the units are read (the index's vocabulary); an n-gram's hash is a
+polynomial rolling hash of its word numbers with a splitmix64 finish (blake2b of the whole key for short
+units), so hashes are deterministic across processes. A text's word that is not in the vocabulary gets
+0 and its n-grams are never looked up: they cannot be in the index, and most n-grams of a pretraining
+text hold such a word. The hashes are kept in sorted numpy arrays, so the index is small (~7 MB for the
+eight default eval sets, built in ~2 s) and each datatrove worker builds it once, lazily, and caches it
+per process (`Decontaminate` pickles without it). Units
 too short to match safely (under n words and under `min_short_chars`, e.g. AmQA answers, 2-word tweets)
 are counted per set, never silently ignored: `EvalNgramIndex.skipped_units`, logged by the step when
 it builds the index (`EvalNgramIndex.summary`).
@@ -27,6 +30,7 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from functools import lru_cache
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -48,11 +52,6 @@ _MIX2 = np.uint64(0x94D049BB133111EB)
 
 
 @lru_cache(maxsize=1 << 20)
-def _word_hash(word: str) -> int:
-    return stable_hash64(word)
-
-
-@lru_cache(maxsize=1 << 20)
 def _has_letter(word: str) -> bool:
     return any(ch.isalpha() for ch in word)
 
@@ -62,15 +61,19 @@ def key_hash(key: str) -> int:
     return stable_hash64(key, person=b"unit")
 
 
-def ngram_hashes(ws: list[str], n: int) -> np.ndarray:
-    """uint64 hash of every word n-gram of `ws` (empty when there are fewer than n words)."""
-    m = len(ws) - n + 1
+def word_ids(ws: list[str], vocab: dict[str, int]) -> np.ndarray:
+    """The vocabulary number of each word of `ws`, 0 for a word the vocabulary lacks."""
+    return np.fromiter(map(vocab.get, ws, repeat(0)), dtype=np.uint64, count=len(ws))
+
+
+def ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
+    """uint64 hash of every n-gram of the word numbers `ids` (empty when there are fewer than n)."""
+    m = len(ids) - n + 1
     if m <= 0:
         return np.empty(0, dtype=np.uint64)
-    wh = np.fromiter(map(_word_hash, ws), dtype=np.uint64, count=len(ws))
     h = np.zeros(m, dtype=np.uint64)
     for k in range(n):
-        h = h * _MULT + wh[k : k + m]
+        h = h * _MULT + ids[k : k + m]
     h ^= h >> np.uint64(30)
     h *= _MIX1
     h ^= h >> np.uint64(27)
@@ -79,18 +82,22 @@ def ngram_hashes(ws: list[str], n: int) -> np.ndarray:
     return h
 
 
+def _window_sums(flags: np.ndarray, n: int) -> np.ndarray:
+    """How many of each n-gram's n words have the flag."""
+    return np.convolve(flags.astype(np.int32), np.ones(n, dtype=np.int32), mode="valid")
+
+
 def _valid(ws: list[str], n: int) -> np.ndarray:
     """Which n-grams count: those where at least half the words contain a letter (not runs of numbers)."""
-    has_letter = np.fromiter(map(_has_letter, ws), dtype=np.int32, count=len(ws))
-    sums = np.convolve(has_letter, np.ones(n, dtype=np.int32), mode="valid")
-    return sums * 2 >= n
+    has_letter = np.fromiter(map(_has_letter, ws), dtype=bool, count=len(ws))
+    return _window_sums(has_letter, n) * 2 >= n
 
 
-def _distinct_ngrams(ws: list[str], n: int) -> np.ndarray:
-    """Sorted distinct hashes of the valid n-grams of `ws`."""
-    if len(ws) < n:
+def _known_ngrams(ids: np.ndarray, n: int) -> np.ndarray:
+    """Hashes of the n-grams of `ids` whose words are all in the vocabulary (only those can be indexed)."""
+    if len(ids) < n:
         return np.empty(0, dtype=np.uint64)
-    return np.unique(ngram_hashes(ws, n)[_valid(ws, n)])
+    return ngram_hashes(ids, n)[_window_sums(ids > 0, n) == n]
 
 
 def _masks(hashes: list[int], set_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -127,6 +134,7 @@ class EvalNgramIndex:
     ngram_units: np.ndarray  # unit of each entry of `ngrams`
     shorts: np.ndarray  # sorted hashes of whole short-unit keys
     short_masks: np.ndarray  # bitmask of the sets each short key came from
+    vocab: dict[str, int]  # word -> number (from 1) of every word of the n-gram units
     short_units: dict[str, int] = field(default_factory=dict)  # per set: units matched whole
     skipped_units: dict[str, int] = field(default_factory=dict)  # per set: too short to match safely
 
@@ -147,6 +155,7 @@ class EvalNgramIndex:
                 f"{n}, {min_shared}, {min_coverage}"
             )
         names: dict[str, int] = {}
+        vocab: dict[str, int] = {}
         unit_ids: list[str] = []
         unit_sets: list[int] = []
         unit_counts: list[int] = []
@@ -160,7 +169,10 @@ class EvalNgramIndex:
             if set_id >= MAX_SETS:
                 raise FidelError(f"at most {MAX_SETS} evaluation sets can be indexed together")
             key = match_key(unit.text)
-            grams = _distinct_ngrams(words(key), n)
+            ws = words(key)
+            numbered = (vocab.setdefault(w, len(vocab) + 1) for w in ws)
+            ids = np.fromiter(numbered, dtype=np.uint64, count=len(ws))
+            grams = np.unique(ngram_hashes(ids, n)[_valid(ws, n)]) if len(ws) >= n else ids[:0]
             if len(grams):
                 parts.append(grams)
                 unit_ids.append(unit.unit_id)
@@ -179,7 +191,7 @@ class EvalNgramIndex:
         return cls(
             n, min_shared, min_coverage, min_short_chars, tuple(names), tuple(unit_ids),
             np.asarray(unit_sets, dtype=np.uint8), np.asarray(unit_counts, dtype=np.uint32),
-            hashes[order], owners[order], shorts, short_masks, dict(short_units), dict(skipped),
+            hashes[order], owners[order], shorts, short_masks, vocab, dict(short_units), dict(skipped),
         )  # fmt: skip
 
     @classmethod
@@ -212,14 +224,15 @@ class EvalNgramIndex:
             f"{self.skipped_units.get(name, 0)} too short to match"
             for name in self.set_names
         ]
-        return f"decontamination index ({self.nbytes / 1e6:.1f} MB): " + "; ".join(parts)
+        size = f"{self.nbytes / 1e6:.1f} MB of hashes, {len(self.vocab):,} words"
+        return f"decontamination index ({size}): " + "; ".join(parts)
 
     def names_of(self, mask: int) -> list[str]:
         return [name for i, name in enumerate(self.set_names) if mask >> i & 1]
 
     def matched_units(self, key: str) -> np.ndarray:
         """Indices of the units a line with match key `key` is contaminated by (n-gram rule only)."""
-        queries = _distinct_ngrams(words(key), self.n)
+        queries = np.unique(_known_ngrams(word_ids(words(key), self.vocab), self.n))
         if not len(queries) or not len(self.ngrams):
             return np.empty(0, dtype=np.uint32)
         left = np.searchsorted(self.ngrams, queries, "left")
@@ -273,9 +286,11 @@ class EvalNgramIndex:
         if len(flat) < self.n or not len(self.ngrams):
             return []
         owner = np.repeat(np.arange(len(keys)), [len(ws) for ws in word_lists])
-        hashes = ngram_hashes(flat, self.n)
+        ids = word_ids(flat, self.vocab)
+        known = _window_sums(ids > 0, self.n) == self.n
+        hashes = ngram_hashes(ids, self.n)[known]
         idx = np.minimum(np.searchsorted(self.ngrams, hashes), len(self.ngrams) - 1)
-        return np.unique(owner[: len(hashes)][self.ngrams[idx] == hashes]).tolist()
+        return np.unique(owner[: len(known)][known][self.ngrams[idx] == hashes]).tolist()
 
     def match(self, line: str) -> list[str]:
         """Names of the eval sets `line` overlaps (n-gram rule or a whole short unit)."""

@@ -148,7 +148,8 @@ def _top_ngram_char_frac(ws: list[str], n: int, total_chars: int) -> float:
     """Chars covered by the most frequent word n-gram (count x chars) / word chars; 0 without repeats."""
     if len(ws) < n or not total_chars:
         return 0.0
-    counts = Counter(tuple(ws[i : i + n]) for i in range(len(ws) - n + 1))
+    # the n-grams as tuples: the shifted lists zipped (the shorter ones end it), ~2x faster than slicing
+    counts = Counter(zip(*(ws[i:] for i in range(n)), strict=False))
     gram, count = counts.most_common(1)[0]
     if count < MIN_TOP_NGRAM_COUNT:
         return 0.0
