@@ -200,7 +200,8 @@ def test_report_names_the_bad_entry_and_field(tmp_path: Path, changes: dict, mes
 
 def test_report_reads_a_valid_minimal_file_and_names_cut_metrics(tmp_path: Path) -> None:
     results_file(tmp_path / "a")
-    assert "| flores | bits_per_char | lower | 1.5000 |" in render_markdown([load_run(tmp_path / "a")], [])
+    card = render_markdown([load_run(tmp_path / "a")], [])
+    assert "| flores | bits_per_char | lower | 1.5000 |" in card and "--limit" not in card
     run = tmp_path / "run"
     (run / "train").mkdir(parents=True)
     (run / "train" / "metrics.jsonl").write_text('{"kind": "val", "step": 1}\n{"kind": "tr')

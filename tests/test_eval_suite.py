@@ -136,6 +136,7 @@ def test_eval_then_report_card_end_to_end(trained_run: Path, tmp_path: Path):
     card = build_report([trained_run, second / "results.json"], tmp_path / "card")
     text = card.read_text()
     assert "| flores | second_half_bits | lower |" in text and "Goldfish-100MB | 95.19" in text
+    assert text.count("ran with `--limit 20`: held-out, downstream and chat figures") == 2
     assert (tmp_path / "card/curves.png").is_file() and (tmp_path / "card/compute.png").is_file()
     record = json.loads((tmp_path / "card/report.json").read_text())
     assert len(record["runs"]) == 2 and len(record["runs"][0]["sha256"]) == 64

@@ -183,6 +183,7 @@ def render_markdown(runs: list[RunSummary], plots: list[str]) -> str:
     for task, metric, better, values in metric_rows(runs):
         arrow = "higher" if better else "lower"
         lines.append(f"| {task} | {metric} | {arrow} | " + " | ".join(map(_cell, values)) + " |")
+    lines += limit_notes(runs)
     lines += ["", "## Baselines on the same FLORES text (computed here)", ""]
     lines += ["| compressor | bits/char | bits/char after the training text |", "|---|---|---|"]
     first = runs[0]
@@ -219,6 +220,19 @@ def render_markdown(runs: list[RunSummary], plots: list[str]) -> str:
             f" {prov.get('hardware')}, {prov.get('wall_seconds')} s; {run.results_path}"
         )
     return "\n".join(lines) + "\n"
+
+
+def limit_notes(runs: list[RunSummary]) -> list[str]:
+    """A note for each run evaluated with --limit: its sampled figures are not comparable with published
+    ones (FLORES and the compressors always use every line)."""
+    notes = [
+        f"- `{run.label}` ran with `--limit {run.results['limit']}`: held-out, downstream and chat figures"
+        " are on at most that many items per split, so they are not comparable with published ones"
+        " (FLORES and the baselines use every line)."
+        for run in runs
+        if run.results.get("limit") is not None
+    ]
+    return ["", *notes] if notes else []
 
 
 def probe_section(runs: list[RunSummary]) -> list[str]:

@@ -25,6 +25,7 @@ from torch import nn
 
 from fidellm.errors import FidelError
 from fidellm.eval.baselines import PUBLISHED_ANCHORS, compressor_results
+from fidellm.eval.chat_data import limited
 from fidellm.eval.lm import score_documents, score_lines
 from fidellm.eval.probes import probe_task_results, run_probes
 from fidellm.eval.results import TaskResult, provenance
@@ -106,7 +107,7 @@ def task_flores(ctx: EvalContext) -> list[TaskResult]:
 
 
 def task_heldout(ctx: EvalContext) -> list[TaskResult]:
-    texts = ctx.split_texts("test")[: ctx.limit]
+    texts = limited(ctx.split_texts("test"), ctx.limit, ctx.seed)  # test files group documents by source
     started = time.perf_counter()
     scores = score_documents(ctx.model, ctx.tokenizer, texts, ctx.device)
     seconds = time.perf_counter() - started
