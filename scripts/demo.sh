@@ -27,7 +27,7 @@ fidellm data tokenize "$RUN" --workers "$WORKERS"
 stage "5/10 train: the tiny preset for a couple of minutes on CPU -> $RUN/train"
 rm -rf "$RUN/train"  # a fresh smoke run each time
 fidellm train "$RUN" --preset tiny --steps "${TRAIN_STEPS:-180}" --seq-len 256 --batch-size 8 \
-  --warmup 20 --eval-every 60 --log-every 20
+  --lr 1.5e-3 --warmup 20 --eval-every 60 --log-every 20
 
 stage "6/10 generate: the probe prompts of evaluation.md, sampled with a fixed seed"
 fidellm generate "$RUN" ይፈልጋሉ አማርኛ ኢትዮጵያ ቡና ሰላም --max-new-tokens 24 --seed 0 --device cpu
@@ -59,12 +59,13 @@ mkdir -p "$RUN-bytes" && ln -sfn "$(cd "$RUN" && pwd)/data" "$RUN-bytes/data"
 fidellm tokenizer train "$RUN-bytes" --kind bytes
 fidellm data tokenize "$RUN-bytes" --workers "$WORKERS"
 rm -rf "$RUN-bytes/train"
-fidellm train "$RUN-bytes" --arch hnet --preset hnet-tiny --steps "${HNET_STEPS:-300}" --seq-len 512 \
+fidellm train "$RUN-bytes" --arch hnet --preset hnet-tiny --steps "${HNET_STEPS:-150}" --seq-len 512 \
   --batch-size 4 --lr 2e-3 --warmup 10 --eval-every 50 --log-every 20 --stage-lr-multipliers 2,1
 
 stage "9/10 eval + report card: both runs -> $RUN/eval, $RUN-bytes/eval, $RUN/report"
-fidellm eval "$RUN" --device cpu
-fidellm eval "$RUN-bytes" --device cpu --tasks flores,heldout,probes
+# FLORES and the baselines use every line; held-out and downstream sets a sample of EVAL_LIMIT items
+fidellm eval "$RUN" --device cpu --limit "${EVAL_LIMIT:-200}"
+fidellm eval "$RUN-bytes" --device cpu --tasks flores,heldout,probes --limit "${EVAL_LIMIT:-200}"
 fidellm report "$RUN" "$RUN-bytes"
 
 stage "10/10 chat: conversations -> a short LoRA SFT of the demo model -> one scripted chat turn"
