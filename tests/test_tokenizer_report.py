@@ -69,6 +69,13 @@ def test_report_sweep(run_dir: Path, tmp_path: Path) -> None:
     assert json.loads(json_path.read_text(encoding="utf-8"))["measured"] == report["measured"]
 
 
+def test_sweep_sample_zero_means_the_whole_train_split(run_dir: Path) -> None:
+    sweep = build_report(run_dir, (512,), sample_mb=0, show_progress=False)["sweep"]
+    assert sweep["sample_mb"] is None and sweep["training"]["docs"] == sweep["training"]["total_docs"] > 1
+    part = build_report(run_dir, (512,), sample_mb=0.05, show_progress=False)["sweep"]["training"]
+    assert 1 < part["docs"] < part["total_docs"]
+
+
 def test_normalization_follows_the_run(tmp_path: Path) -> None:
     assert run_normalization(tmp_path)["from"] == "defaults"
     (tmp_path / "data").mkdir()

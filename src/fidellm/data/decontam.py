@@ -18,10 +18,9 @@ units), so hashes are deterministic across processes. A text's word that is not 
 0 and its n-grams are never looked up: they cannot be in the index, and most n-grams of a pretraining
 text hold such a word. The hashes are kept in sorted numpy arrays, so the index is small (~7 MB for the
 eight default eval sets, built in ~2 s) and each datatrove worker builds it once, lazily, and caches it
-per process (`Decontaminate` pickles without it). Units
-too short to match safely (under n words and under `min_short_chars`, e.g. AmQA answers, 2-word tweets)
-are counted per set, never silently ignored: `EvalNgramIndex.skipped_units`, logged by the step when
-it builds the index (`EvalNgramIndex.summary`).
+per process (`Decontaminate` pickles without it). Units too short to match safely (under n words and
+under `min_short_chars`, e.g. AmQA answers, 2-word tweets) are counted per set, never silently ignored:
+`EvalNgramIndex.skipped_units`, logged by the step when it builds the index (`EvalNgramIndex.summary`).
 """
 
 from __future__ import annotations
@@ -134,7 +133,7 @@ class EvalNgramIndex:
     ngram_units: np.ndarray  # unit of each entry of `ngrams`
     shorts: np.ndarray  # sorted hashes of whole short-unit keys
     short_masks: np.ndarray  # bitmask of the sets each short key came from
-    vocab: dict[str, int]  # word -> number (from 1) of every word of the n-gram units
+    vocab: dict[str, int]  # word -> number (from 1), every word of every unit read
     short_units: dict[str, int] = field(default_factory=dict)  # per set: units matched whole
     skipped_units: dict[str, int] = field(default_factory=dict)  # per set: too short to match safely
 

@@ -112,7 +112,7 @@ def _parse_sizes(text: str) -> tuple[int, ...]:
     "--sample-mb",
     type=float,
     default=None,
-    help="MB of training text per sweep tokenizer "
+    help="MB of training text per sweep tokenizer, 0 = the whole train split "
     f"[default: what the run's tokenizer used, else {DEFAULT_SAMPLE_MB:g}].",
 )
 @click.option(

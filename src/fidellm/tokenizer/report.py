@@ -194,6 +194,7 @@ def build_report(
     elif vocab_sizes:
         if sample_mb is None:
             sample_mb = main_meta.get("sample_mb", DEFAULT_SAMPLE_MB)
+        sample_mb = sample_mb or None  # 0 = the whole train split, as in `tokenizer train` (not 1 document)
         sample = sample_train_split(run_dir, sample_mb, show_progress)
         sweep["training"] = sample.describe(run_dir)
         sweep["sample_mb"] = sample_mb
