@@ -2,16 +2,24 @@
 
 from __future__ import annotations
 
+import pytest
 from datatrove.data import Document
 
+from fidellm.data.amharic import normalize
 from fidellm.data.boilerplate import (
     BoilerplateRemover,
+    CollapseCopies,
     CorpusCounter,
     ExactDedup,
     line_shape,
     merge_examples,
+    one_copy,
 )
 from fidellm.data.config import BoilerplateConfig
+from fidellm.data.quality import quality_score
+from fidellm.data.registry import load_registry
+from fidellm.data.sources import iter_documents
+from fidellm.paths import resolve_data_dir
 
 FORUM = "ሰለ እዚህ ዜና ዋርካ ስር በአማርኛ ይወያዩ !"
 
@@ -80,3 +88,43 @@ def test_exact_dedup_keeps_smallest_id_across_ranks(tmp_path):
     dedup = ExactDedup(tmp_path / "counts")
     kept = [d.id for rank in range(2) for d in dedup.run(iter(docs[rank::2]), rank=rank, world_size=2)]
     assert sorted(kept) == ["a/9", "c/1"]
+
+
+PROVERB = "'''የምስራች በቃሏ መላች''' የአማርኛ ምሳሌ ነው።"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (f"{PROVERB}\n{PROVERB}", (PROVERB, 1)),  # the amwiki proverb pages
+        ("ሀ\nለ\n\nሀ\nለ\n", ("ሀ\nለ", 2)),  # blank lines between copies do not matter
+        ("ሀ\nሀ\nሀ", ("ሀ", 2)),
+        ("ሀ\nለ\nሀ", ("ሀ\nለ\nሀ", 0)),  # a refrain inside other text stays
+        ("ሀ\nለ\nሀ\nመ", ("ሀ\nለ\nሀ\nመ", 0)),
+        ("ሀ", ("ሀ", 0)),
+        ("", ("", 0)),
+    ],
+)
+def test_one_copy_keeps_a_document_that_repeats_whole_once(text: str, expected: tuple[str, int]) -> None:
+    assert one_copy(text) == expected
+
+
+def test_collapse_copies_marks_and_counts_what_it_removed() -> None:
+    step = CollapseCopies()
+    docs = [Document(text=f"{PROVERB}\n{PROVERB}", id="a", metadata={}), Document(text="ሀ\nለ", id="b")]
+    out = list(step.run(iter(docs)))
+    assert [d.text for d in out] == [PROVERB, "ሀ\nለ"]
+    assert out[0].metadata["copy_lines_removed"] == 1 and "copy_lines_removed" not in out[1].metadata
+    assert step.stats["collapsed_docs"].total == 1 and step.stats["copy_lines_removed"].total == 1
+
+
+def test_amwiki_proverb_pages_are_kept_once() -> None:
+    """The 2015 Wikipedia's proverb pages: the proverb line twice, then "ትርጉሙ", which `data prepare`
+    removes as boilerplate; what is left is one line said twice, which the quality score dropped whole."""
+    spec = load_registry()["amwiki_2015_dennis_sell"]
+    read = (d for d in iter_documents(spec, resolve_data_dir()) if isinstance(d, Document))
+    texts = ["\n".join(s for s in normalize(d.text).split("\n") if s.strip() != "ትርጉሙ") for d in read]
+    collapsed = [one_copy(t)[0] for t in texts if one_copy(t)[1]]
+    assert sum("የአማርኛ ምሳሌ ነው" in t for t in collapsed) > 300
+    assert all(quality_score(t).score == 0.0 for t in texts if one_copy(t)[1] and "ምሳሌ ነው" in t)
+    assert sum(quality_score(t).score >= 50 for t in collapsed) > 300

@@ -12,6 +12,7 @@ import zstandard
 from click.testing import CliRunner
 
 from fidellm.cli import cli, main
+from fidellm.data.boilerplate import one_copy
 from fidellm.data.config import PrepareConfig, SplitConfig, load_prepare_config
 from fidellm.data.pipeline import prepare
 from fidellm.data.splits import SPLITS, fill_empty_splits, split_of
@@ -42,7 +43,7 @@ def _flores_line(i: int) -> str:
 def mini(tmp_path_factory) -> dict:
     """A user source with planted duplicates, contamination, foreign text and bad records."""
     root = tmp_path_factory.mktemp("mini")
-    articles = _real_articles(61)
+    articles = _real_articles(62)
     records = [{"id": a["id"], "text": a["text"], "date": "1997"} for a in articles[:60]]
     base = articles[1]["text"]
     records.append({"id": "planted/exact", "text": base})  # exact copy of a real article
@@ -55,6 +56,7 @@ def mini(tmp_path_factory) -> dict:
         {"id": "planted/english", "text": "This is an English paragraph about the weather today. " * 5}
     )
     records.append({"id": "planted/short", "text": "ሰላም"})
+    records.append({"id": "planted/twice", "text": articles[61]["text"] + "\n\n" + articles[61]["text"]})
     lines = [json.dumps(r, ensure_ascii=False).encode() for r in records]
     lines.insert(10, b'{"id": "broken", "text": "unterminated')  # malformed JSON
     lines.insert(20, b'{"id": "latin1", "text": "caf' + b"\xe9" + b'"}')  # invalid UTF-8
@@ -84,6 +86,7 @@ def mini(tmp_path_factory) -> dict:
         "flores": flores,
         "n_records": len(lines),
         "copied": articles[1]["id"],
+        "twice": articles[61]["text"],
     }
 
 
@@ -122,6 +125,11 @@ def test_planted_problems_caught(mini):
     assert mini["flores"] not in kept["planted/flores"]["text"]
     assert all(mini["flores"] not in doc["text"] for doc in kept.values())
     assert mini["report"]["decontamination"]["flores200"]["lines"] >= 1
+    twice = kept["planted/twice"]  # an article stored twice over is kept once
+    assert (
+        twice["metadata"]["copy_lines_removed"] >= 1 and mini["report"]["boilerplate"]["collapsed_docs"] == 1
+    )
+    assert one_copy(twice["text"])[1] == 0 and len(twice["text"]) <= len(mini["twice"])
 
 
 def test_boilerplate_removed_and_metadata_kept(mini):

@@ -51,6 +51,45 @@ def _doc_shapes(text: str, max_line_chars: int) -> set[int]:
     return shapes
 
 
+def one_copy(text: str) -> tuple[str, int]:
+    """`text` once when its non-blank lines are one block said k >= 2 times over (a wiki page stored
+    twice, a proverb page whose line repeats), with the number of non-blank lines removed; else
+    (`text`, 0).
+
+    Only whole copies collapse: a refrain or a repeated verse inside other text stays (the quality
+    score's duplicate-line component judges those)."""
+    lines = text.split("\n")
+    content = [i for i, line in enumerate(lines) if line.strip()]
+    n = len(content)
+    for period in range(1, n // 2 + 1):
+        if n % period or lines[content[period]] != lines[content[0]]:
+            continue
+        if all(lines[content[i]] == lines[content[i - period]] for i in range(period, n)):
+            return "\n".join(lines[: content[period - 1] + 1]), n - period
+    return text, 0
+
+
+class CollapseCopies(PipelineStep):
+    """Keeps one copy of a document that repeats itself whole (`one_copy`); every other document passes
+    unchanged. Metadata `copy_lines_removed`; stats `collapsed_docs`, `copy_lines_removed`. Runs after
+    the boilerplate lines are gone: the 2015 Wikipedia's proverb pages are the proverb line twice and
+    "ትርጉሙ" ("its meaning"), a boilerplate line, and the quality score dropped them whole."""
+
+    name = "🔁 whole-copy repeats"
+    type = "✂️ - FORMAT"
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for doc in data:
+            with self.track_time():
+                text, removed = one_copy(doc.text)
+                if removed:
+                    doc.text = text
+                    doc.metadata["copy_lines_removed"] = removed
+                    self.stat_update("collapsed_docs")
+                    self.stat_update("copy_lines_removed", value=removed)
+            yield doc
+
+
 class CorpusCounter(PipelineStep):
     """Counting pass: per rank, document frequency of line shapes and the exact-duplicate key of each doc."""
 

@@ -39,7 +39,7 @@ from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
 
 from fidellm.data.amharic import normalize
-from fidellm.data.boilerplate import BoilerplateRemover, CorpusCounter, ExactDedup
+from fidellm.data.boilerplate import BoilerplateRemover, CollapseCopies, CorpusCounter, ExactDedup
 from fidellm.data.config import PrepareConfig
 from fidellm.data.decontam import Decontaminate
 from fidellm.data.dedup import AmharicWordTokenizer, minhash_config
@@ -187,6 +187,7 @@ def build_stages(
         filter_steps.append(
             BoilerplateRemover(layout.counts, layout.boilerplate_examples, config.boilerplate)
         )
+    filter_steps.append(CollapseCopies())
     if config.decontam.enabled:
         filter_steps.append(
             Decontaminate(

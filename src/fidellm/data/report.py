@@ -125,6 +125,8 @@ def collect(layout: PrepareLayout, specs: list[SourceSpec]) -> dict[str, Any]:
             lang_rules[meta.get("lang_rule", "unknown")] += 1
             line_removals["boilerplate_lines"] += meta.get("boilerplate_lines", 0)
             line_removals["non_text_lines"] += meta.get("non_text_lines", 0)
+            line_removals["copy_lines_removed"] += meta.get("copy_lines_removed", 0)
+            line_removals["collapsed_docs"] += "copy_lines_removed" in meta
             for eval_set, n_lines in (meta.get("decontam_sets") or {}).items():
                 decontam[eval_set]["lines"] += n_lines
     for record in iter_jsonl(layout.dropped / "contaminated"):
@@ -309,7 +311,10 @@ def render_markdown(report: dict[str, Any]) -> str:
         ),
         "## Boilerplate",
         f"Removed {report['boilerplate'].get('boilerplate_lines', 0):,} boilerplate lines and "
-        f"{report['boilerplate'].get('non_text_lines', 0):,} lines without letters. Most removed:",
+        f"{report['boilerplate'].get('non_text_lines', 0):,} lines without letters. "
+        f"{report['boilerplate'].get('collapsed_docs', 0):,} kept documents were one text stored two or more"
+        f" times over and are kept once ({report['boilerplate'].get('copy_lines_removed', 0):,} lines"
+        " removed). Most removed:",
         _table(["kind", "line shape (digits masked)", "count"], report["boilerplate"]["top_removed"]),
     ]
     if report["rejected_examples"]:
