@@ -76,6 +76,13 @@ def test_component_values_on_a_small_example():
     assert values["digit_ratio"] == 0.0
 
 
+def test_a_list_of_sentences_is_not_a_bullet_list():
+    events = "*1825 - ባርነት በእንግሊዝ አገር ግዛቶች ሁሉ ባዋጅ ተከለከለ።\n*1831 - እንግሊዝ ሆንግኮንግን ማረከ።\n*1983 - ዩክሬን ነጻነቱን አዋጀ።"
+    links = "* የዓለም ታሪክ\n* የአፍሪቃ ታሪክ\n* የኢትዮጵያ ታሪክ"
+    assert measure(events)["bullet_line_frac"] == 0.0 and quality_score(events).score >= 50
+    assert measure(links)["bullet_line_frac"] == 1.0 and quality_score(links).score == 0.0
+
+
 def test_ngram_repetition_needs_three_occurrences():
     twice = "የእስራኤል ልጆች ወደ ምድረ በዳ ሄዱ፤ የእስራኤል ልጆች በዚያ አደሩ።"
     assert measure(twice)["top_2gram_char_frac"] == 0.0

@@ -26,7 +26,9 @@ line structure (texts of >= MIN_LINES (3) non-empty lines; otherwise g = 1, not 
 - terminal_punct_frac: lines ending in ። ፧ ! ? . … ፨ :: ፡፡ (closing quotes and brackets skipped) /
   lines. Soft (floor 0.3): some ENH newspapers were typed without any ።.   0.30 -> 0.00, w 2
 - short_line_frac: lines of fewer than SHORT_LINE_WORDS (3) words / lines.          0.50 -> 0.95, w 1
-- bullet_line_frac: lines starting with a bullet (• * - # > …) / lines.             0.50 -> 0.95, w 1
+- bullet_line_frac: lines starting with a bullet (• * - # > …) and not ending like a sentence (the
+  terminal_punct rule) / lines: a list of links is not prose, a list of sentences (the Wikipedia's
+  "on this day" pages: "*1825 - ባርነት በእንግሊዝ አገር ግዛቶች ሁሉ ባዋጅ ተከለከለ።") is.   0.50 -> 0.95, w 1
 
 words and characters
 - mean_word_len: characters per word of `amharic.words(text)`. FLORES-200 Amharic (34,129 words):
@@ -182,7 +184,7 @@ def measure(text: str) -> dict[str, float]:
         "top_4gram_char_frac": _top_ngram_char_frac(ws, 4, word_chars),
         "terminal_punct_frac": sum(_ends_terminal(s) for s in lines) / n_lines,
         "short_line_frac": sum(len(lw) < SHORT_LINE_WORDS for lw in line_words) / n_lines,
-        "bullet_line_frac": sum(s.startswith(BULLETS) for s in lines) / n_lines,
+        "bullet_line_frac": sum(s.startswith(BULLETS) and not _ends_terminal(s) for s in lines) / n_lines,
         "mean_word_len": word_chars / len(ws) if ws else 0.0,
         "symbol_ratio": classes[2] / non_space if non_space else 0.0,
         "digit_ratio": classes[1] / non_space if non_space else 0.0,
