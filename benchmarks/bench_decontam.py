@@ -41,10 +41,12 @@ def main() -> None:
     if args.run is not None:
         names = [f"{args.run}/data/work/filtered"]
         docs = [
-            Document(text=json.loads(line)["text"], id=str(i))
+            Document(text=json.loads(line)["text"], id=f"{path.name}:{i}")
             for path in sorted(Path(names[0]).glob("*.jsonl"))
-            for i, line in enumerate(path.open(encoding="utf-8"))
+            for i, line in enumerate(path.read_text(encoding="utf-8").splitlines())
         ]
+        if not docs:
+            sys.exit(f"no documents in {names[0]}/*.jsonl (run `fidellm data prepare {args.run}` first)")
     else:
         names = [name.strip() for name in args.sources.split(",") if name.strip()]
         read = (d for name in names for d in iter_documents(registry[name], data_dir))
