@@ -251,7 +251,9 @@ def test_prepare_fills_val_of_a_small_corpus_and_refuses_too_few_documents(mini,
     run = tmp_path / "run"
     with pytest.raises(FidelError) as caught:
         prepare(run, DATA, config.validate())
+    partial = run / "data.partial"  # a failed run is not put in place of RUN/data; it stays to be read
     assert str(caught.value) == (
-        f"{run / 'data' / 'splits'}: only 2 document(s) kept, fewer than the 3 splits (train, val, test)"
-        f" that need one each, so val, test stayed empty; {run / 'data' / 'report.md'} shows what was dropped"
+        f"{partial / 'splits'}: only 2 document(s) kept, fewer than the 3 splits (train, val, test)"
+        f" that need one each, so val, test stayed empty; {partial / 'report.md'} shows what was dropped"
     )
+    assert (partial / "report.md").is_file() and not (run / "data").exists()

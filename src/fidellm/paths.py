@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from fidellm.errors import FidelError
@@ -61,14 +63,29 @@ class RunLayout:
         return self.root / "tokens"
 
 
-def clear_output_dir(directory: Path, overwrite: bool) -> None:
-    """Make way for a stage's output directory: refuse an existing one unless `overwrite`, then remove it
-    (a symlink itself, never what it points to)."""
-    if not (directory.exists() or directory.is_symlink()):
-        return
-    if not overwrite:
+def _remove(path: Path) -> None:
+    """Remove a directory tree, or a symlink or file itself (never what a symlink points to)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+@contextlib.contextmanager
+def staged_output_dir(directory: Path, overwrite: bool) -> Iterator[Path]:
+    """A stage's output directory, written as DIR.partial and put in place of DIR only when the stage
+    succeeds, so a failed rerun with --overwrite leaves the previous output as it was. An existing DIR
+    is refused unless `overwrite` (before any work). A failed run's DIR.partial stays for inspection and
+    is cleared by the next run."""
+    if (directory.exists() or directory.is_symlink()) and not overwrite:
         raise FidelError(f"{directory} already exists; pass --overwrite to replace it")
-    if directory.is_dir() and not directory.is_symlink():
-        shutil.rmtree(directory)
-    else:
-        directory.unlink()
+    staging = directory.with_name(directory.name + ".partial")
+    _remove(staging)
+    staging.mkdir(parents=True)
+    yield staging
+    replaced = directory.with_name(directory.name + ".replaced")
+    _remove(replaced)
+    if directory.exists() or directory.is_symlink():
+        directory.rename(replaced)
+    staging.rename(directory)
+    _remove(replaced)

@@ -39,7 +39,7 @@ from fidellm.data.registry import SourceSpec, load_registry
 from fidellm.data.sources import iter_eval_units, resolve_files
 from fidellm.errors import FidelError
 from fidellm.hashing import stable_hash64, unit_interval
-from fidellm.paths import clear_output_dir
+from fidellm.paths import staged_output_dir
 
 CHAT_EVAL_SETS = ("mt_bench", "vicuna_bench", "self_instruct_user_oriented", "alpaca_eval")
 DEFAULT_PARALLEL = ("marspanther_am_en_parallel",)
@@ -217,17 +217,27 @@ def build_chat_data(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write RUN/chat/{train,eval}.jsonl, rejected.jsonl and report.json; return the report. An existing
-    RUN/chat is replaced only with `overwrite`."""
+    RUN/chat is replaced only with `overwrite`, and only once the new one is complete."""
     if not 0.0 <= eval_split < 1.0:
         raise FidelError(f"--eval-split must lie in [0, 1), got {eval_split}")
     if max_samples is not None and max_samples < 1:
         raise FidelError(f"--max-samples must be >= 1, got {max_samples}")
     registry = registry if registry is not None else load_registry()
     specs = select_chat_sources(sources, registry)
+    with staged_output_dir(Path(run_dir) / "chat", overwrite) as out_dir:
+        return _write_chat_data(out_dir, data_dir, specs, registry, max_samples, eval_split)
+
+
+def _write_chat_data(
+    out_dir: Path,
+    data_dir: Path,
+    specs: list[SourceSpec],
+    registry: dict[str, SourceSpec],
+    max_samples: int | None,
+    eval_split: float,
+) -> dict[str, Any]:
+    """`build_chat_data`'s files, written into `out_dir`."""
     stats = {spec.name: SourceStats(spec) for spec in specs}
-    out_dir = Path(run_dir) / "chat"
-    clear_output_dir(out_dir, overwrite)
-    out_dir.mkdir(parents=True)
     conversations: list[Conversation] = []
     mt_index = None
     pairs: dict[str, Pair] = {}

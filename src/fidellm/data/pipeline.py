@@ -50,7 +50,7 @@ from fidellm.data.sources import iter_documents
 from fidellm.data.splits import SplitAssigner, fill_empty_splits, required_splits
 from fidellm.data.writers import GzipJsonlWriter
 from fidellm.errors import FidelError
-from fidellm.paths import RunLayout, clear_output_dir
+from fidellm.paths import RunLayout, staged_output_dir
 
 
 class SourceReader(PipelineStep):
@@ -146,8 +146,8 @@ class Stage:
 class PrepareLayout:
     """Paths of `fidellm data prepare` inside RUN/data."""
 
-    def __init__(self, run_dir: str | Path):
-        self.root = RunLayout(run_dir).data
+    def __init__(self, run_dir: str | Path, root: Path | None = None):
+        self.root = root if root is not None else RunLayout(run_dir).data
         self.work = self.root / "work"
         self.splits = self.root / "splits"
         self.dropped = self.root / "dropped"
@@ -337,11 +337,9 @@ def prepare(
     overwrite: bool = False,
     quiet: bool = True,
 ) -> dict:
-    """Run `data prepare` into RUN/data and write its report; returns the report as a dict."""
-    from fidellm.data.report import write_report
-
-    layout = PrepareLayout(run_dir)
-    clear_output_dir(layout.root, overwrite)
+    """Run `data prepare` into RUN/data and write its report; returns the report as a dict. An existing
+    RUN/data is replaced only with `overwrite`, and only once the new one is complete (a failed run's
+    output stays in RUN/data.partial)."""
     registry = load_registry(config.sources.extra_registry)
     sel = config.sources
     specs = select_sources(
@@ -354,7 +352,16 @@ def prepare(
     unknown = sorted(set(sel.weights) - {spec.name for spec in specs})
     if unknown:
         raise FidelError(f"sources.weights names source(s) not selected: {unknown}")
-    layout.root.mkdir(parents=True)
+    with staged_output_dir(RunLayout(run_dir).data, overwrite) as root:
+        return _prepare_into(PrepareLayout(run_dir, root), data_dir, specs, config, quiet)
+
+
+def _prepare_into(
+    layout: PrepareLayout, data_dir: Path, specs: list[SourceSpec], config: PrepareConfig, quiet: bool
+) -> dict:
+    """`prepare`'s stages and report, written under `layout.root`."""
+    from fidellm.data.report import write_report
+
     stages = build_stages(layout, data_dir, specs, config)
     timings = run_stages(stages, layout, config.workers, quiet=quiet)
     empty = fill_empty_splits(layout.splits, config.split)
