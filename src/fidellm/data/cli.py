@@ -33,7 +33,9 @@ def data() -> None:
 @click.option(
     "--workers", type=click.IntRange(min=1), help="Parallel worker processes (default from config: 2)."
 )
-@click.option("--overwrite", is_flag=True, help="Replace RUN_DIR/data if it exists (once the new one is complete).")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace RUN_DIR/data if it exists (once the new one is complete)."
+)
 @click.option(
     "--verbose", is_flag=True, help="Show datatrove's per-task logs instead of writing them to logs/."
 )
@@ -161,7 +163,9 @@ def list_sources(registry: Path | None) -> None:
 @click.option(
     "--eval-split", type=float, default=0.05, show_default=True, help="Fraction of conversations for eval."
 )
-@click.option("--overwrite", is_flag=True, help="Replace RUN_DIR/chat if it exists (once the new one is complete).")
+@click.option(
+    "--overwrite", is_flag=True, help="Replace RUN_DIR/chat if it exists (once the new one is complete)."
+)
 def chat(
     run_dir: Path,
     data_dir: Path | None,
