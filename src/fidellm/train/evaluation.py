@@ -118,11 +118,20 @@ class BestWeights:
                 )
                 self.score = kept.state.get("score", self.values["val_loss"])
 
+    def score_of(self, result: Validation) -> float:
+        """What the choice minimizes: bits per byte over the selected sources, else validation loss."""
+        return result.bpb_of(self.sources) if self.sources else result.loss
+
     def offer(
-        self, step: int, result: Validation, model: torch.nn.Module, state: dict[str, Any], ctx: Distributed
+        self,
+        step: int,
+        result: Validation,
+        score: float,
+        model: torch.nn.Module,
+        state: dict[str, Any],
+        ctx: Distributed,
     ) -> None:
-        """Keep the model's weights when `result` beats the best so far."""
-        score = result.bpb_of(self.sources) if self.sources else result.loss
+        """Keep the model's weights when `score` (`self.score_of(result)`) beats the best so far."""
         if score < self.score:
             self.step, self.score = step, score
             self.values = {"val_loss": result.loss, "val_bpb": result.bpb}

@@ -473,10 +473,11 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
             pending = None
         if at_eval:
             result = evaluate(forward, val_set, byte_lengths, device, autocast, ctx)
-            selected = result.bpb_of(config.best_by_sources) if config.best_by_sources else None
-            monitor.log_val(step, result.loss, result.bpb, result.source_bpb(), selected)
-            val = {"val_loss": result.loss, "val_bpb": result.bpb, "val_bpb_by_source": result.source_bpb()}
-            best.offer(step, result, model, {"model_config": config_to_dict(mconfig)}, ctx)
+            score, by_source = best.score_of(result), result.source_bpb()
+            selected = score if config.best_by_sources else None  # the curve of the chosen sources
+            monitor.log_val(step, result.loss, result.bpb, by_source, selected)
+            val = {"val_loss": result.loss, "val_bpb": result.bpb, "val_bpb_by_source": by_source}
+            best.offer(step, result, score, model, {"model_config": config_to_dict(mconfig)}, ctx)
         if at_save:
             save(step)
     monitor.close()
