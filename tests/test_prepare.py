@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import io
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ from fidellm.cli import cli, main
 from fidellm.data.boilerplate import one_copy
 from fidellm.data.config import PrepareConfig, SplitConfig, load_prepare_config
 from fidellm.data.pipeline import prepare
-from fidellm.data.splits import SPLITS, fill_empty_splits, split_of
+from fidellm.data.splits import SPLITS, fill_splits, split_of
 from fidellm.errors import FidelError
 from fidellm.hashing import unit_interval
 from fidellm.paths import resolve_data_dir
@@ -146,7 +147,16 @@ def test_report_files_written(mini):
     assert (data / "report.png").stat().st_size > 10_000
     text = (data / "report.md").read_text(encoding="utf-8")
     assert "| mini |" in text and "exact" in text.lower()
-    assert json.loads((data / "report.json").read_text())["totals"]["kept_docs"] == len(_kept(mini["run"]))
+    report = json.loads((data / "report.json").read_text())
+    kept = _kept(mini["run"]).values()
+    assert report["totals"]["kept_docs"] == len(kept)
+    moved = Counter(doc["metadata"]["split"] for doc in kept if doc["metadata"].get("split_filled"))
+    assert sum(moved.values()) >= 1  # ~60 documents at 1% each: val or test comes from the fill rule
+    assert report["sources"]["mini"]["filled_by_split"] == dict(moved)
+    section = text.split("## Splits")[1].split("\n## ")[0]
+    row = next(line for line in section.splitlines() if line.startswith("| mini |"))
+    expected = ", ".join(f"{moved[split]} to {split}" for split in SPLITS if moved[split])
+    assert row.endswith(f"| {expected} |"), row
 
 
 def test_split_is_stable_and_proportional():
@@ -173,15 +183,25 @@ def test_cli_prepare_and_errors(mini, tmp_path):
     assert stop.value.code == 2
 
 
-def _write_split_files(splits: Path, docs: dict[str, list[str]], per_file: int) -> None:
-    """Split files as the writer leaves them: `per_file` records per rank file."""
+def _text(doc_id: str, length: int = 16) -> str:
+    """A document text of `length` characters that names its id."""
+    return f"ጽሑፍ {doc_id} ".ljust(length, "ሀ")
+
+
+def _write_split_files(
+    splits: Path, docs: dict[str, list[str]], per_file: int, texts: dict[str, str] | None = None
+) -> None:
+    """Split files as the writer leaves them: `per_file` records per rank file; a document's source is the
+    part of its id before the slash; texts default to `_text(id)` (equal lengths)."""
+    texts = texts or {}
     for split, ids in docs.items():
         for start in range(0, len(ids), per_file):
             path = splits / split / f"{start // per_file:05d}.jsonl.gz"
             path.parent.mkdir(parents=True, exist_ok=True)
             with gzip.open(path, "wt", encoding="utf-8") as handle:
                 for doc_id in ids[start : start + per_file]:
-                    record = {"text": f"ጽሑፍ {doc_id}", "id": doc_id, "metadata": {"split": split}}
+                    metadata = {"split": split, "source": doc_id.split("/")[0]}
+                    record = {"text": texts.get(doc_id) or _text(doc_id), "id": doc_id, "metadata": metadata}
                     handle.write(json.dumps(record, ensure_ascii=False) + "\n")
 
 
@@ -204,15 +224,15 @@ def test_a_small_corpus_gets_one_document_in_val_and_test(tmp_path):
     for per_file in (20, 7):  # one writer task, or three: the same documents move
         splits = tmp_path / str(per_file) / "splits"
         _write_split_files(splits, {"train": ids}, per_file)
-        assert fill_empty_splits(splits, config) == []
+        assert fill_splits(splits, config) == []
         found = _read_splits(splits)
         assert list(found["test"]) == [by_hash[0]] and list(found["val"]) == [by_hash[1]]
         assert sorted(found["train"]) == sorted(by_hash[2:])
-        assert found["val"][by_hash[1]]["metadata"] == {"split": "val", "split_filled": True}
-        assert found["test"][by_hash[0]]["text"] == f"ጽሑፍ {by_hash[0]}"
+        assert found["val"][by_hash[1]]["metadata"] == {"source": "doc", "split": "val", "split_filled": True}
+        assert found["test"][by_hash[0]]["text"] == _text(by_hash[0])
     two = tmp_path / "two" / "splits"
     _write_split_files(two, {"train": ids[:2]}, 20)
-    assert fill_empty_splits(two, config) == ["val", "test"]
+    assert fill_splits(two, config) == ["val", "test"]
     assert len(_read_splits(two)["train"]) == 2  # too few documents: nothing moves
 
 
@@ -224,12 +244,45 @@ def test_a_larger_corpus_is_split_exactly_by_the_hash(tmp_path):
     splits = tmp_path / "splits"
     _write_split_files(splits, docs, 500)
     before = {path: path.read_bytes() for path in splits.rglob("*.gz")}
-    assert fill_empty_splits(splits, config) == []
+    assert fill_splits(splits, config) == []
     assert {path: path.read_bytes() for path in splits.rglob("*.gz")} == before
     found = _read_splits(splits)
     assert {doc_id: split for split in SPLITS for doc_id in found[split]} == {
         doc_id: split_of(doc_id, config) for doc_id in ids
     }
+
+
+def test_every_source_with_enough_documents_gets_every_split(tmp_path):
+    config = SplitConfig()
+    assert config.min_source_docs == 10
+    big = [f"big/{i}" for i in range(3000)]
+    # 40 "book" documents and 5 "note" documents that the hash all puts in train
+    in_train = [doc_id for doc_id in (f"book/{i}" for i in range(99)) if split_of(doc_id, config) == "train"]
+    books, notes = in_train[:40], [f"note/{i}" for i in range(5)]
+    assert {split_of(doc_id, config) for doc_id in notes} == {"train"}
+    by_hash = sorted(books, key=lambda doc_id: unit_interval(f"{config.seed}:{doc_id}"))
+    texts = {doc_id: _text(doc_id, 20) for doc_id in books}
+    texts[by_hash[0]], texts[by_hash[1]] = _text(by_hash[0], 1000), "ጽሑፍ"  # lowest hashes, atypical lengths
+    docs = {split: [doc_id for doc_id in big if split_of(doc_id, config) == split] for split in SPLITS}
+    docs["train"] += books + notes
+    for min_source_docs, moved in ((10, {by_hash[2]: "test", by_hash[3]: "val"}), (0, {})):
+        splits = tmp_path / str(min_source_docs) / "splits"
+        _write_split_files(splits, docs, 700, texts)
+        config = SplitConfig(min_source_docs=min_source_docs)
+        assert fill_splits(splits, config) == []
+        found = _read_splits(splits)
+        # the longest and the shortest book have the lowest hashes but are not taken; the sources that had
+        # every split, or fewer than min_source_docs documents, keep the placement of the hash
+        assert {doc_id: split for split in SPLITS for doc_id in found[split]} == {
+            **{doc_id: split_of(doc_id, config) for doc_id in big + books + notes},
+            **moved,
+        }
+        for doc_id, split in moved.items():
+            metadata = {"source": "book", "split": split, "split_filled": True}
+            assert found[split][doc_id]["metadata"] == metadata
+            assert found[split][doc_id]["text"] == texts[doc_id]
+    with pytest.raises(FidelError, match="min_source_docs must be 0"):
+        PrepareConfig(split=SplitConfig(min_source_docs=2)).validate()
 
 
 def test_prepare_fills_val_of_a_small_corpus_and_refuses_too_few_documents(mini, tmp_path):

@@ -80,6 +80,7 @@ class SplitConfig:
     val_fraction: float = 0.01
     test_fraction: float = 0.01
     seed: str = "fidellm"
+    min_source_docs: int = 10  # a source with this many documents gets at least one in every split; 0: off
 
 
 @dataclass
@@ -100,6 +101,8 @@ class PrepareConfig:
             raise FidelError("split fractions must lie in [0, 1)")
         if split.val_fraction + split.test_fraction >= 1:
             raise FidelError("split: val_fraction + test_fraction must be < 1")
+        if split.min_source_docs < 0 or split.min_source_docs in (1, 2):  # a source needs one per split
+            raise FidelError(f"split.min_source_docs must be 0 (off) or >= 3, got {split.min_source_docs}")
         if self.tasks < 1 or self.workers < 1:
             raise FidelError("tasks and workers must be >= 1")
         if not 0 <= self.filters.min_quality <= 100:

@@ -47,7 +47,7 @@ from fidellm.data.filters import LanguageFilter, LengthFilter, QualityFilter, Sc
 from fidellm.data.readers import Rejection
 from fidellm.data.registry import SourceSpec, load_registry, select_sources
 from fidellm.data.sources import iter_documents
-from fidellm.data.splits import SplitAssigner, fill_empty_splits, required_splits
+from fidellm.data.splits import SplitAssigner, fill_splits, required_splits
 from fidellm.data.writers import GzipJsonlWriter
 from fidellm.errors import FidelError
 from fidellm.paths import RunLayout, staged_output_dir
@@ -364,7 +364,7 @@ def _prepare_into(
 
     stages = build_stages(layout, data_dir, specs, config)
     timings = run_stages(stages, layout, config.workers, quiet=quiet)
-    empty = fill_empty_splits(layout.splits, config.split)
+    empty = fill_splits(layout.splits, config.split)
     report = write_report(layout, specs, config, data_dir, timings)
     if empty:
         raise FidelError(

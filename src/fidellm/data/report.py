@@ -116,10 +116,12 @@ def collect(layout: PrepareLayout, specs: list[SourceSpec]) -> dict[str, Any]:
     lengths: list[int] = []
     line_removals: Counter[str] = Counter()
     decontam: dict[str, Counter[str]] = defaultdict(Counter)
+    filled: dict[str, Counter[str]] = defaultdict(Counter)
     for split in ("train", "val", "test"):
         for record in iter_jsonl(layout.splits / split):
             meta = record.get("metadata", {})
             kept[meta["source"]][split].add(record["text"])
+            filled[meta["source"]][split] += bool(meta.get("split_filled"))
             lengths.append(len(record["text"]))
             languages[meta.get("lang", "unknown")] += 1
             lang_rules[meta.get("lang_rule", "unknown")] += 1
@@ -155,6 +157,7 @@ def collect(layout: PrepareLayout, specs: list[SourceSpec]) -> dict[str, Any]:
             "dropped_by_reason": dict(sorted(dropped[name].items())),
             "kept": total.as_dict(),
             "kept_by_split": by_split,
+            "filled_by_split": {split: n for split, n in filled[name].items() if n},
             "balanced": documents == total.docs + n_dropped and read[name]["rejected"] == n_rejected,
         }
     return {
@@ -238,6 +241,18 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def _split_row(name: str, info: dict[str, Any]) -> list[Any]:
+    """A source's documents in train, val and test, the characters of val and test, and the moved ones."""
+    stats = {split: info["kept_by_split"].get(split, {}) for split in ("train", "val", "test")}
+    moved = ", ".join(f"{n} to {split}" for split, n in info.get("filled_by_split", {}).items())
+    return [
+        name,
+        f"{stats['train'].get('docs', 0):,}",
+        *(f"{stats[split].get(key, 0):,}" for split in ("val", "test") for key in ("docs", "chars")),
+        moved or "-",
+    ]
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     """The report for people: per-source accounting, reasons, dedup, decontamination, language ID."""
     totals = report["totals"]
@@ -278,6 +293,13 @@ def render_markdown(report: dict[str, Any]) -> str:
                 ]
                 for name, info in report["sources"].items()
             ],
+        ),
+        "## Splits (documents, characters)",
+        "Each source with at least `split.min_source_docs` documents has one in every split; 'moved' counts"
+        " those placed there by that rule rather than by the hash of their id (splits.py).",
+        _table(
+            ["source", "train", "val", "val chars", "test", "test chars", "moved"],
+            [_split_row(name, info) for name, info in report["sources"].items()],
         ),
         "## Dropped documents by reason",
         _table(["reason", "documents"], [[k, f"{v:,}"] for k, v in report["dropped_by_reason"].items()]),

@@ -1,22 +1,26 @@
-"""Document-level train/val/test splits: a hash of the document id decides, and a small corpus still gets
-every split.
+"""Document-level train/val/test splits: a hash of the document id decides, then every source and a small
+corpus still get every split.
 
 `split_of` places each document by itself, stable across runs, machines and worker counts: test when the
-hash of its id falls in [0, test_fraction), val in the next val_fraction, train above. On a few dozen
-documents val or test can come out empty; `fill_empty_splits` then gives each empty split (train, and
-val/test when their fraction is positive) one document: from the largest split, the one whose hash lies
-nearest the empty split's range (so test takes the lowest hash, val the next). It moves nothing when every
-split already has a document, so larger corpora are split exactly as `split_of` says.
+hash of its id falls in [0, test_fraction), val in the next val_fraction, train above. At 1% each, a source
+of a hundred long documents (books) can miss val altogether, and its share of the training text (the
+Ge'ez e-books are 40% of the default corpus) would then never be measured. `fill_splits` therefore gives
+each source with at least `min_source_docs` documents, and then the corpus as a whole, one document in
+each required split (train, and val/test when their fraction is positive) it has none in: from the group's
+largest split, the document whose hash lies nearest the empty split's range (so test takes the lowest
+hash, val the next) among those of typical length (between the quartiles), so neither one long book
+outweighs a split nor a one-line stub stands for a source.
+Sources and corpora that already have every split keep exactly the placement `split_of` gives.
 """
 
 from __future__ import annotations
 
 import gzip
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
 
+import orjson
 from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
@@ -65,35 +69,35 @@ class SplitAssigner(PipelineStep):
             yield doc
 
 
-@dataclass(frozen=True)
+@dataclass(eq=False)
 class _Placed:
-    """A kept document: its id, the hash that placed it and the file holding it."""
+    """A kept document: its id, source, length, the hash that placed it, the file holding it, the split of
+    that file and the split it is to be in."""
 
     doc_id: str
+    source: str | None
+    chars: int
     u: float
     path: Path
+    found_in: str
+    split: str
 
 
 def _files(directory: Path) -> list[Path]:
     return sorted(directory.glob("*.jsonl.gz"))
 
 
-def _has_documents(directory: Path) -> bool:
-    for path in _files(directory):
-        with gzip.open(path, "rt", encoding="utf-8") as handle:
-            if handle.readline():
-                return True
-    return False
-
-
-def _scan(splits_dir: Path, config: SplitConfig) -> dict[str, list[_Placed]]:
-    placed: dict[str, list[_Placed]] = {split: [] for split in SPLITS}
+def _scan(splits_dir: Path, config: SplitConfig) -> list[_Placed]:
+    """Every kept document, in file order."""
+    placed = []
     for split in SPLITS:
         for path in _files(splits_dir / split):
-            with gzip.open(path, "rt", encoding="utf-8") as handle:
+            with gzip.open(path, "rb") as handle:
                 for line in handle:
-                    doc_id = json.loads(line)["id"]
-                    placed[split].append(_Placed(doc_id, _hash(doc_id, config), path))
+                    record = orjson.loads(line)
+                    doc_id, source = record["id"], (record.get("metadata") or {}).get("source")
+                    u = _hash(doc_id, config)
+                    placed.append(_Placed(doc_id, source, len(record["text"]), u, path, split, split))
     return placed
 
 
@@ -104,46 +108,82 @@ def _distance(u: float, split: str, config: SplitConfig) -> float:
     return max(low[split] - u, u - high[split], 0.0)
 
 
-def _write_lines(path: Path, lines: list[str]) -> None:
+def _fill_group(group: list[_Placed], required: list[str], config: SplitConfig) -> None:
+    """Give each required split `group` has no document in one of the group's documents: from the group's
+    largest split, the document whose hash lies nearest the empty split's range among those of typical
+    length (between the quartiles there), so neither one long book outweighs a split nor a one-line stub
+    stands for a source."""
+    by_split = {split: [doc for doc in group if doc.split == split] for split in SPLITS}
+    for target in (split for split in FILL_ORDER if split in required and not by_split[split]):
+        donor = by_split[max(SPLITS, key=lambda split: len(by_split[split]))]
+        lengths = sorted(doc.chars for doc in donor)
+        low, high = lengths[(len(lengths) - 1) // 4], lengths[3 * (len(lengths) - 1) // 4]
+        doc = min(
+            (doc for doc in donor if low <= doc.chars <= high),
+            key=lambda d: (_distance(d.u, target, config), d.doc_id),
+        )
+        donor.remove(doc)
+        by_split[target].append(doc)
+        doc.split = target
+
+
+def _read_lines(path: Path) -> list[bytes]:
+    with gzip.open(path, "rb") as handle:
+        return handle.readlines()
+
+
+def _write_lines(path: Path, lines: list[bytes]) -> None:
     """Replace `path` with these JSONL lines (removed when there are none), atomically."""
     if not lines:
         path.unlink()
         return
     partial = path.with_name(path.name + ".partial")
-    with gzip.open(partial, "wt", encoding="utf-8", compresslevel=GZIP_LEVEL) as handle:
+    with gzip.open(partial, "wb", compresslevel=GZIP_LEVEL) as handle:
         handle.writelines(lines)
     os.replace(partial, path)
 
 
-def _move(doc: _Placed, target: str, splits_dir: Path) -> _Placed:
-    """Move one document's record from its file into `target`'s filled file; returns it as placed now."""
-    with gzip.open(doc.path, "rt", encoding="utf-8") as handle:
-        lines = handle.readlines()
-    index = next(i for i, line in enumerate(lines) if json.loads(line)["id"] == doc.doc_id)
-    record = json.loads(lines.pop(index))
-    record["metadata"] = {**record.get("metadata", {}), "split": target, "split_filled": True}
-    _write_lines(doc.path, lines)
-    destination = splits_dir / target / FILLED_FILE
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    with gzip.open(destination, "at", encoding="utf-8", compresslevel=GZIP_LEVEL) as handle:
-        handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-    return _Placed(doc.doc_id, doc.u, destination)
+def _apply_moves(moves: list[_Placed], splits_dir: Path) -> None:
+    """Move each document's record from its file into its new split's filled file, marked `split_filled`;
+    each file is rewritten once."""
+    by_file: dict[Path, dict[str, str]] = {}
+    for doc in moves:
+        by_file.setdefault(doc.path, {})[doc.doc_id] = doc.split
+    filled: dict[str, list[bytes]] = {}
+    for path, targets in sorted(by_file.items()):
+        kept = []
+        for line in _read_lines(path):
+            record = orjson.loads(line)
+            target = targets.get(record["id"])
+            if target is None:
+                kept.append(line)
+                continue
+            record["metadata"] = {**(record.get("metadata") or {}), "split": target, "split_filled": True}
+            filled.setdefault(target, []).append(orjson.dumps(record) + b"\n")
+        _write_lines(path, kept)
+    for target, lines in filled.items():
+        destination = splits_dir / target / FILLED_FILE
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        _write_lines(destination, (_read_lines(destination) if destination.exists() else []) + lines)
 
 
-def fill_empty_splits(splits_dir: Path, config: SplitConfig) -> list[str]:
-    """Give every empty required split one document (the rule in the module docstring), marked
-    `split_filled` in its metadata. Returns the required splits left empty: none, unless there are fewer
-    documents than required splits, in which case nothing is moved."""
+def fill_splits(splits_dir: Path, config: SplitConfig) -> list[str]:
+    """Give every required split one document of each source with at least `config.min_source_docs`
+    documents, then (small corpora) one document at all, by the rule in the module docstring; moved
+    documents are marked `split_filled` in their metadata. Returns the required splits left empty: none,
+    unless there are fewer documents than required splits, in which case nothing is moved."""
     required = required_splits(config)
-    empty = [split for split in required if not _has_documents(splits_dir / split)]
-    if not empty:
-        return []
     placed = _scan(splits_dir, config)
-    if sum(len(docs) for docs in placed.values()) < len(required):
-        return empty
-    for target in (split for split in FILL_ORDER if split in empty):
-        donor = max(SPLITS, key=lambda split: len(placed[split]))
-        doc = min(placed[donor], key=lambda d: (_distance(d.u, target, config), d.doc_id))
-        placed[donor].remove(doc)
-        placed[target].append(_move(doc, target, splits_dir))
+    if len(placed) < len(required):
+        return [split for split in required if not any(doc.split == split for doc in placed)]
+    by_source: dict[str, list[_Placed]] = {}
+    for doc in placed:
+        if doc.source is not None:
+            by_source.setdefault(doc.source, []).append(doc)
+    if config.min_source_docs:
+        for source in sorted(by_source):
+            if len(by_source[source]) >= config.min_source_docs:
+                _fill_group(by_source[source], required, config)
+    _fill_group(placed, required, config)
+    _apply_moves([doc for doc in placed if doc.split != doc.found_in], splits_dir)
     return []
