@@ -43,12 +43,9 @@ from fidellm.data.amharic import match_key, sentences, words
 from fidellm.data.registry import EvalUnit
 from fidellm.data.sources import iter_eval_units
 from fidellm.errors import FidelError
-from fidellm.hashing import stable_hash64
+from fidellm.hashing import ngram_hashes, stable_hash64
 
 MAX_SETS = 64
-_MULT = np.uint64(0x9E3779B97F4A7C15)
-_MIX1 = np.uint64(0xBF58476D1CE4E5B9)
-_MIX2 = np.uint64(0x94D049BB133111EB)
 
 
 @lru_cache(maxsize=1 << 20)
@@ -64,22 +61,6 @@ def key_hash(key: str) -> int:
 def word_ids(ws: list[str], vocab: dict[str, int]) -> np.ndarray:
     """The vocabulary number of each word of `ws`, 0 for a word the vocabulary lacks."""
     return np.fromiter(map(vocab.get, ws, repeat(0)), dtype=np.uint64, count=len(ws))
-
-
-def ngram_hashes(ids: np.ndarray, n: int) -> np.ndarray:
-    """uint64 hash of every n-gram of the word numbers `ids` (empty when there are fewer than n)."""
-    m = len(ids) - n + 1
-    if m <= 0:
-        return np.empty(0, dtype=np.uint64)
-    h = np.zeros(m, dtype=np.uint64)
-    for k in range(n):
-        h = h * _MULT + ids[k : k + m]
-    h ^= h >> np.uint64(30)
-    h *= _MIX1
-    h ^= h >> np.uint64(27)
-    h *= _MIX2
-    h ^= h >> np.uint64(31)
-    return h
 
 
 def _window_sums(flags: np.ndarray, n: int) -> np.ndarray:

@@ -33,7 +33,6 @@ from datatrove.pipeline.dedup.minhash import (
     MinhashDedupBuckets,
     MinhashDedupCluster,
     MinhashDedupFilter,
-    MinhashDedupSignature,
 )
 from datatrove.pipeline.readers import JsonlReader
 from datatrove.pipeline.writers import JsonlWriter
@@ -42,7 +41,7 @@ from fidellm.data.amharic import normalize
 from fidellm.data.boilerplate import BoilerplateRemover, CollapseCopies, CorpusCounter, ExactDedup
 from fidellm.data.config import PrepareConfig
 from fidellm.data.decontam import Decontaminate
-from fidellm.data.dedup import AmharicWordTokenizer, minhash_config
+from fidellm.data.dedup import AmharicMinhashSignature, minhash_config
 from fidellm.data.filters import LanguageFilter, LengthFilter, QualityFilter, ScriptFilter
 from fidellm.data.readers import Rejection
 from fidellm.data.registry import SourceSpec, load_registry, select_sources
@@ -238,9 +237,7 @@ def build_stages(
                 "minhash",
                 [
                     filtered_reader(),
-                    MinhashDedupSignature(
-                        output_folder=str(layout.minhash / "sigs"), config=mh, language=AmharicWordTokenizer()
-                    ),
+                    AmharicMinhashSignature(output_folder=str(layout.minhash / "sigs"), config=mh),
                 ],
                 tasks,
             ),
