@@ -24,13 +24,14 @@ import torch
 from common import machine_description, training_workdir
 from quality_run import add_training_options, config_from_args
 
+from fidellm.data.split_files import read_split_file, split_files
 from fidellm.eval.lm import score_documents, score_lines
 from fidellm.eval.results import git_commit
 from fidellm.models.load import load_checkpoint_model
 from fidellm.paths import resolve_data_dir
 from fidellm.tokenizer.base import load_tokenizer
 from fidellm.tokenizer.report import flores_lines
-from fidellm.tokenizer.shards import COMPLEXITY_FILE, read_split_file, split_files, tokenize_splits
+from fidellm.tokenizer.shards import COMPLEXITY_FILE, tokenize_splits
 from fidellm.train.checkpoint import latest_checkpoint
 from fidellm.train.curriculum import DEFAULT_SPAN
 from fidellm.train.loop import train

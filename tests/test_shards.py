@@ -11,17 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fidellm.data.split_files import read_split_file, split_files
 from fidellm.errors import FidelError
 from fidellm.tokenizer.base import load_tokenizer, token_dtype_for
 from fidellm.tokenizer.bpe import train_from_run
 from fidellm.tokenizer.bytes import ByteTokenizer
-from fidellm.tokenizer.shards import (
-    TokenShards,
-    copies,
-    read_split_file,
-    split_files,
-    tokenize_splits,
-)
+from fidellm.tokenizer.shards import TokenShards, copies, tokenize_splits
 from fixtures.tokenizer.build_run import build_run, write_split
 
 FILES = ("tokens.bin", "offsets.npy", "doc_source.npy", "meta.json")

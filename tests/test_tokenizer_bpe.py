@@ -10,6 +10,7 @@ from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from tokenizers import decoders, pre_tokenizers
 
+from fidellm.data.split_files import read_split_file, split_files
 from fidellm.errors import FidelError
 from fidellm.paths import resolve_data_dir
 from fidellm.tokenizer.base import load_tokenizer
@@ -20,7 +21,6 @@ from fidellm.tokenizer.bpe import (
     train_from_run,
     truncate_bpe,
 )
-from fidellm.tokenizer.shards import read_split_file, split_files
 from fidellm.tokenizer.special import BOS, IM_END, IM_START, RESERVED_TOKENS, TOOL_TOKENS
 from fixtures.tokenizer.build_run import build_run
 

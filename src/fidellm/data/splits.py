@@ -25,6 +25,7 @@ from datatrove.data import DocumentsPipeline
 from datatrove.pipeline.base import PipelineStep
 
 from fidellm.data.config import SplitConfig
+from fidellm.data.split_files import read_split_file
 from fidellm.data.writers import GZIP_LEVEL
 from fidellm.hashing import unit_interval
 
@@ -75,7 +76,7 @@ class _Placed:
     that file and the split it is to be in."""
 
     doc_id: str
-    source: str | None
+    source: str
     chars: int
     u: float
     path: Path
@@ -89,16 +90,12 @@ def _files(directory: Path) -> list[Path]:
 
 def _scan(splits_dir: Path, config: SplitConfig) -> list[_Placed]:
     """Every kept document, in file order."""
-    placed = []
-    for split in SPLITS:
-        for path in _files(splits_dir / split):
-            with gzip.open(path, "rb") as handle:
-                for line in handle:
-                    record = orjson.loads(line)
-                    doc_id, source = record["id"], (record.get("metadata") or {}).get("source")
-                    u = _hash(doc_id, config)
-                    placed.append(_Placed(doc_id, source, len(record["text"]), u, path, split, split))
-    return placed
+    return [
+        _Placed(doc.id, doc.source, len(doc.text), _hash(doc.id, config), path, split, split)
+        for split in SPLITS
+        for path in _files(splits_dir / split)
+        for doc in read_split_file(path)
+    ]
 
 
 def _distance(u: float, split: str, config: SplitConfig) -> float:
@@ -178,8 +175,7 @@ def fill_splits(splits_dir: Path, config: SplitConfig) -> list[str]:
         return [split for split in required if not any(doc.split == split for doc in placed)]
     by_source: dict[str, list[_Placed]] = {}
     for doc in placed:
-        if doc.source is not None:
-            by_source.setdefault(doc.source, []).append(doc)
+        by_source.setdefault(doc.source, []).append(doc)
     if config.min_source_docs:
         for source in sorted(by_source):
             if len(by_source[source]) >= config.min_source_docs:

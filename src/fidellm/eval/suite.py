@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from fidellm.data.split_files import read_split_file, split_files
 from fidellm.errors import FidelError
 from fidellm.eval.baselines import PUBLISHED_ANCHORS, compressor_results
 from fidellm.eval.chat_data import limited
@@ -33,7 +34,6 @@ from fidellm.hashing import file_sha256
 from fidellm.paths import RunLayout
 from fidellm.tokenizer.base import TextTokenizer
 from fidellm.tokenizer.report import FLORES_FILES, flores_lines, measure, run_normalization
-from fidellm.tokenizer.shards import read_split_file, split_files
 
 RESULTS_FILE = "results.json"
 

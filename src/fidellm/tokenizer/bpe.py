@@ -27,11 +27,11 @@ import tokenizers
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from tqdm import tqdm
 
+from fidellm.data.split_files import read_split_file, split_files
 from fidellm.errors import FidelError
 from fidellm.hashing import file_sha256, unit_interval
 from fidellm.jsonfile import read_json_object
 from fidellm.tokenizer.base import META_FILE, RETRAIN, TextTokenizer, id_list, sha256_text
-from fidellm.tokenizer.shards import read_split_file, split_files
 from fidellm.tokenizer.special import BOS, BOS_ID, CHAT_TOKENS, PAD, PAD_ID, RESERVED_TOKENS
 
 DEFAULT_VOCAB_SIZE = 32000
