@@ -361,7 +361,9 @@ def _prepare_into(
 
     stages = build_stages(layout, data_dir, specs, config)
     timings = run_stages(stages, layout, config.workers, quiet=quiet)
+    started = time.perf_counter()
     empty = fill_splits(layout.splits, config.split)
+    timings["fill_splits"] = round(time.perf_counter() - started, 2)
     report = write_report(layout, specs, config, data_dir, timings)
     if empty:
         raise FidelError(
