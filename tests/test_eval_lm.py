@@ -124,6 +124,26 @@ def test_documents_of_a_uniform_byte_model_cost_8_bits_per_byte():
         score_documents(Uniform(256), ByteTokenizer(), [""], "cpu")
 
 
+def test_documents_by_source_score_as_each_source_alone():
+    model = _tiny_model(seed=1)
+    docs = ["ሰላም ለዓለም።", "ቡና ጣፋጭ ነው።\nሁለተኛ መስመር", "", "abc ሀለ", "ኢትዮጵያ " * 9]
+    sources = ["news", "books", "news", "tweets", "news"]
+    scores = score_documents(model, ByteTokenizer(), docs, "cpu", sources=sources)
+    assert list(scores.by_source) == ["books", "news", "tweets"]  # the empty news document is skipped
+    assert [e["documents"] for e in scores.by_source.values()] == [1, 2, 1]
+    total_bits = 0.0
+    for source, entry in scores.by_source.items():
+        own = [doc for doc, label in zip(docs, sources, strict=True) if label == source]
+        alone = score_documents(model, ByteTokenizer(), own, "cpu")
+        assert entry["bits_per_byte"] == pytest.approx(alone.bits_per_byte, rel=1e-6)
+        assert entry["bytes"] == alone.bytes
+        total_bits += entry["bits_per_byte"] * entry["bytes"]
+    assert total_bits / scores.bytes == pytest.approx(scores.bits_per_byte, rel=1e-9)
+    assert score_documents(model, ByteTokenizer(), docs, "cpu").by_source == {}
+    with pytest.raises(FidelError, match="2 sources for 5 documents"):
+        score_documents(model, ByteTokenizer(), docs, "cpu", sources=["a", "b"])
+
+
 def test_checkpoint_model_scores_like_the_trained_one(tmp_path):
     model = _tiny_model(seed=3)
     optimizer = torch.optim.AdamW(model.parameters())

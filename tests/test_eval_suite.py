@@ -125,6 +125,9 @@ def test_eval_then_report_card_end_to_end(trained_run: Path, tmp_path: Path):
     expected = [("flores", "second_half_bits"), ("heldout", "bits_per_byte"), ("probes", "ethiopic_share"),
                 ("flores/xz+train", "bits_per_char")]  # fmt: skip
     assert set(expected) <= found
+    heldout = {r["task"]: r for r in report["results"] if r["task"].startswith("heldout")}
+    per_source = [r for task, r in heldout.items() if task != "heldout"]
+    assert per_source and sum(r["n"] for r in per_source) == heldout["heldout"]["n"]
     flores = next(r for r in report["results"] if r["metric"] == "second_half_bits")
     assert flores["n"] == 2009 and 0 < flores["value"] < 400 and not flores["higher_is_better"]
     assert any(path.endswith("amh_Ethi.devtest") for path in report["data_files"])

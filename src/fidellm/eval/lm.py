@@ -10,7 +10,8 @@ Lines and documents longer than the model's context are scored with a sliding wi
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -46,6 +47,7 @@ class DocumentScores:
     bytes: int
     chars: int
     windowed_documents: int = 0
+    by_source: dict[str, dict[str, float]] = field(default_factory=dict)  # source -> documents, bytes, bpb
 
 
 @dataclass
@@ -160,23 +162,38 @@ def score_documents(
     texts: list[str],
     device: torch.device | str,
     batch_size: int = 8,
+    sources: Sequence[str] | None = None,
 ) -> DocumentScores:
-    """Bits per byte and per character of whole documents (BOS + text, sliding window past the context)."""
-    kept = [text for text in texts if text]
+    """Bits per byte and per character of whole documents (BOS + text, sliding window past the context);
+    with `sources` (one per text) also the bits per byte of each source's documents."""
+    if sources is not None and len(sources) != len(texts):
+        raise FidelError(f"{len(sources)} sources for {len(texts)} documents")
+    labels = list(sources) if sources is not None else [None] * len(texts)
+    kept = [(text, label) for text, label in zip(texts, labels, strict=True) if text]
     if not kept:
         raise FidelError("no documents to score")
-    sequences = [tokenizer.encode(text) for text in kept]
-    bits = token_bits(model, sequences, tokenizer.bos_id, device, batch_size)
-    total = float(sum(b.sum() for b in bits))
-    n_bytes = sum(len(text.encode("utf-8")) for text in kept)
-    n_chars = sum(len(text) for text in kept)
+    sequences = [tokenizer.encode(text) for text, _ in kept]
+    bits = [float(b.sum()) for b in token_bits(model, sequences, tokenizer.bos_id, device, batch_size)]
+    doc_bytes = [len(text.encode("utf-8")) for text, _ in kept]
+    by_source: dict[str, dict[str, float]] = {}
+    for (_, label), doc_bits, n_bytes in zip(kept, bits, doc_bytes, strict=True):
+        if label is not None:
+            entry = by_source.setdefault(label, {"documents": 0, "bytes": 0, "bits": 0.0})
+            entry["documents"] += 1
+            entry["bytes"] += n_bytes
+            entry["bits"] += doc_bits
+    n_bytes, n_chars = sum(doc_bytes), sum(len(text) for text, _ in kept)
     context = model_context(model)
     return DocumentScores(
         documents=len(kept),
-        bits_per_byte=total / n_bytes,
-        bits_per_char=total / n_chars,
+        bits_per_byte=sum(bits) / n_bytes,
+        bits_per_char=sum(bits) / n_chars,
         tokens=sum(len(s) for s in sequences),
         bytes=n_bytes,
         chars=n_chars,
         windowed_documents=0 if context is None else sum(len(s) > context for s in sequences),
+        by_source={
+            label: {"documents": e["documents"], "bytes": e["bytes"], "bits_per_byte": e["bits"] / e["bytes"]}
+            for label, e in sorted(by_source.items())
+        },
     )

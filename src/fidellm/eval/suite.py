@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from fidellm.data.split_files import read_split_file, split_files
+from fidellm.data.split_files import SplitDocument, read_split_file, split_files
 from fidellm.errors import FidelError
 from fidellm.eval.baselines import PUBLISHED_ANCHORS, compressor_results
 from fidellm.eval.chat_data import limited
@@ -72,19 +72,19 @@ class EvalContext:
             self._flores = flores_lines(self.data_dir, folds["fold_homophones"], folds["fold_labialized"])
         return self._flores
 
-    def split_texts(self, split: str, max_chars: int | None = None) -> list[str]:
+    def split_documents(self, split: str, max_chars: int | None = None) -> list[SplitDocument]:
         """Documents of RUN/data/splits/<split> in file order (up to `max_chars` characters)."""
         if self.run_dir is None:
             raise FidelError(f"the {split} split needs a run directory (--run RUN)")
-        texts, chars = [], 0
+        docs, chars = [], 0
         for path in split_files(self.run_dir, split):
             self.files_read.setdefault(str(path), file_sha256(path))
             for doc in read_split_file(path):
-                texts.append(doc.text)
+                docs.append(doc)
                 chars += len(doc.text)
                 if max_chars is not None and chars >= max_chars:
-                    return texts
-        return texts
+                    return docs
+        return docs
 
 
 def _bits(
@@ -107,20 +107,29 @@ def task_flores(ctx: EvalContext) -> list[TaskResult]:
 
 
 def task_heldout(ctx: EvalContext) -> list[TaskResult]:
-    texts = limited(ctx.split_texts("test"), ctx.limit, ctx.seed)  # test files group documents by source
+    docs = limited(ctx.split_documents("test"), ctx.limit, ctx.seed)  # test files group documents by source
     started = time.perf_counter()
-    scores = score_documents(ctx.model, ctx.tokenizer, texts, ctx.device)
+    scores = score_documents(
+        ctx.model, ctx.tokenizer, [d.text for d in docs], ctx.device, sources=[d.source for d in docs]
+    )
     seconds = time.perf_counter() - started
     details = dataclasses.asdict(scores)
-    return [
+    overall = [
         _bits("heldout", metric, getattr(scores, metric), scores.documents, "test", details, seconds)
         for metric in ("bits_per_byte", "bits_per_char")
     ]
+    per_source = [  # every source of the test split has a document there (data/splits.py)
+        _bits(f"heldout/{source}", "bits_per_byte", entry["bits_per_byte"], int(entry["documents"]), "test",
+              {"bytes": entry["bytes"]}, seconds)
+        for source, entry in scores.by_source.items()
+    ]  # fmt: skip
+    return overall + per_source
 
 
 def task_baselines(ctx: EvalContext) -> list[TaskResult]:
     text = "\n".join(ctx.flores())
-    context = "\n\n".join(ctx.split_texts("train", ctx.context_chars)) if ctx.run_dir else ""
+    train = ctx.split_documents("train", ctx.context_chars) if ctx.run_dir else []
+    context = "\n\n".join(doc.text for doc in train)
     return compressor_results(text, context[: ctx.context_chars])
 
 
