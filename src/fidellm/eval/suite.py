@@ -202,7 +202,7 @@ def run_suite(
         for result in results:
             result.seconds = result.seconds or round(time.perf_counter() - task_started, 2)
             echo(
-                f"{result.task:26s} {result.metric:20s} {result.split:12s} {result.value:10.4f} n={result.n}"
+                f"{result.task:36s} {result.metric:20s} {result.split:12s} {result.value:10.4f} n={result.n}"
             )
         report["results"] += [r.to_dict() for r in results]
         report["data_files"] = dict(sorted(ctx.files_read.items()))
