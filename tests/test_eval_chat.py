@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -333,6 +334,20 @@ def test_bad_inputs_are_clear_errors(data_dir: Path, tmp_path: Path):
         limited([1, 2], 0, seed=0)
     assert limited(list(range(10)), 3, seed=1) == limited(list(range(10)), 3, seed=1) == sorted(
         limited(list(range(10)), 3, seed=1))  # fmt: skip
+    assert limited(list(range(10)), 3, seed=1) == sorted(random.Random(1).sample(range(10), 3))
+
+
+def test_limited_by_group_keeps_every_group_it_can():
+    docs = [("big", i) for i in range(95)] + [("small", 95), ("tiny", 96), ("small", 97)]
+    for seed in range(20):
+        sample = limited(docs, 10, seed, group=lambda doc: doc[0])
+        assert len(sample) == 10 and sample == sorted(sample, key=lambda doc: doc[1])  # file order
+        assert {name for name, _ in sample} == {"big", "small", "tiny"}
+        assert sample == limited(docs, 10, seed, group=lambda doc: doc[0])
+    assert len({tuple(limited(docs, 10, seed, group=lambda doc: doc[0])) for seed in range(5)}) > 1
+    two = limited(docs, 2, seed=0, group=lambda doc: doc[0])  # fewer places than groups
+    assert len(two) == 2 and len({name for name, _ in two}) == 2
+    assert limited(docs, 200, 0, group=lambda doc: doc[0]) == docs
 
 
 def test_chat_group_and_sft_detection(tmp_path: Path):

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -65,13 +65,27 @@ class BenchQuestion:
         return self.references[turn] if self.references and turn < len(self.references) else None
 
 
-def limited(items: Sequence[T], limit: int | None, seed: int) -> list[T]:
-    """At most `limit` items, a `random.Random(seed)` sample kept in their order (all when None)."""
+def limited(
+    items: Sequence[T], limit: int | None, seed: int, group: Callable[[T], str] | None = None
+) -> list[T]:
+    """At most `limit` items, a `random.Random(seed)` sample kept in their order (all when None). With
+    `group`, the sample first takes one item of each group (of as many groups as `limit` allows), so a
+    group of one or two items (a source with one test document) is not left out by chance."""
     if limit is not None and limit < 1:
         raise FidelError(f"limit must be a positive number of examples, got {limit}")
     if limit is None or len(items) <= limit:
         return list(items)
-    return [items[i] for i in sorted(random.Random(seed).sample(range(len(items)), limit))]
+    rng = random.Random(seed)
+    chosen: set[int] = set()
+    if group is not None:
+        members: dict[str, list[int]] = {}
+        for index, item in enumerate(items):
+            members.setdefault(group(item), []).append(index)
+        names = sorted(members)
+        chosen = {rng.choice(members[name]) for name in rng.sample(names, min(limit, len(names)))}
+    rest = [index for index in range(len(items)) if index not in chosen]
+    chosen.update(rng.sample(rest, limit - len(chosen)))
+    return [items[index] for index in sorted(chosen)]
 
 
 def _split_file(spec: SourceSpec, data_dir: Path, split: str) -> Path:

@@ -107,7 +107,7 @@ def task_flores(ctx: EvalContext) -> list[TaskResult]:
 
 
 def task_heldout(ctx: EvalContext) -> list[TaskResult]:
-    docs = limited(ctx.split_documents("test"), ctx.limit, ctx.seed)  # test files group documents by source
+    docs = limited(ctx.split_documents("test"), ctx.limit, ctx.seed, group=lambda doc: doc.source)
     started = time.perf_counter()
     scores = score_documents(
         ctx.model, ctx.tokenizer, [d.text for d in docs], ctx.device, sources=[d.source for d in docs]
