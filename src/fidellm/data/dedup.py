@@ -8,7 +8,8 @@ similarity of their 5-word shingles around 0.75 and above are clustered; one doc
 
 `AmharicMinhashSignature` hashes each distinct word once (blake2b, cached per process) and combines the
 word hashes of every shingle with numpy (`hashing.ngram_hashes`) instead of joining and SHA-1-hashing
-each shingle's string: the same signatures' statistics at a fraction of the cost (benchmarks/RESULTS.md).
+each shingle's string: another hash family of the same kind, in about a third less time
+(benchmarks/RESULTS.md, "Every source in val and test").
 """
 
 from __future__ import annotations
