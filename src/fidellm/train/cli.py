@@ -110,7 +110,14 @@ def optimizer_options(command: Callable[..., Any]) -> Callable[..., Any]:
     default=None,
     help="Stop (with a checkpoint) after this step although the schedule spans --steps; resume later.",
 )
-@click.option("--lr", default=3e-3, show_default=True, help="Peak learning rate.")
+@click.option(
+    "--lr",
+    default=3e-3,
+    show_default=True,
+    help="Peak learning rate. Measured (benchmarks/RESULTS.md): tiny trains best at 1.5e-3 of 7.5e-4, 1.5e-3"
+    " and 3e-3 on CPU (the demo's value); the H100 quality runs used 2e-3 for 25m and 1e-3 for 125m, with no"
+    " sweep yet.",
+)
 @click.option("--schedule", type=click.Choice(["cosine", "wsd"]), default="cosine", show_default=True)
 @click.option(
     "--decay-fraction",
