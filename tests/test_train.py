@@ -17,9 +17,11 @@ from fidellm.models.llama import LlamaForCausalLM, preset
 from fidellm.tokenizer.base import load_tokenizer
 from fidellm.train import checkpoint as ckpt
 from fidellm.train import loop
+from fidellm.train import monitor as monitor_module
 from fidellm.train.data import PackedBatches, token_byte_lengths
 from fidellm.train.evaluation import Validation
 from fidellm.train.loop import TrainConfig, train
+from fidellm.train.monitor import Monitor
 from fidellm.train.optim import build_optimizer, cosine_lr, learning_rate, param_groups, wsd_lr
 from fixtures.train.build_run import build_flores_run, flores_lines
 
@@ -412,3 +414,25 @@ def test_cli_refuses_negative_weight_decay_in_one_line(tmp_path: Path, capsys) -
         exited.value.code == 2
         and err == "error: train config: weight_decay must be >= 0 and finite, got -1.0\n"
     )
+
+
+def test_throughput_leaves_validation_and_checkpoint_time_out(tmp_path: Path, monkeypatch) -> None:
+    clock = [100.0]
+    monkeypatch.setattr(monitor_module.time, "perf_counter", lambda: clock[0])
+    monitor = Monitor(tmp_path, torch.device("cpu"), flops_per_tok=1.0, total_steps=10, echo=False)
+
+    def steps(n: int, seconds_each: float) -> None:
+        for _ in range(n):
+            clock[0] += seconds_each
+            monitor.count(100)
+
+    steps(2, 1.0)
+    with monitor.paused():  # a validation pass of 5 s
+        clock[0] += 5.0
+    steps(1, 2.0)
+    record = monitor.log_train(3, 1.0, 1e-3, 0.5)
+    assert record["tok_per_s"] == pytest.approx(300 / 4.0)  # 4 s of training, not 9
+    assert record["eta_s"] == pytest.approx(7 * 9.0 / 3)  # the run's wall time per step, pauses included
+    steps(1, 1.0)
+    record = monitor.log_train(4, 1.0, 1e-3, 0.5)
+    assert record["tok_per_s"] == pytest.approx(100.0) and record["eta_s"] == pytest.approx(6 * 10.0 / 4)

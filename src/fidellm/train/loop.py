@@ -472,14 +472,16 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
             report(pending)  # these sync anyway; a non-finite step must stop before they run
             pending = None
         if at_eval:
-            result = evaluate(forward, val_set, byte_lengths, device, autocast, ctx)
-            score, by_source = best.score_of(result), result.source_bpb()
-            selected = score if config.best_by_sources else None  # the curve of the chosen sources
-            monitor.log_val(step, result.loss, result.bpb, by_source, selected)
-            val = {"val_loss": result.loss, "val_bpb": result.bpb, "val_bpb_by_source": by_source}
-            best.offer(step, result, score, model, {"model_config": config_to_dict(mconfig)}, ctx)
+            with monitor.paused():
+                result = evaluate(forward, val_set, byte_lengths, device, autocast, ctx)
+                score, by_source = best.score_of(result), result.source_bpb()
+                selected = score if config.best_by_sources else None  # the curve of the chosen sources
+                monitor.log_val(step, result.loss, result.bpb, by_source, selected)
+                val = {"val_loss": result.loss, "val_bpb": result.bpb, "val_bpb_by_source": by_source}
+                best.offer(step, result, score, model, {"model_config": config_to_dict(mconfig)}, ctx)
         if at_save:
-            save(step)
+            with monitor.paused():
+                save(step)
     monitor.close()
     seconds = time.perf_counter() - started
     trained = step - start_step

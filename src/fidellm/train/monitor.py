@@ -4,10 +4,12 @@ device is unknown (or a CPU) MFU is reported as n/a rather than guessed."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import resource
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,10 @@ def format_seconds(seconds: float) -> str:
 class Monitor:
     """Measures throughput between log lines and appends every record to metrics.jsonl.
 
+    tok/s and MFU count training time only: what runs inside `paused()` (validation, checkpoints) is left
+    out of the interval, so a log line after an evaluation is not slower for it. The ETA is the remaining
+    steps times the run's average wall time per step so far, evaluations and checkpoints included.
+
     In a multi-process run every rank keeps time (the step is collective anyway) but only the one with
     `write` (rank 0) writes files; `tok/s` counts the tokens of all `n_devices` together and MFU divides
     by their summed peak. With `tensorboard` the same scalars also go to OUT/tensorboard/.
@@ -113,9 +119,11 @@ class Monitor:
         if write:
             out_dir.mkdir(parents=True, exist_ok=True)
             self._truncate_after(resume_step)
-        self._last_time = time.perf_counter()
+        self._last_time = self._started = time.perf_counter()
         self._tokens = 0
         self._steps = 0
+        self._steps_run = 0  # steps since this monitor started (the ETA's average)
+        self._paused = 0.0  # seconds spent in `paused()` since the last log line
 
     def _truncate_after(self, step: int) -> None:
         """Drop records past the resumed step (written by a run that died before its next checkpoint)."""
@@ -142,6 +150,16 @@ class Monitor:
         """Add one finished optimizer step of `tokens` tokens since the last log line."""
         self._tokens += tokens
         self._steps += 1
+        self._steps_run += 1
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """Leave the time inside out of tok/s and MFU (validation, checkpoint saving)."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused += time.perf_counter() - began
 
     def write(self, record: dict[str, Any]) -> None:
         """Append `record` to metrics.jsonl (and its numbers to TensorBoard as KIND/NAME scalars)."""
@@ -162,7 +180,7 @@ class Monitor:
         `bytes_per_chunk` (H-Net): the bytes each stage's chunks held in the last micro-batch.
         """
         now = time.perf_counter()
-        elapsed = max(now - self._last_time, 1e-9)
+        elapsed = max(now - self._last_time - self._paused, 1e-9)
         tok_s = self._tokens / elapsed
         mfu = None if self.peak is None else tok_s * self.flops_per_tok / self.peak
         record = {
@@ -176,10 +194,11 @@ class Monitor:
             "memory_gib": memory_gib(self.device),
             "time": time.time(),
         }
-        record["eta_s"] = (self.total_steps - step) * elapsed / self._steps if self._steps else None
+        per_step = (now - self._started) / self._steps_run if self._steps_run else None
+        record["eta_s"] = None if per_step is None else (self.total_steps - step) * per_step
         if bytes_per_chunk:
             record["bytes_per_chunk"] = bytes_per_chunk
-        self._last_time, self._tokens, self._steps = now, 0, 0
+        self._last_time, self._tokens, self._steps, self._paused = now, 0, 0, 0.0
         self.write(record)
         if self.echo:
             eta = "n/a" if record["eta_s"] is None else format_seconds(record["eta_s"])
