@@ -28,7 +28,8 @@ class SplitDocument:
     id: str
     source: str
     weight: float
-    location: str
+    location: str  # "FILE:LINE", for error messages
+    line: int  # its 1-based line number in the file
 
 
 def split_files(run_dir: str | os.PathLike, split: str) -> list[Path]:
@@ -57,13 +58,14 @@ def read_split_file(path: Path) -> Iterator[SplitDocument]:
         with gzip.open(path, "rb") as handle:
             for number, line in enumerate(handle, start=1):
                 if line.strip():
-                    yield _parse_line(line, f"{path}:{number}")
+                    yield _parse_line(line, path, number)
     except (OSError, EOFError) as error:
         raise FidelError(f"{path}: cannot read gzip file: {error}") from error
 
 
-def _parse_line(line: bytes, location: str) -> SplitDocument:
+def _parse_line(line: bytes, path: Path, number: int) -> SplitDocument:
     """Validate one JSON line: "text" str, "id" str, metadata.source str, metadata.weight finite >= 0."""
+    location = f"{path}:{number}"
     try:
         record = json.loads(line)
     except ValueError as error:
@@ -87,4 +89,4 @@ def _parse_line(line: bytes, location: str) -> SplitDocument:
         or weight < 0
     ):
         raise FidelError(f"{location}: field 'metadata.weight' must be a finite number >= 0, got {weight!r}")
-    return SplitDocument(record["text"], doc_id, source, float(weight), location)
+    return SplitDocument(record["text"], doc_id, source, float(weight), location, number)

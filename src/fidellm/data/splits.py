@@ -72,14 +72,15 @@ class SplitAssigner(PipelineStep):
 
 @dataclass(eq=False)
 class _Placed:
-    """A kept document: its id, source, length, the hash that placed it, the file holding it, the split of
-    that file and the split it is to be in."""
+    """A kept document: its id, source, length, the hash that placed it, the file and line holding it, the
+    split of that file and the split it is to be in."""
 
     doc_id: str
     source: str
     chars: int
     u: float
     path: Path
+    line: int
     found_in: str
     split: str
 
@@ -91,7 +92,7 @@ def _files(directory: Path) -> list[Path]:
 def _scan(splits_dir: Path, config: SplitConfig) -> list[_Placed]:
     """Every kept document, in file order."""
     return [
-        _Placed(doc.id, doc.source, len(doc.text), _hash(doc.id, config), path, split, split)
+        _Placed(doc.id, doc.source, len(doc.text), _hash(doc.id, config), path, doc.line, split, split)
         for split in SPLITS
         for path in _files(splits_dir / split)
         for doc in read_split_file(path)
@@ -141,20 +142,20 @@ def _write_lines(path: Path, lines: list[bytes]) -> None:
 
 
 def _apply_moves(moves: list[_Placed], splits_dir: Path) -> None:
-    """Move each document's record from its file into its new split's filled file, marked `split_filled`;
-    each file is rewritten once."""
-    by_file: dict[Path, dict[str, str]] = {}
+    """Move each document's record (by its line) from its file into its new split's filled file, marked
+    `split_filled`; each file is rewritten once and only the moved lines are parsed."""
+    by_file: dict[Path, dict[int, str]] = {}
     for doc in moves:
-        by_file.setdefault(doc.path, {})[doc.doc_id] = doc.split
+        by_file.setdefault(doc.path, {})[doc.line] = doc.split
     filled: dict[str, list[bytes]] = {}
     for path, targets in sorted(by_file.items()):
         kept = []
-        for line in _read_lines(path):
-            record = orjson.loads(line)
-            target = targets.get(record["id"])
+        for number, line in enumerate(_read_lines(path), start=1):
+            target = targets.get(number)
             if target is None:
                 kept.append(line)
                 continue
+            record = orjson.loads(line)
             record["metadata"] = {**(record.get("metadata") or {}), "split": target, "split_filled": True}
             filled.setdefault(target, []).append(orjson.dumps(record) + b"\n")
         _write_lines(path, kept)
