@@ -21,7 +21,8 @@ from pathlib import Path
 
 from common import MARKDOWN_HEADER, in_fresh_process, markdown_row, training_workdir
 
-from fidellm.train.loop import TrainConfig, train
+from fidellm.train.config import TrainConfig
+from fidellm.train.loop import train
 
 
 def bench_preset(

@@ -26,7 +26,8 @@ from safetensors.torch import load_file
 from fidellm.errors import FidelError
 from fidellm.models.llama import LlamaForCausalLM
 from fidellm.train import loop
-from fidellm.train.loop import TrainConfig, train
+from fidellm.train.config import TrainConfig
+from fidellm.train.loop import train
 
 FAILURES: list[str] = []
 

@@ -22,7 +22,7 @@ from common import git_commit, training_workdir
 from quality_run import summary_line, train_and_score
 
 from fidellm.models.factory import build_model, preset_config
-from fidellm.train.loop import TrainConfig
+from fidellm.train.config import TrainConfig
 
 
 def steps_for(run: Path, epochs: float, batch: int, seq: int) -> int:

@@ -25,7 +25,8 @@ from fidellm.paths import resolve_data_dir
 from fidellm.tokenizer.base import load_tokenizer
 from fidellm.tokenizer.report import flores_lines
 from fidellm.train.checkpoint import latest_checkpoint
-from fidellm.train.loop import TrainConfig, train
+from fidellm.train.config import TrainConfig
+from fidellm.train.loop import train
 
 
 def main() -> None:

@@ -42,7 +42,8 @@ CHILD = textwrap.dedent(
     import torch
     from fidellm.sft.cli import prepare_output
     from fidellm.sft.lora import lora_spec
-    from fidellm.train.loop import TrainConfig, train
+    from fidellm.train.config import TrainConfig
+    from fidellm.train.loop import train
     args = json.loads(sys.argv[1])
     lora = args["lora"]
     spec = None if lora is None else lora_spec(lora["rank"], lora["alpha"], quantize=lora.get("quantize"))

@@ -30,6 +30,7 @@ from fidellm.tokenizer.base import load_tokenizer
 from fidellm.tokenizer.bpe import train_bpe
 from fidellm.tokenizer.shards import COMPLEXITY_FILE, TokenShards, tokenize_splits
 from fidellm.tokenizer.special import PAD_ID
+from fidellm.train.config import TrainConfig
 from fidellm.train.curriculum import (
     STAGES,
     StagedSampler,
@@ -43,7 +44,7 @@ from fidellm.train.curriculum import (
     window_scores,
 )
 from fidellm.train.data import CurriculumWindows, PackedBatches, windows_to_tensors
-from fidellm.train.loop import TrainConfig, train
+from fidellm.train.loop import train
 from fixtures.chats import WEATHER_TOOL, tool_chat
 from fixtures.models import gqa_config, random_llama
 from fixtures.train.build_run import build_flores_run, flores_lines

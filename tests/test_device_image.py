@@ -43,7 +43,8 @@ SCRIPT = textwrap.dedent(
     from fidellm.tokenizer.base import load_tokenizer
     from fidellm.tokenizer.report import flores_lines
     from fidellm.tokenizer.shards import tokenize_splits
-    from fidellm.train.loop import TrainConfig, train
+    from fidellm.train.config import TrainConfig
+    from fidellm.train.loop import train
 
     run = Path(sys.argv[1])
     shutil.rmtree(run / "tokens")

@@ -21,8 +21,9 @@ import torch
 from safetensors.torch import load_file
 
 from fidellm.compat import FSDP_ON_CPU, torch_release
+from fidellm.train.config import TrainConfig
 from fidellm.train.distributed import Distributed, _by_index, _by_name
-from fidellm.train.loop import TrainConfig, train
+from fidellm.train.loop import train
 from fixtures.train.build_run import build_flores_run
 
 STEPS = 6

@@ -32,7 +32,8 @@ from fidellm.tokenizer.base import load_tokenizer
 from fidellm.tokenizer.bpe import train_bpe
 from fidellm.tokenizer.bytes import ByteTokenizer
 from fidellm.tokenizer.report import flores_lines
-from fidellm.train.loop import TrainConfig, train
+from fidellm.train.config import TrainConfig
+from fidellm.train.loop import train
 from fixtures.models import gqa_config, random_llama
 from fixtures.train.build_run import build_flores_run
 from test_eval_lm import Uniform

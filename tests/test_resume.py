@@ -17,6 +17,7 @@ from fidellm.models.llama import LlamaForCausalLM
 from fidellm.tokenizer.base import load_tokenizer
 from fidellm.tokenizer.shards import TokenShards
 from fidellm.train import checkpoint as ckpt
+from fidellm.train import config as train_config
 from fidellm.train import loop
 from fidellm.train.loop import train
 from fidellm.train.optim import build_optimizer
@@ -95,7 +96,7 @@ def test_trajectory_changes_are_honored_and_reported(run: Path, capsys) -> None:
 def test_the_optimizer_keeps_this_runs_hyperparameters(run: Path) -> None:
     """Loading an optimizer state restores its moments, not the saved weight decay or betas."""
     path = run / "train/checkpoints/step_00000002"
-    model = LlamaForCausalLM(loop.model_config(STOPPED, load_tokenizer(run / "tokenizer").vocab_size))
+    model = LlamaForCausalLM(train_config.model_config(STOPPED, load_tokenizer(run / "tokenizer").vocab_size))
     optimizer = build_optimizer(model, 1e-3, weight_decay=0.3, betas=(0.8, 0.9))
     ckpt.restore_checkpoint(ckpt.read_checkpoint(path), model, optimizer)
     decayed, undecayed = optimizer.param_groups
@@ -122,7 +123,7 @@ def test_a_run_already_at_its_last_step_says_so(run: Path, capsys) -> None:
 
 
 def test_train_cli_passes_the_optimizer_options(tmp_path: Path, monkeypatch) -> None:
-    seen: list[loop.TrainConfig] = []
+    seen: list[train_config.TrainConfig] = []
     summary = {"step": 0, "parameters": 1, "checkpoint": "x"}
     monkeypatch.setattr(loop, "train", lambda run, config: seen.append(config) or summary)
     args = ["--epochs", "2", "--min-lr-ratio", "0", "--decay-fraction", "0.3", "--beta1", "0.8", "--beta2",

@@ -38,7 +38,8 @@ from fidellm.tokenizer.bpe import BPETokenizer, train_bpe
 from fidellm.tokenizer.bytes import ByteTokenizer
 from fidellm.tokenizer.special import BOS, BOS_ID, BYTE_BOS_ID, IM_END, IM_END_ID, IM_START, PAD_ID
 from fidellm.train.checkpoint import latest_checkpoint, read_checkpoint, restore_checkpoint, save_checkpoint
-from fidellm.train.loop import TrainConfig, train
+from fidellm.train.config import TrainConfig
+from fidellm.train.loop import train
 from fixtures.chats import WEATHER_TOOL, tool_chat
 from fixtures.models import gqa_config, random_llama
 

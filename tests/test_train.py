@@ -16,11 +16,13 @@ from fidellm.errors import FidelError
 from fidellm.models.llama import LlamaForCausalLM, preset
 from fidellm.tokenizer.base import load_tokenizer
 from fidellm.train import checkpoint as ckpt
+from fidellm.train import config as train_config
 from fidellm.train import loop
 from fidellm.train import monitor as monitor_module
+from fidellm.train.config import TrainConfig
 from fidellm.train.data import PackedBatches, token_byte_lengths
 from fidellm.train.evaluation import Validation
-from fidellm.train.loop import TrainConfig, train
+from fidellm.train.loop import train
 from fidellm.train.monitor import Monitor
 from fidellm.train.optim import build_optimizer, cosine_lr, learning_rate, param_groups, wsd_lr
 from fixtures.train.build_run import build_flores_run, flores_lines
@@ -116,7 +118,8 @@ def test_crash_mid_save_keeps_previous_checkpoint(flores_run: Path, tmp_path: Pa
         train(run, small_config(max_steps=4, save_every=0))
     monkeypatch.undo()
     assert [p.name for p in directory.iterdir()] == ["step_00000003"]
-    model = LlamaForCausalLM(loop.model_config(small_config(), load_tokenizer(run / "tokenizer").vocab_size))
+    vocab = load_tokenizer(run / "tokenizer").vocab_size
+    model = LlamaForCausalLM(train_config.model_config(small_config(), vocab))
     ckpt.restore_checkpoint(ckpt.read_checkpoint(directory / "step_00000003"), model)
     assert train(run, small_config(max_steps=4))["resumed_from"] == 3
 

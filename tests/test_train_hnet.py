@@ -16,7 +16,8 @@ from fidellm.errors import FidelError
 from fidellm.models.factory import build_model, preset_config
 from fidellm.tokenizer.bytes import ByteTokenizer
 from fidellm.tokenizer.shards import tokenize_splits
-from fidellm.train.loop import TrainConfig, train
+from fidellm.train.config import TrainConfig
+from fidellm.train.loop import train
 from fidellm.train.optim import build_optimizer, param_groups
 from fixtures.train.build_run import build_flores_run
 

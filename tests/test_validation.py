@@ -15,10 +15,12 @@ from click.testing import CliRunner
 
 from fidellm.cli import cli
 from fidellm.errors import FidelError
+from fidellm.models.factory import build_model
 from fidellm.paths import RunLayout
 from fidellm.tokenizer.base import load_tokenizer
 from fidellm.tokenizer.bpe import train_bpe
 from fidellm.tokenizer.shards import TokenShards, tokenize_splits
+from fidellm.train import config as train_config
 from fidellm.train import loop
 from fidellm.train.data import ValidationSet, token_byte_lengths, validation_batches
 from fidellm.train.evaluation import evaluate
@@ -76,7 +78,7 @@ def test_capped_validation_spreads_over_the_split_and_knows_each_targets_source(
 
 def test_per_source_bits_add_up_to_the_whole(two_source_run: Path) -> None:
     tokenizer = load_tokenizer(RunLayout(two_source_run).tokenizer)
-    model = loop.build_model(loop.model_config(small_config(), tokenizer.vocab_size))
+    model = build_model(train_config.model_config(small_config(), tokenizer.vocab_size))
     val_set = validation_batches(TokenShards.from_run(two_source_run, "val"), 64, 4, 6)
     lengths = torch.from_numpy(token_byte_lengths(tokenizer))
     result = evaluate(model, val_set, lengths, torch.device("cpu"), _no_autocast)
@@ -120,7 +122,7 @@ def test_unknown_selected_source_is_refused_before_training(two_source_run: Path
 
 
 def test_train_cli_passes_best_by_sources(tmp_path: Path, monkeypatch) -> None:
-    seen: list[loop.TrainConfig] = []
+    seen: list[train_config.TrainConfig] = []
     summary = {"step": 0, "parameters": 1, "checkpoint": "x"}
     monkeypatch.setattr(loop, "train", lambda run, config: seen.append(config) or summary)
     result = CliRunner().invoke(cli, ["train", str(tmp_path), "--best-by-sources", " modern, older ,"])

@@ -107,7 +107,8 @@ def sft_command(
     tokens only; writes OUTPUT/train/ like `fidellm train` (metrics, checkpoints, best) and, with LoRA,
     the merged model OUTPUT/merged. Reruns resume; export with `fidellm export hf OUTPUT[/merged]`."""
     from fidellm.sft.lora import lora_spec, merge_run
-    from fidellm.train.loop import TrainConfig, train
+    from fidellm.train.config import TrainConfig
+    from fidellm.train.loop import train
 
     output = output_dir or run_dir / "sft"
     quantize = "nf4" if qlora else None

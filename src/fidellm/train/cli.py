@@ -211,7 +211,8 @@ def train_command(
     --batch-size is then per process and the data of one step is split across the processes.
     """
     from fidellm.errors import FidelError
-    from fidellm.train.loop import TrainConfig, train
+    from fidellm.train.config import TrainConfig
+    from fidellm.train.loop import train
 
     try:
         multipliers = [float(x) for x in stage_lr_multipliers.split(",") if x.strip()]
