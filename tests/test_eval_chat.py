@@ -33,8 +33,9 @@ from fidellm.eval.chat import (
     tool_call_verdict,
     tool_turns,
 )
-from fidellm.eval.chat_data import limited, read_bench, read_eval_split, read_parallel, sft_chat_dir
+from fidellm.eval.chat_data import read_bench, read_eval_split, read_parallel, sft_chat_dir
 from fidellm.eval.report import build_report
+from fidellm.eval.sampling import limited
 from fidellm.eval.suite import EvalContext, expand_groups, run_suite
 from fidellm.export.hf import export_hf
 from fidellm.models.hnet import HNetForCausalLM

@@ -52,13 +52,13 @@ from fidellm.eval.chat_data import (
     TRANSLATION_SETS,
     BenchQuestion,
     ParallelLine,
-    limited,
     read_bench,
     read_eval_split,
     read_parallel,
 )
 from fidellm.eval.probes import ethiopic_share
 from fidellm.eval.results import TaskResult
+from fidellm.eval.sampling import limited
 from fidellm.generate.engine import GenerationConfig, generate
 from fidellm.models.loss import IGNORE_INDEX
 from fidellm.serve.tools import parse_tool_calls

@@ -14,11 +14,10 @@ without turns or an invalid conversation is a FidelError naming the file (and li
 from __future__ import annotations
 
 import json
-import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from fidellm.data.compressed import decode_line, iter_raw_lines
 from fidellm.data.registry import SourceSpec, load_registry
@@ -37,8 +36,6 @@ TRANSLATION_SETS: dict[str, tuple[str, str, str]] = {
 BENCHES = ("mt_bench", "vicuna_bench")
 AMHARIC_INSTRUCTION_SOURCES = ("amharicir_instr",)
 """Registry sources of Amharic instructions (AmharicIR-Instr, the only one in the shared data)."""
-
-T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -63,29 +60,6 @@ class BenchQuestion:
     def reference(self, turn: int) -> str | None:
         """The reference answer of turn `turn` (0-based), or None when there is none."""
         return self.references[turn] if self.references and turn < len(self.references) else None
-
-
-def limited(
-    items: Sequence[T], limit: int | None, seed: int, group: Callable[[T], str] | None = None
-) -> list[T]:
-    """At most `limit` items, a `random.Random(seed)` sample kept in their order (all when None). With
-    `group`, the sample first takes one item of each group (of as many groups as `limit` allows), so a
-    group of one or two items (a source with one test document) is not left out by chance."""
-    if limit is not None and limit < 1:
-        raise FidelError(f"limit must be a positive number of examples, got {limit}")
-    if limit is None or len(items) <= limit:
-        return list(items)
-    rng = random.Random(seed)
-    chosen: set[int] = set()
-    if group is not None:
-        members: dict[str, list[int]] = {}
-        for index, item in enumerate(items):
-            members.setdefault(group(item), []).append(index)
-        names = sorted(members)
-        chosen = {rng.choice(members[name]) for name in rng.sample(names, min(limit, len(names)))}
-    rest = [index for index in range(len(items)) if index not in chosen]
-    chosen.update(rng.sample(rest, limit - len(chosen)))
-    return [items[index] for index in sorted(chosen)]
 
 
 def _split_file(spec: SourceSpec, data_dir: Path, split: str) -> Path:

@@ -26,10 +26,10 @@ from torch import nn
 from fidellm.data.split_files import SplitDocument, read_split_file, split_files
 from fidellm.errors import FidelError
 from fidellm.eval.baselines import PUBLISHED_ANCHORS, compressor_results
-from fidellm.eval.chat_data import limited
 from fidellm.eval.lm import score_documents, score_lines
 from fidellm.eval.probes import probe_task_results, run_probes
 from fidellm.eval.results import TaskResult, provenance
+from fidellm.eval.sampling import limited
 from fidellm.hashing import file_sha256
 from fidellm.paths import RunLayout
 from fidellm.tokenizer.base import TextTokenizer

@@ -12,7 +12,6 @@ on an article the head was trained or selected on; the counts are recorded in `d
 
 from __future__ import annotations
 
-import random
 import re
 import unicodedata
 from dataclasses import dataclass, field
@@ -23,6 +22,7 @@ from fidellm.data.readers import RawRecord, Rejection, read_records
 from fidellm.data.registry import SourceSpec, load_registry
 from fidellm.data.sources import ResolvedFile, extract_text, locate, resolve_files
 from fidellm.errors import FidelError
+from fidellm.eval.sampling import limited
 from fidellm.paths import resolve_data_dir
 
 SPLITS = ("train", "dev", "test")
@@ -67,18 +67,8 @@ class TaskData(Generic[E]):
         still sees every class), or the data itself when `limit` is None."""
         if limit is None:
             return self
-        if limit < 1:
-            raise FidelError(f"limit must be a positive number of examples, got {limit}")
-        splits = [subsample(examples, limit, seed) for examples in (self.train, self.dev, self.test)]
+        splits = [limited(examples, limit, seed) for examples in (self.train, self.dev, self.test)]
         return TaskData(self.name, self.labels, *splits, details={**self.details, "limit": limit})
-
-
-def subsample(examples: list[E], limit: int, seed: int) -> list[E]:
-    """`limit` examples chosen with `random.Random(seed)`, in their original order."""
-    if len(examples) <= limit:
-        return list(examples)
-    chosen = sorted(random.Random(seed).sample(range(len(examples)), limit))
-    return [examples[i] for i in chosen]
 
 
 # ---------------------------------------------------------------------------------------------- reading
