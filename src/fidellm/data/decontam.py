@@ -74,11 +74,16 @@ def _valid(ws: list[str], n: int) -> np.ndarray:
     return _window_sums(has_letter, n) * 2 >= n
 
 
+def _all_known(ids: np.ndarray, n: int) -> np.ndarray:
+    """Which n-grams of `ids` have all their words in the vocabulary (only those can be indexed)."""
+    return _window_sums(ids > 0, n) == n
+
+
 def _known_ngrams(ids: np.ndarray, n: int) -> np.ndarray:
-    """Hashes of the n-grams of `ids` whose words are all in the vocabulary (only those can be indexed)."""
+    """Hashes of the n-grams of `ids` whose words are all in the vocabulary."""
     if len(ids) < n:
         return np.empty(0, dtype=np.uint64)
-    return ngram_hashes(ids, n)[_window_sums(ids > 0, n) == n]
+    return ngram_hashes(ids, n)[_all_known(ids, n)]
 
 
 def _masks(hashes: list[int], set_ids: list[int]) -> tuple[np.ndarray, np.ndarray]:
@@ -268,7 +273,7 @@ class EvalNgramIndex:
             return []
         owner = np.repeat(np.arange(len(keys)), [len(ws) for ws in word_lists])
         ids = word_ids(flat, self.vocab)
-        known = _window_sums(ids > 0, self.n) == self.n
+        known = _all_known(ids, self.n)
         hashes = ngram_hashes(ids, self.n)[known]
         idx = np.minimum(np.searchsorted(self.ngrams, hashes), len(self.ngrams) - 1)
         return np.unique(owner[: len(known)][known][self.ngrams[idx] == hashes]).tolist()
