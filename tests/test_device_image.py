@@ -22,7 +22,7 @@ from fixtures.train.build_run import build_flores_run
 ROOT = Path(__file__).resolve().parents[1]
 NOT_ON_DEVICE = (
     "datatrove", "zstandard", "pycld2", "orjson", "gguf", "seqeval", "fastapi", "starlette", "pydantic",
-    "uvicorn", "httptools", "sse_starlette", "redis", "lm_eval", "bitsandbytes", "httpx2",
+    "uvicorn", "httptools", "sse_starlette", "redis", "lm_eval", "bitsandbytes", "httpx2", "mwparserfromhell",
 )  # fmt: skip
 
 SCRIPT = textwrap.dedent(

@@ -43,6 +43,7 @@ from fidellm.data.config import PrepareConfig
 from fidellm.data.decontam import Decontaminate
 from fidellm.data.dedup import AmharicMinhashSignature, minhash_config
 from fidellm.data.filters import LanguageFilter, LengthFilter, QualityFilter, ScriptFilter
+from fidellm.data.markup import strip_markup
 from fidellm.data.readers import Rejection
 from fidellm.data.registry import SourceSpec, load_registry, select_sources
 from fidellm.data.sources import iter_documents
@@ -53,7 +54,8 @@ from fidellm.paths import RunLayout, staged_output_dir
 
 
 class SourceReader(PipelineStep):
-    """Reads the selected registry sources, sharded by record across ranks; logs rejections with file:line."""
+    """Reads the selected registry sources, sharded by record across ranks; logs rejections with file:line.
+    A source's markup (`markup: wikitext`) is stripped here, so every later stage sees the plain text."""
 
     name = "📖 registry sources"
     type = "📖 - READER"
@@ -87,6 +89,11 @@ class SourceReader(PipelineStep):
                         continue
                     counts[spec.name]["documents"] += 1
                     self.stat_update(f"read_{spec.name}")
+                    if spec.markup != "none":
+                        with self.track_time():
+                            before = len(item.text)
+                            item.text = strip_markup(item.text, spec.markup)
+                        counts[spec.name]["markup_chars_removed"] += before - len(item.text)
                     if spec.name in self.weights:
                         item.metadata["weight"] = float(self.weights[spec.name])
                     yield item

@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 import yaml
 
+from fidellm.data.markup import MARKUPS
 from fidellm.data.readers import FORMAT_OPTIONS, SUPPORTED_FORMATS, TXT_UNITS, supported_formats_message
 from fidellm.errors import FidelError
 
@@ -63,6 +64,8 @@ class SourceSpec:
     date_field: str | None = None
     group_by: tuple[str, ...] = ()
     unit: str = "line"
+    markup: str = "none"
+    """Markup stripped from the text at read time (`fidellm.data.markup`): none | wikitext."""
     options: Mapping[str, Any] = field(default_factory=dict, hash=False)
     license_field: str | None = None
     license_values: Mapping[str, str] = field(default_factory=dict, hash=False)
@@ -114,7 +117,7 @@ def licence_family_of(licence: str) -> str:
 _KEYS = {
     "name", "section", "paths", "format", "text_fields", "id_field", "id_rule", "date_field", "group_by",
     "unit", "options", "license", "license_family", "license_field", "license_values", "removed_ids",
-    "weight", "default", "description", "upstream", "converted", "files",
+    "weight", "default", "description", "upstream", "converted", "files", "markup",
 }  # fmt: skip
 
 
@@ -216,6 +219,7 @@ def _parse_entry(raw: Any, origin: str, index: int, root: str | None) -> SourceS
         date_field=entry.get("date_field", str),
         group_by=entry.strings("group_by"),
         unit=entry.choice("unit", TXT_UNITS, "line"),
+        markup=entry.choice("markup", MARKUPS, "none"),
         options=options,
         license_field=entry.get("license_field", str),
         license_values={str(k): str(v) for k, v in license_values.items()},

@@ -158,6 +158,7 @@ def collect(layout: PrepareLayout, specs: list[SourceSpec]) -> dict[str, Any]:
             "kept": total.as_dict(),
             "kept_by_split": by_split,
             "filled_by_split": {split: n for split, n in filled[name].items() if n},
+            "markup_chars_removed": read[name]["markup_chars_removed"],
             "balanced": documents == total.docs + n_dropped and read[name]["rejected"] == n_rejected,
         }
     return {
@@ -339,6 +340,17 @@ def render_markdown(report: dict[str, Any]) -> str:
         " removed). Most removed:",
         _table(["kind", "line shape (digits masked)", "count"], report["boilerplate"]["top_removed"]),
     ]
+    markup = [
+        f"{name} {info['markup_chars_removed']:,}"
+        for name, info in report["sources"].items()
+        if info.get("markup_chars_removed")
+    ]
+    if markup:
+        parts.append(
+            "Markup stripped as the sources were read (their registry entry's `markup`), in characters: "
+            + ", ".join(markup)
+            + "."
+        )
     if report["rejected_examples"]:
         parts += [
             "## Rejected records (first 20)",
