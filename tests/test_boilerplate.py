@@ -128,3 +128,13 @@ def test_amwiki_proverb_pages_are_kept_once() -> None:
     assert sum("የአማርኛ ምሳሌ ነው" in t for t in collapsed) > 300
     assert all(quality_score(t).score == 0.0 for t in texts if one_copy(t)[1] and "ምሳሌ ነው" in t)
     assert sum(quality_score(t).score >= 50 for t in collapsed) > 300
+
+
+def test_a_document_of_boilerplate_only_is_dropped_with_that_reason(tmp_path):
+    config = BoilerplateConfig(min_docs=10)
+    docs = _docs(30)
+    only = Document(text=f"{FORUM}\n***", id="only/1", metadata={})  # its lines: boilerplate, non-text
+    _count(tmp_path, [*docs, only], config)
+    out = list(BoilerplateRemover(tmp_path / "counts", tmp_path / "ex", config).run(iter([*docs, only])))
+    assert [d.id for d in out] == [d.id for d in docs]
+    assert only.metadata["filter_reason"] == "boilerplate_only" and only.text == f"{FORUM}\n***"

@@ -168,16 +168,25 @@ class ExactDedup(PipelineStep):
 
 
 class BoilerplateRemover(PipelineStep):
-    """Removes boilerplate and non-text lines; records what it removed per document and overall."""
+    """Removes boilerplate and non-text lines; records what it removed per document and overall. A document
+    with nothing else left is dropped as `boilerplate_only` (a filter downstream would give it a wrong
+    reason, e.g. "low Ethiopic share" for an empty text)."""
 
     name = "🧹 boilerplate lines"
     type = "✂️ - FORMAT"
 
-    def __init__(self, counts_folder: str | Path, examples_folder: str | Path, config: BoilerplateConfig):
+    def __init__(
+        self,
+        counts_folder: str | Path,
+        examples_folder: str | Path,
+        config: BoilerplateConfig,
+        exclusion_writer: DiskWriter | None = None,
+    ):
         super().__init__()
         self.counts_folder = str(counts_folder)
         self.examples_folder = str(examples_folder)
         self.config = config
+        self.exclusion_writer = exclusion_writer
 
     def _clean(self, text: str, boiler: set[int], examples: Counter[str]) -> tuple[str, int, int]:
         kept: list[str] = []
@@ -201,16 +210,23 @@ class BoilerplateRemover(PipelineStep):
         shape_df, _ = _load_counts(self.counts_folder)
         boiler = {shape for shape, df in shape_df.items() if df >= self.config.min_docs}
         examples: Counter[str] = Counter()
-        for doc in data:
-            with self.track_time():
-                text, n_boiler, n_non_text = self._clean(doc.text, boiler, examples)
-                if n_boiler or n_non_text:
-                    doc.metadata["boilerplate_lines"] = n_boiler
-                    doc.metadata["non_text_lines"] = n_non_text
-                    self.stat_update("boilerplate_lines", value=n_boiler)
-                    self.stat_update("non_text_lines", value=n_non_text)
+        with self.exclusion_writer or contextlib.nullcontext() as writer:
+            for doc in data:
+                with self.track_time():
+                    text, n_boiler, n_non_text = self._clean(doc.text, boiler, examples)
+                    if n_boiler or n_non_text:
+                        doc.metadata["boilerplate_lines"] = n_boiler
+                        doc.metadata["non_text_lines"] = n_non_text
+                        self.stat_update("boilerplate_lines", value=n_boiler)
+                        self.stat_update("non_text_lines", value=n_non_text)
+                if not text.strip():
+                    self.stat_update("dropped_boilerplate_only")
+                    doc.metadata["filter_reason"] = "boilerplate_only"
+                    if writer is not None:
+                        writer.write(doc, rank)  # with its text: the lines that were removed
+                    continue
                 doc.text = text
-            yield doc
+                yield doc
         out = Path(self.examples_folder)
         out.mkdir(parents=True, exist_ok=True)
         (out / f"{rank:05d}.json").write_text(json.dumps(examples.most_common(200), ensure_ascii=False))

@@ -191,7 +191,12 @@ def build_stages(
         filter_steps.append(ExactDedup(layout.counts, layout.dropped_writer("exact_duplicate")))
     if config.boilerplate.enabled or config.boilerplate.drop_non_text_lines:
         filter_steps.append(
-            BoilerplateRemover(layout.counts, layout.boilerplate_examples, config.boilerplate)
+            BoilerplateRemover(
+                layout.counts,
+                layout.boilerplate_examples,
+                config.boilerplate,
+                layout.dropped_writer("boilerplate_only"),
+            )
         )
     filter_steps.append(CollapseCopies())
     if config.decontam.enabled:
