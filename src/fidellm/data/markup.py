@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import re
 
-import mwparserfromhell
-
 MARKUPS = ("none", "wikitext")
 
 _DEBRIS = re.compile(
@@ -69,6 +67,8 @@ def _cut_debris(line: str, rest_of_text: str) -> str:
 
 def strip_wikitext(text: str) -> str:
     """The readable text of wikitext `text` (see the module docstring); lines stripped, empty lines gone."""
+    import mwparserfromhell  # here, not at module level: the registry imports MARKUPS on every command
+
     lines = text.split("\n")
     kept = []
     for index, line in enumerate(lines):
