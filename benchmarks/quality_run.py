@@ -40,6 +40,7 @@ def main() -> None:
         f"{args.preset}-lr{args.lr:g}-do{args.dropout:g}-wd{args.weight_decay:g}-s{args.steps}"
         f"-{args.schedule}{args.min_lr_ratio:g}{'-docmask' if args.document_mask else ''}-seed{args.seed}"
         f"{'-bestby-' + args.best_by_sources.replace(',', '+') if args.best_by_sources else ''}"
+        f"{f'-ema{args.ema_decay:g}' if args.ema_decay else ''}"
     )
     work = training_workdir(args.run, args.out / name)
     result = train_and_score(work, config_from_args(args), args.data_dir)
@@ -70,6 +71,13 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
         default="",
         help="Comma-separated sources whose val bits/byte choose train/best (default: the val loss).",
     )
+    parser.add_argument(
+        "--ema-decay",
+        type=float,
+        default=None,
+        help="Keep an average of the weights (fidellm.train.average); the final step is then scored both"
+        " averaged and as trained.",
+    )
     parser.add_argument("--data-dir", type=Path, default=None)
 
 
@@ -91,6 +99,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         eval_every=args.eval_every,
         seed=args.seed,
         best_by_sources=[name for name in args.best_by_sources.split(",") if name],
+        ema_decay=args.ema_decay,
         save_every=0,
         keep_last=1,
         resume=False,
@@ -114,8 +123,12 @@ def train_and_score(work: Path, config: TrainConfig, data_dir: Path | None) -> d
     device = "cuda" if torch.cuda.is_available() else "cpu"
     tokenizer = load_tokenizer(work / "tokenizer")
     lines = flores_lines(resolve_data_dir(data_dir))
-    final_model = load_checkpoint_model(latest_checkpoint(work / "train" / "checkpoints"), device)
-    final_scores = score_lines(final_model, tokenizer, lines, device)
+    final = latest_checkpoint(work / "train" / "checkpoints")
+    final_scores = score_lines(load_checkpoint_model(final, device), tokenizer, lines, device)
+    trained_scores = None  # with a weight average, the final step's own weights too
+    if config.ema_decay:
+        trained = load_checkpoint_model(final, device, averaged=False)
+        trained_scores = dataclasses.asdict(score_lines(trained, tokenizer, lines, device))
     scores = score_lines(load_checkpoint_model(work / "train" / "best", device), tokenizer, lines, device)
     return {
         "parameters": summary["parameters"],
@@ -128,7 +141,9 @@ def train_and_score(work: Path, config: TrainConfig, data_dir: Path | None) -> d
         "best_by_sources": config.best_by_sources,
         "val_curve": val,
         "flores": dataclasses.asdict(scores),  # the best-validation weights (train/best)
-        "flores_final_step": dataclasses.asdict(final_scores),
+        "flores_final_step": dataclasses.asdict(final_scores),  # averaged when ema_decay is set
+        "ema_decay": config.ema_decay,
+        "flores_final_step_trained": trained_scores,
         "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
     }
 
@@ -140,6 +155,11 @@ def summary_line(result: dict) -> str:
         f" val loss {result['final_val_loss']:.4f} (best {best['val_loss']:.4f} at step {best['step']});"
         f" FLORES second-half bits {flores['second_half_bits']:.2f} (best-validation weights; final step"
         f" {result['flores_final_step']['second_half_bits']:.2f}), bits/byte {flores['bits_per_byte']:.4f}"
+        + (
+            f"; final step as trained, without the average: {trained['second_half_bits']:.2f}"
+            if (trained := result.get("flores_final_step_trained"))
+            else ""
+        )
     )
 
 

@@ -3,7 +3,9 @@
 Two processes with --batch-size 4 see exactly the windows one process with --batch-size 8 sees (see
 PackedBatches), and DDP averages their gradients, so losses and weights must agree up to float
 summation order. FSDP2 (parameters sharded per block) must agree too, and a 2-process run must
-resume from its own checkpoint (and a 1-process run from a 2-process checkpoint).
+resume from its own checkpoint (and a 1-process run from a 2-process checkpoint). Every run keeps a
+weight average (`--ema-decay`), so the averaged weights and their validation are compared as well as
+the trained ones.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ from fixtures.train.build_run import build_flores_run
 
 STEPS = 6
 COMMON = ["--preset", "tiny", "--seq-len", "64", "--grad-accum", "2", "--steps", str(STEPS), "--warmup", "2",
-          "--lr", "3e-3", "--eval-every", "3", "--log-every", "1", "--save-every", "3"]  # fmt: skip
+          "--lr", "3e-3", "--eval-every", "3", "--log-every", "1", "--save-every", "3",
+          "--ema-decay", "0.9"]  # fmt: skip
 LOSS_RTOL = 1e-4
 WEIGHT_ATOL = 1e-4
 
@@ -65,8 +68,8 @@ def logged(run: Path, kind: str, field: str) -> list[float]:
     return [r[field] for r in map(json.loads, lines) if r["kind"] == kind]
 
 
-def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run / f"train/checkpoints/step_{STEPS:08d}/model.safetensors"))
+def final_weights(run: Path, file: str = "model.safetensors") -> dict[str, torch.Tensor]:
+    return load_file(str(run / f"train/checkpoints/step_{STEPS:08d}/{file}"))
 
 
 @pytest.fixture(scope="module")
@@ -75,20 +78,24 @@ def single(flores_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     run = copy_run(flores_run, tmp_path_factory.mktemp("single") / "run")
     config = TrainConfig(
         preset="tiny", seq_len=64, batch_size=8, grad_accum=2, max_steps=STEPS, warmup_steps=2, lr=3e-3,
-        eval_every=3, log_every=1, save_every=3, device="cpu", echo=False,
+        eval_every=3, log_every=1, save_every=3, device="cpu", echo=False, ema_decay=0.9,
     )  # fmt: skip
     train(run, config)
     return run
 
 
 def assert_same_training(run: Path, reference: Path) -> None:
-    for kind, field in (("train", "loss"), ("val", "val_loss"), ("val", "val_bpb")):
+    fields = [("train", "loss")] + [("val", f"val_{x}{y}") for x in ("loss", "bpb") for y in ("", "_trained")]
+    for kind, field in fields:
         ours, theirs = logged(run, kind, field), logged(reference, kind, field)
         torch.testing.assert_close(ours, theirs, rtol=LOSS_RTOL, atol=0, msg=field)
-    ours, theirs = final_weights(run), final_weights(reference)
-    assert ours.keys() == theirs.keys()
-    for name in ours:
-        torch.testing.assert_close(ours[name], theirs[name], atol=WEIGHT_ATOL, rtol=0, msg=name)
+    for file in ("model.safetensors", "average.safetensors"):
+        ours, theirs = final_weights(run, file), final_weights(reference, file)
+        assert ours.keys() == theirs.keys()
+        for name in ours:
+            torch.testing.assert_close(
+                ours[name], theirs[name], atol=WEIGHT_ATOL, rtol=0, msg=f"{file} {name}"
+            )
 
 
 @pytest.mark.slow
@@ -125,7 +132,7 @@ def test_one_process_resumes_a_two_process_checkpoint(flores_run: Path, single: 
     torchrun(run, "--batch-size", "4", "--strategy", "fsdp", "--stop-at-step", "3")
     config = TrainConfig(
         preset="tiny", seq_len=64, batch_size=8, grad_accum=2, max_steps=STEPS, warmup_steps=2, lr=3e-3,
-        eval_every=3, log_every=1, save_every=3, device="cpu", echo=False,
+        eval_every=3, log_every=1, save_every=3, device="cpu", echo=False, ema_decay=0.9,
     )  # fmt: skip
     assert train(run, config)["resumed_from"] == 3
     assert_same_training(run, single)

@@ -17,19 +17,30 @@ from fidellm.errors import FidelError
 from fidellm.export.hf import WEIGHTS_FILE, load_hf_dir
 from fidellm.export.hnet import is_hnet_dir, load_hnet_dir
 from fidellm.models.factory import build_model, config_from_dict
-from fidellm.train.checkpoint import STATE_FILE, latest_checkpoint, read_checkpoint, restore_checkpoint
+from fidellm.train.checkpoint import (
+    AVERAGE_FILE,
+    STATE_FILE,
+    latest_checkpoint,
+    read_checkpoint,
+    restore_checkpoint,
+)
 from fidellm.train.distributed import pick_device
 
 
-def load_checkpoint_model(path: Path, device: torch.device | str = "cpu") -> nn.Module:
+def load_checkpoint_model(path: Path, device: torch.device | str = "cpu", averaged: bool = True) -> nn.Module:
     """The model saved in a training checkpoint directory (weights only), in eval mode; its architecture
-    is the one state.json's "model_config" names (no "arch": Llama)."""
+    is the one state.json's "model_config" names (no "arch": Llama). A checkpoint of a run with a weight
+    average (`ema_decay`) gives the averaged weights, the ones its validation scored, unless `averaged`
+    is False."""
     device = pick_device(device)
     checkpoint = read_checkpoint(Path(path))
     if "model_config" not in checkpoint.state:
         raise FidelError(f"{Path(path) / STATE_FILE}: no model_config (not a model checkpoint)")
     model = build_model(config_from_dict(checkpoint.state["model_config"])).to(device)
-    restore_checkpoint(checkpoint, model, restore_rng=False)
+    averaged = averaged and (checkpoint.path / AVERAGE_FILE).is_file()
+    restore_checkpoint(
+        checkpoint, model, restore_rng=False, weights_file=AVERAGE_FILE if averaged else "model.safetensors"
+    )
     return model.eval()
 
 

@@ -2,6 +2,8 @@
 
 A checkpoint is a directory CKPT_DIR/step_NNNNNNNN/ holding
   model.safetensors  the weights (tied embedding stored once)
+  average.safetensors  with `ema_decay`: the averaged weights (fidellm.train.average), loaded by
+                     `fidellm.models.load` in their place
   optimizer.pt       the optimizer state dict (tensors and numbers only: loads with weights_only=True)
   rng.pt             torch CPU and CUDA generator states of every rank
   state.json         step, world size, data position, python and numpy RNG states, configs
@@ -43,6 +45,8 @@ SINGLE = Distributed()
 PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
 STATE_FILE = "state.json"
+AVERAGE_FILE = "average.safetensors"
+"""A checkpoint's averaged weights (fidellm.train.average), beside model.safetensors (the trained ones)."""
 
 
 def checkpoint_name(step: int) -> str:
@@ -156,10 +160,12 @@ def save_checkpoint(
     keep_last: int,
     scaler: torch.amp.GradScaler | None = None,
     ctx: Distributed = SINGLE,
+    average: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write the checkpoint of `step` atomically and delete all but the newest `keep_last`.
 
-    `state` (JSON-able: data position, configs, ...) is stored in state.json with the step and RNG states.
+    `state` (JSON-able: data position, configs, ...) is stored in state.json with the step and RNG states;
+    `average` (complete weights, `WeightAverage.full_state`) in average.safetensors.
     In a multi-process run every rank calls this (gathering sharded states is collective, and each
     rank's torch RNG state is kept); rank 0 alone writes.
     """
@@ -175,6 +181,8 @@ def save_checkpoint(
 
         def write(tmp: Path) -> None:
             _write_weights(model, weights, tmp / "model.safetensors")
+            if average is not None:
+                _write_weights(model, average, tmp / AVERAGE_FILE)
             extra = {"scaler": scaler.state_dict()} if scaler is not None and scaler.is_enabled() else {}
             torch.save({"optimizer": optimizer_state, **extra}, tmp / "optimizer.pt")
             torch.save({"ranks": rank_rngs}, tmp / "rng.pt")
@@ -291,15 +299,17 @@ def restore_checkpoint(
     scaler: torch.amp.GradScaler | None = None,
     restore_rng: bool = True,
     rank: int = 0,
+    weights_file: str = "model.safetensors",
 ) -> None:
-    """Load weights (strictly), optimizer and scaler states and this rank's RNG states into fresh objects.
+    """Load weights (strictly, from `weights_file`), optimizer and scaler states and this rank's RNG
+    states into fresh objects.
 
     The optimizer keeps its own hyperparameters (built from this run's config): only its state is loaded.
 
     A rank the checkpoint has no RNG state for (the run had fewer processes) takes rank 0's.
     """
     path = checkpoint.path
-    weights = read_weights(model, path / "model.safetensors")
+    weights = read_weights(model, path / weights_file)
     saved = _load_torch_file(path / "optimizer.pt", "optimizer") if optimizer is not None else {}
     plain_rng = checkpoint.field("rng") if restore_rng else None
     ranks = _load_torch_file(path / "rng.pt", "ranks")["ranks"] if restore_rng else None

@@ -191,6 +191,13 @@ def optimizer_options(command: Callable[..., Any]) -> Callable[..., Any]:
     help="Keep as train/best the weights with the lowest val bits/byte over these comma-separated sources"
     " (e.g. the modern ones) instead of the lowest val loss. Every log records each source's bits/byte.",
 )
+@click.option(
+    "--ema-decay",
+    type=float,
+    default=None,
+    help="Keep an exponential moving average of the weights with this decay (e.g. 0.999: about the last"
+    " 1,000 steps); validation, train/best, generation and export then use the average.",
+)
 @click.option("--log-every", default=10, show_default=True)
 @click.option(
     "--save-every", default=500, show_default=True, help="Checkpoint every N steps (and at the end)."

@@ -10,6 +10,7 @@ from typing import Any
 from fidellm.errors import FidelError
 from fidellm.models.factory import ARCHS, ModelConfig, preset_config
 from fidellm.models.loss import DEFAULT_CHUNK_TOKENS
+from fidellm.train.average import check_decay
 from fidellm.train.curriculum import DEFAULT_SPAN
 from fidellm.train.distributed import STRATEGIES
 from fidellm.train.optim import SCHEDULES
@@ -89,6 +90,9 @@ class TrainConfig:
     """Draw the training data easy to hard by complexity stage (fidellm.train.curriculum)."""
     curriculum_span: float = DEFAULT_SPAN
     """Share of the steps over which the five stages are unlocked; all data is drawn after it."""
+    ema_decay: float | None = None
+    """Keep an exponential moving average of the weights with this decay (e.g. 0.999) and evaluate, keep
+    and export it instead of the last step's weights (fidellm.train.average)."""
 
     def validate(self) -> None:
         """Reject impossible settings before anything is loaded."""
@@ -138,6 +142,7 @@ class TrainConfig:
             raise FidelError(f"train config: curriculum_span must lie in (0, 1], got {self.curriculum_span}")
         if self.document_mask and self.arch != "llama":
             raise FidelError("train config: document_mask is implemented for the llama architecture only")
+        check_decay(self.ema_decay)
         if self.gradient_checkpointing and self.compile:
             raise FidelError("train config: gradient_checkpointing with compile is not supported together")
 

@@ -215,6 +215,21 @@ def full_value(value: torch.Tensor) -> float:
     return float(value.full_tensor() if hasattr(value, "full_tensor") else value)
 
 
+def reshard(model: nn.Module) -> None:
+    """Free FSDP2's gathered copies of the parameters (the root keeps its own after a forward without a
+    backward), so that the next forward gathers the shards again: needed after writing the shards in
+    place (`fidellm.train.average`). A no-op for a model that is not sharded."""
+    if not sharded(model):
+        return
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import FSDPModule
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
+
+
 def sharded(model: nn.Module) -> bool:
     """Whether `model`'s parameters are FSDP2 shards (DTensors) rather than plain tensors."""
     return any(type(p).__name__ == "DTensor" for p in model.parameters())

@@ -15,6 +15,7 @@ import dataclasses
 import functools
 import json
 import time
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +35,12 @@ from fidellm.sft.data import ConversationBatches, chat_data
 from fidellm.sft.lora import apply_lora
 from fidellm.tokenizer.base import load_tokenizer
 from fidellm.tokenizer.shards import TokenShards
+from fidellm.train.average import WeightAverage
 from fidellm.train.checkpoint import (
+    AVERAGE_FILE,
     latest_checkpoint,
     read_checkpoint,
+    read_weights,
     refuse_old_checkpoints,
     restore_checkpoint,
     save_checkpoint,
@@ -190,6 +194,7 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
     if config.gradient_checkpointing:
         enable_gradient_checkpointing(model)
     wrapped = wrap_model(model, ctx, device, config.strategy)
+    average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
     if ctx.rank:
         torch.manual_seed(config.seed + 1_000_003 * ctx.rank)  # other dropout masks on other ranks
     optimizer = build_optimizer(
@@ -214,6 +219,10 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
         )  # fmt: skip
         check_last_step(previous, loaded.step, config.max_steps, config.stop_at_step)
         restore_checkpoint(loaded, model, optimizer, scaler, rank=ctx.rank)
+        if average is not None and (previous / AVERAGE_FILE).is_file():
+            average.load_full_state(read_weights(model, previous / AVERAGE_FILE))
+        elif average is not None:
+            changes.setdefault("ema_decay", (None, config.ema_decay))  # the average starts here
         batches.load_state_dict(loaded.field("data"))
         step = loaded.step
         if config.echo and ctx.main:
@@ -247,7 +256,8 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
             "model_config": config_to_dict(mconfig),
             "train_config": dataclasses.asdict(config),
         }
-        return save_checkpoint(ckpt_dir, at, model, optimizer, state, config.keep_last, scaler, ctx)
+        averaged = average.full_state() if average is not None else None
+        return save_checkpoint(ckpt_dir, at, model, optimizer, state, config.keep_last, scaler, ctx, averaged)
 
     def stop_if_not_finite(record: StepRecord) -> None:
         """Stop on a non-finite loss, saving the state before that step (its update never happened)."""
@@ -260,8 +270,12 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
             )
 
     def report(record: StepRecord) -> None:
-        """Check a finished step, keep its loss and log it on log steps."""
+        """Check a finished step, fold its weights into the average, keep its loss, log it on log steps.
+        The model still holds the weights after `record.step` (a sync-free loop reports a step before
+        the next update)."""
         stop_if_not_finite(record)
+        if average is not None:
+            average.update(record.step)
         losses.append(record.values()[0])  # the logged loss is the cross-entropy alone
         if record.step % config.log_every == 0 or record.step == stop:
             chunks = [float(x) for x in record.chunks]
@@ -325,12 +339,17 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
             pending = None
         if at_eval:
             with monitor.paused():
-                result = evaluate(forward, val_set, byte_lengths, device, autocast, ctx)
-                score, by_source = best.score_of(result), result.source_bpb()
-                selected = score if config.best_by_sources else None  # the curve of the chosen sources
-                monitor.log_val(step, result.loss, result.bpb, by_source, selected)
-                val = {"val_loss": result.loss, "val_bpb": result.bpb, "val_bpb_by_source": by_source}
-                best.offer(step, result, score, model, {"model_config": config_to_dict(mconfig)}, ctx)
+                trained = None  # with an average, the trained weights' figures beside the average's
+                if average is not None:
+                    own = evaluate(forward, val_set, byte_lengths, device, autocast, ctx)
+                    trained = (own.loss, own.bpb)
+                with average.applied() if average is not None else nullcontext():
+                    result = evaluate(forward, val_set, byte_lengths, device, autocast, ctx)
+                    score, by_source = best.score_of(result), result.source_bpb()
+                    selected = score if config.best_by_sources else None  # the chosen sources' curve
+                    monitor.log_val(step, result.loss, result.bpb, by_source, selected, trained)
+                    val = {"val_loss": result.loss, "val_bpb": result.bpb, "val_bpb_by_source": by_source}
+                    best.offer(step, result, score, model, {"model_config": config_to_dict(mconfig)}, ctx)
         if at_save:
             with monitor.paused():
                 save(step)

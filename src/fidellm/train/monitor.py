@@ -219,18 +219,25 @@ class Monitor:
         bpb: float,
         by_source: dict[str, float] | None = None,
         selected: float | None = None,
+        trained: tuple[float, float] | None = None,
     ) -> None:
-        """Record a validation result (with the bits/byte of each source, and of the sources the best
-        weights are chosen by) and print it."""
+        """Record a validation result (with the bits/byte of each source, of the sources the best weights
+        are chosen by, and, when `loss` is a weight average's, the trained weights' loss and bits/byte)
+        and print it."""
         record = {"kind": "val", "step": step, "val_loss": loss, "val_bpb": bpb, "time": time.time()}
         if by_source:
             record["val_bpb_by_source"] = by_source
         if selected is not None:
             record["val_bpb_selected"] = selected
+        if trained is not None:
+            record["val_loss_trained"], record["val_bpb_trained"] = trained
         self.write(record)
         if self.echo:
             chosen = f" | selected sources {selected:.4f}" if selected is not None else ""
-            print(f"step {step} | val loss {loss:.4f} | val bits/byte {bpb:.4f}{chosen}", flush=True)
+            own = f" | trained weights {trained[0]:.4f}, {trained[1]:.4f}" if trained is not None else ""
+            kind = "averaged " if trained is not None else ""
+            line = f"step {step} | {kind}val loss {loss:.4f} | val bits/byte {bpb:.4f}{chosen}{own}"
+            print(line, flush=True)
 
     def close(self) -> Path | None:
         """Flush TensorBoard and draw curves.png; returns the plot's path (None when nothing was logged)."""

@@ -6,7 +6,8 @@ other settings falls in three kinds:
   the data itself; the base model, LoRA, unfreezing, the optimizer's stage groups): refused, naming each
   field, since the run would otherwise repeat or skip data or load state into the wrong places;
 - the optimization trajectory (steps, schedule, lr, weight decay, betas, clipping, dtype, accumulation,
-  document masking): honored and reported, since the run then differs from an uninterrupted one;
+  document masking, the weight average's decay): honored and reported, since the run then differs
+  from an uninterrupted one;
 - everything else (logging, evaluation and save cadence, device, compile, stop_at_step, …): free.
 """
 
@@ -24,6 +25,7 @@ STRUCTURE_FIELDS = ("base", "lora", "unfreeze")
 TRAJECTORY_FIELDS = (
     "max_steps", "lr", "schedule", "warmup_steps", "min_lr_ratio", "decay_fraction", "weight_decay",
     "beta1", "beta2", "grad_clip", "dtype", "grad_accum", "document_mask", "stage_lr_multipliers",
+    "ema_decay",
 )  # fmt: skip
 ROWS = "batch_size × processes"
 
