@@ -43,14 +43,16 @@ def test_average_follows_its_formula_and_swaps_back_exactly() -> None:
     layer.register_parameter("frozen", frozen)
     average = WeightAverage(layer, DECAY)
     assert len(average.shadow) == 2  # weight and bias: what trains
-    assert average.rate(1) == pytest.approx(1 - 2 / 11) and average.rate(1000) == pytest.approx(0.1)
-    expected = layer.weight.detach().clone()
+    assert average.rate(1) == 1.0 and average.rate(2) == pytest.approx(0.1 / 0.19)
+    assert average.rate(1000) == pytest.approx(0.1)
+    seen = []  # the weights after each step: the average weighs step s by DECAY ** (t - s), normalized
     for step in range(1, 6):
         with torch.no_grad():
             layer.weight.add_(torch.randn_like(layer.weight))
         average.update(step)
-        rate = 1 - min(DECAY, (1 + step) / (10 + step))
-        expected = expected + rate * (layer.weight.detach() - expected)
+        seen.append(layer.weight.detach().clone())
+    factors = [DECAY ** (len(seen) - s) for s in range(1, len(seen) + 1)]
+    expected = sum(f * w for f, w in zip(factors, seen, strict=True)) / sum(factors)
     assert torch.allclose(average.shadow[0], expected, atol=1e-6)
     trained = [p.detach().clone() for p in layer.parameters()]
     with average.applied():

@@ -2,12 +2,14 @@
 
 The last updates of a run move the weights around a minimum by the noise of their batches; an average
 of the weights over the last few hundred steps sits nearer to it, without another step of training.
-After step t the average moves toward the weights by 1 - min(decay, (1 + t) / (10 + t)): the ramp lets
-the first steps count instead of weighting the random initial weights, and decay 0.999 then averages
-over about the last 1,000 steps. The average never feeds back into training (a run's losses are the
-same with it or without), it holds one fp32 copy of the trained parameters on their device, and it is
-updated on the host's word that the step was finite, so a stopped run saves the average of the steps
-before the bad one.
+The average after step t weighs the weights after step s by decay^(t - s), normalized (Adam's bias
+correction): it moves toward the weights by (1 - decay) / (1 - decay^t), so it starts as the weights
+after step 1, not the random initial ones, and decay 0.99 averages over about the last 100 steps, 0.999
+the last 1,000 (choose it well under the run's length: every step so far counts in a shorter run). The
+average never feeds back into training (a run's losses are the same with it or without), it holds one
+copy of the trained parameters on their device, and it is updated on the host's word that the step was
+finite, so a stopped run saves the average of the steps before the bad one. An average turned on when a
+run resumes starts from the checkpoint's weights.
 
 With an average, the validation loss, RUN/train/best and each checkpoint's `average.safetensors` are
 the averaged weights, and `fidellm.models.load` reads a checkpoint's average when it has one: what is
@@ -44,8 +46,8 @@ class WeightAverage:
             self.shadow = [p.detach().clone() for p in self.params]
 
     def rate(self, step: int) -> float:
-        """How far the average moves toward the weights after `step` (1-based)."""
-        return 1.0 - min(self.decay, (1 + step) / (10 + step))
+        """How far the average moves toward the weights after `step` (1-based): 1 at step 1."""
+        return (1.0 - self.decay) / (1.0 - self.decay**step)
 
     @torch.no_grad()
     def update(self, step: int) -> None:

@@ -195,8 +195,8 @@ def optimizer_options(command: Callable[..., Any]) -> Callable[..., Any]:
     "--ema-decay",
     type=float,
     default=None,
-    help="Keep an exponential moving average of the weights with this decay (e.g. 0.999: about the last"
-    " 1,000 steps); validation, train/best, generation and export then use the average.",
+    help="Keep an exponential moving average of the weights with this decay (0.99: about the last 100"
+    " steps, 0.999: 1,000); validation, train/best, generation and export then use the average.",
 )
 @click.option("--log-every", default=10, show_default=True)
 @click.option(

@@ -91,8 +91,8 @@ class TrainConfig:
     curriculum_span: float = DEFAULT_SPAN
     """Share of the steps over which the five stages are unlocked; all data is drawn after it."""
     ema_decay: float | None = None
-    """Keep an exponential moving average of the weights with this decay (e.g. 0.999) and evaluate, keep
-    and export it instead of the last step's weights (fidellm.train.average)."""
+    """Keep an exponential moving average of the weights with this decay (0.99: about the last 100 steps)
+    and evaluate, keep and export it instead of the last step's weights (fidellm.train.average)."""
 
     def validate(self) -> None:
         """Reject impossible settings before anything is loaded."""
