@@ -37,6 +37,9 @@ MARKERS = ("'''", "''", "[[", "]]", "{{", "}}", "መደብ:", "ስዕል:", "#re
         ("ከተማ ነው።\n[[ጄኔ ካንበራ ባሁኑ ጊዜ", "ከተማ ነው።"),
         ("[http://www.funaba.org/cal.cgi የቀን መለወጫ መሣርያ] ይረዳል።", "የቀን መለወጫ መሣርያ ይረዳል።"),
         ("ቪዲዮ\n** [https://www.youtube.com/watch?v=sZ የጥጃ ሥጋ", "ቪዲዮ"),
+        ("ሰላም [HTTP://EXAMPLE.COM ገጽ] ነው።", "ሰላም ገጽ ነው።"),  # a URL in capitals too
+        # a template is closed by a later `}}` only, not by one before it
+        ("}}\nሀገር {{ማጣቀሻ|ስም", "ሀገር"),
         # an infobox over lines goes whole, closed or not; so do table rows; headings keep their words
         ("{{የሀገር መረጃ|\nስም = ኮሞሮስ|\nሙሉ_ስም = Union des Comores\n}}\n'''ኮሞሮስ''' አገር ነው።", "ኮሞሮስ አገር ነው።"),
         ("አገር ሲ{{የሀገር መረጃ|\nስም = ፋሮ ደሴቶች|\nባንዲራ_ሥዕል = Flag.svg|", "አገር ሲ"),

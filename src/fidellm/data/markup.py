@@ -34,22 +34,22 @@ _STRAY_CLOSER = re.compile(r"(?:\|(?:thumb(?:nail)?|left|right|center|upright|\d
 """The end of a link, image or template whose start the extraction cut off, with its image options."""
 
 
-_CLOSERS = {"[[": "]]", "{{": "}}", "[http": "]", "[https": "]"}
+_TEMPLATE_CLOSER = "}}"
 
 
-def _closed_later(opener: str, after: str) -> bool:
-    return _CLOSERS[opener.rstrip(":/")] in after
+def _cut_debris(line: str, last_template_closer: int) -> str:
+    """`line` without its debris: each marker up to the next bold title on the line, or to its end.
 
-
-def _cut_debris(line: str, rest_of_text: str) -> str:
-    """`line` without its debris: each marker up to the next bold title on the line, or to its end."""
+    `last_template_closer` is where the text's last `}}` starts, counted from the start of `line` (it may
+    lie past its end, or before its start): a `{{` before it is closed, on this line or a later one."""
     out: list[str] = []
     position = 0
     while match := _DEBRIS.search(line, position):
         marker = match.group(0)
-        if marker.startswith("[") and _closed_later(marker, line[match.end() :]):
+        link_closer = "]]" if marker == "[[" else "]"  # a wiki link, or `[http://…` in any case
+        if marker.startswith("[") and line.rfind(link_closer) >= match.end():
             out.append(line[position : match.end()])  # a whole link: the parser keeps its label
-        elif marker == "{{" and _closed_later(marker, line[match.end() :] + rest_of_text):
+        elif marker == "{{" and last_template_closer >= match.end():
             out.append(line[position : match.end()])  # a whole template (maybe over lines): parser drops it
         else:
             out.append(line[position : match.start()])
@@ -69,12 +69,12 @@ def strip_wikitext(text: str) -> str:
     """The readable text of wikitext `text` (see the module docstring); lines stripped, empty lines gone."""
     import mwparserfromhell  # here, not at module level: the registry imports MARKUPS on every command
 
-    lines = text.split("\n")
-    kept = []
-    for index, line in enumerate(lines):
-        if _TABLE_LINE.match(line) or _PARAMETER_LINE.match(line):
-            continue
-        kept.append(_cut_debris(line, "\n".join(lines[index + 1 :]) if "{{" in line else ""))
+    last_template_closer = text.rfind(_TEMPLATE_CLOSER)
+    kept, start = [], 0  # start: where each line starts in `text`
+    for line in text.split("\n"):
+        if not (_TABLE_LINE.match(line) or _PARAMETER_LINE.match(line)):
+            kept.append(_cut_debris(line, last_template_closer - start))
+        start += len(line) + 1
     plain = mwparserfromhell.parse("\n".join(kept)).strip_code(normalize=True, collapse=True)
     plain = _STRAY_CLOSER.sub("", plain.replace(_TITLE, "").replace("''", ""))
     return "\n".join(stripped for stripped in (line.strip() for line in plain.split("\n")) if stripped)
