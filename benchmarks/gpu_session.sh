@@ -9,6 +9,7 @@
 #   bash benchmarks/gpu_session.sh throughput      # 25m and 125m, fused loss on/off, + minimal GPT baseline
 #   bash benchmarks/gpu_session.sh compile-modes   # 25m under max-autotune-no-cudagraphs and reduce-overhead
 #   bash benchmarks/gpu_session.sh quality 125m 1200 1e-3 [more quality_run.py options]
+#   bash benchmarks/gpu_session.sh ema 25m 2400 2e-3 --decays 0.99,0.995,0.998 [more options]
 # Logs and results land in $OUT (what comes back from the device); copy the markdown rows into
 # benchmarks/RESULTS.md with the device named in the tool's reply.
 set -euo pipefail
@@ -55,8 +56,18 @@ quality)
     cp /tmp/quality/*.json "$OUT/"
     for curves in /tmp/quality/*/train/curves.png; do cp "$curves" "$OUT/curves-$(basename "$(dirname "$(dirname "$curves")")").png"; done
     ;;
+ema)
+    preset=${1:?usage: gpu_session.sh ema PRESET STEPS LR [options]}
+    steps=${2:?steps}
+    lr=${3:?lr}
+    shift 3
+    "$PYTHON" benchmarks/ema_decays.py "$CARRY/run" --data-dir "$CARRY/data" --preset "$preset" \
+        --steps "$steps" --lr "$lr" --eval-every $((steps / 10)) --out /tmp/ema "$@" \
+        2>&1 | tee "$OUT/ema-$preset.log"
+    cp /tmp/ema/*.json "$OUT/"
+    ;;
 *)
-    sed -n '2,13p' "$0"
+    sed -n '2,14p' "$0"
     exit 2
     ;;
 esac

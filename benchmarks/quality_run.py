@@ -38,7 +38,9 @@ def main() -> None:
 
     name = (
         f"{args.preset}-lr{args.lr:g}-do{args.dropout:g}-wd{args.weight_decay:g}-s{args.steps}"
-        f"-{args.schedule}{args.min_lr_ratio:g}{'-docmask' if args.document_mask else ''}-seed{args.seed}"
+        f"-{args.schedule}{args.min_lr_ratio:g}"
+        f"{f'-decay{args.decay_fraction:g}' if args.schedule == 'wsd' else ''}"
+        f"{'-docmask' if args.document_mask else ''}-seed{args.seed}"
         f"{'-bestby-' + args.best_by_sources.replace(',', '+') if args.best_by_sources else ''}"
         f"{f'-ema{args.ema_decay:g}' if args.ema_decay else ''}"
     )
@@ -63,6 +65,9 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--schedule", choices=["cosine", "wsd"], default="cosine")
     parser.add_argument("--document-mask", action="store_true", help="Attention within documents only.")
     parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="Final lr / peak lr.")
+    parser.add_argument(
+        "--decay-fraction", type=float, default=0.2, help="wsd: the share of steps decaying (0: constant)."
+    )
     parser.add_argument("--eval-every", type=int, default=240)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--seed", type=int, default=0, help="Initialisation, dropout and data order.")
@@ -95,6 +100,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         schedule=args.schedule,
         document_mask=args.document_mask,
         min_lr_ratio=args.min_lr_ratio,
+        decay_fraction=args.decay_fraction,
         compile=args.compile,
         eval_every=args.eval_every,
         seed=args.seed,

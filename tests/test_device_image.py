@@ -36,7 +36,7 @@ SCRIPT = textwrap.dedent(
                 raise ModuleNotFoundError(f"No module named {{name!r}} (not on the device image)")
 
     sys.meta_path.insert(0, DeviceImage())
-    import bench_train, cuda_checks, minimal_gpt, quality_run, source_contribution  # noqa: F401
+    import bench_train, cuda_checks, ema_decays, minimal_gpt, quality_run, source_contribution  # noqa: F401
     from fidellm.eval.lm import score_lines
     from fidellm.models.load import load_checkpoint_model
     from fidellm.paths import resolve_data_dir
