@@ -128,12 +128,19 @@ def test_resume_continues_the_average_bit_for_bit(
     assert _equal(_weights(final), _weights(straight))
 
 
-def test_an_average_started_on_resume_is_reported(flores_run: Path, tmp_path: Path, capsys) -> None:
+def test_an_average_started_on_resume_starts_from_the_checkpoint(
+    flores_run: Path, tmp_path: Path, capsys
+) -> None:
     run = fresh_run(flores_run, tmp_path)
     train(run, small_config(stop_at_step=5))
-    train(run, small_config(ema_decay=DECAY, echo=True))
+    train(run, small_config(ema_decay=DECAY, stop_at_step=6, echo=True))
     assert "ema_decay null → 0.9" in capsys.readouterr().out
-    assert (latest_checkpoint(run / "train/checkpoints") / AVERAGE_FILE).is_file()
+    checkpoints = run / "train/checkpoints"
+    before, after = _weights(checkpoints / "step_00000005"), _weights(checkpoints / "step_00000006")
+    average = _weights(checkpoints / "step_00000006", AVERAGE_FILE)
+    rate = (1 - DECAY) / (1 - DECAY**6)  # the weights of step 5, then step 6 folded in
+    for name, value in average.items():
+        torch.testing.assert_close(value, before[name] + rate * (after[name] - before[name]))
 
 
 def test_sync_free_stop_on_a_bad_step_saves_the_average_before_it(
@@ -172,5 +179,5 @@ def test_a_decay_outside_zero_one_is_refused(tmp_path: Path, decay: float, capsy
     assert exited.value.code == 2
     assert (
         capsys.readouterr().err
-        == f"error: train config: ema_decay must lie in (0, 1) (e.g. 0.999), got {decay}\n"
+        == f"error: train config: ema_decay must lie in (0, 1) (e.g. 0.99), got {decay}\n"
     )

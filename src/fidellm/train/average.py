@@ -32,7 +32,7 @@ from fidellm.train.distributed import full_model_state, load_full_states, reshar
 def check_decay(decay: float | None) -> None:
     """A FidelError unless `decay` is None (no average) or lies in (0, 1)."""
     if decay is not None and not 0 < decay < 1:
-        raise FidelError(f"train config: ema_decay must lie in (0, 1) (e.g. 0.999), got {decay}")
+        raise FidelError(f"train config: ema_decay must lie in (0, 1) (e.g. 0.99), got {decay}")
 
 
 class WeightAverage:

@@ -221,8 +221,9 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
         restore_checkpoint(loaded, model, optimizer, scaler, rank=ctx.rank)
         if average is not None and (previous / AVERAGE_FILE).is_file():
             average.load_full_state(read_weights(model, previous / AVERAGE_FILE))
-        elif average is not None:
-            changes.setdefault("ema_decay", (None, config.ema_decay))  # the average starts here
+        elif average is not None:  # an average turned on now starts from the checkpoint's weights
+            average = WeightAverage(model, config.ema_decay)
+            changes.setdefault("ema_decay", (None, config.ema_decay))
         batches.load_state_dict(loaded.field("data"))
         step = loaded.step
         if config.echo and ctx.main:
