@@ -265,7 +265,12 @@ class Monitor:
         steps = [r["step"] for r in train]
         axes[0].plot(steps, [r["loss"] for r in train], label="train")
         if val:
-            axes[0].plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label="val")
+            averaged = any("val_loss_trained" in r for r in val)
+            label = "val (weight average)" if averaged else "val"
+            axes[0].plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label=label)
+        if val and averaged:
+            trained = [(r["step"], r["val_loss_trained"]) for r in val if "val_loss_trained" in r]
+            axes[0].plot(*zip(*trained, strict=True), "x--", label="val (trained weights)")
         axes[0].set(xlabel="step", ylabel="loss (nats/token)", title="loss")
         axes[0].legend()
         axes[1].plot(steps, [r["lr"] for r in train])
