@@ -131,15 +131,8 @@ def sync_free(monkeypatch) -> None:
     monkeypatch.setattr(loop, "build_optimizer", functools.partial(build_optimizer, fused=True))
 
 
-@pytest.mark.parametrize("late", [False, True], ids=["checked-each-step", "sync-free"])
-def test_non_finite_loss_stops_with_step_and_checkpoint(
-    flores_run: Path, tmp_path: Path, monkeypatch, request, late: bool
-) -> None:
-    if late:
-        request.getfixturevalue("sync_free")
-    clean = fresh_run(flores_run, tmp_path / "clean")
-    train(clean, small_config(save_every=0, stop_at_step=3))
-    run = fresh_run(flores_run, tmp_path / "poisoned")
+def poison_fourth_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make the training loss of the 4th optimizer step (of `small_config`) NaN, and no other."""
     calls = {"n": 0}
     original = LlamaForCausalLM.forward
 
@@ -152,6 +145,18 @@ def test_non_finite_loss_stops_with_step_and_checkpoint(
         return output
 
     monkeypatch.setattr(LlamaForCausalLM, "forward", poisoned)
+
+
+@pytest.mark.parametrize("late", [False, True], ids=["checked-each-step", "sync-free"])
+def test_non_finite_loss_stops_with_step_and_checkpoint(
+    flores_run: Path, tmp_path: Path, monkeypatch, request, late: bool
+) -> None:
+    if late:
+        request.getfixturevalue("sync_free")
+    clean = fresh_run(flores_run, tmp_path / "clean")
+    train(clean, small_config(save_every=0, stop_at_step=3))
+    run = fresh_run(flores_run, tmp_path / "poisoned")
+    poison_fourth_step(monkeypatch)
     with pytest.raises(FidelError, match=r"non-finite loss .* at step 4"):
         train(run, small_config(save_every=0))
     saved = ckpt.latest_checkpoint(run / "train/checkpoints")

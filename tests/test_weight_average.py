@@ -14,7 +14,6 @@ from torch import nn
 
 from fidellm.cli import main
 from fidellm.errors import FidelError
-from fidellm.models.llama import LlamaForCausalLM
 from fidellm.models.load import load_model
 from fidellm.train import loop
 from fidellm.train.average import WeightAverage
@@ -22,7 +21,7 @@ from fidellm.train.checkpoint import AVERAGE_FILE, latest_checkpoint, read_check
 from fidellm.train.loop import train
 from fidellm.train.optim import build_optimizer
 from fixtures.train.build_run import build_flores_run
-from test_train import fresh_run, small_config
+from test_train import fresh_run, poison_fourth_step, small_config
 
 DECAY = 0.9
 
@@ -151,18 +150,7 @@ def test_sync_free_stop_on_a_bad_step_saves_the_average_before_it(
     clean = fresh_run(flores_run, tmp_path / "clean")
     train(clean, small_config(save_every=0, stop_at_step=3, ema_decay=DECAY))
     run = fresh_run(flores_run, tmp_path / "poisoned")
-    calls = {"n": 0}
-    original = LlamaForCausalLM.forward
-
-    def poisoned(self, input_ids, targets=None, cache=None, **options):
-        output = original(self, input_ids, targets, cache, **options)
-        if targets is not None and self.training:
-            calls["n"] += 1
-            if calls["n"] in (7, 8):  # grad_accum 2: the 4th optimizer step only
-                output.loss = output.loss * float("nan")
-        return output
-
-    monkeypatch.setattr(LlamaForCausalLM, "forward", poisoned)
+    poison_fourth_step(monkeypatch)
     with pytest.raises(FidelError, match=r"non-finite loss .* at step 4"):
         train(run, small_config(save_every=0, ema_decay=DECAY))
     saved = latest_checkpoint(run / "train/checkpoints")
