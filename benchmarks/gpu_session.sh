@@ -45,26 +45,17 @@ compile-modes)
         --steps 150 --log-every 10 --compile-modes max-autotune-no-cudagraphs,reduce-overhead \
         --out /tmp/bench_train 2>&1 | tee "$OUT/compile_modes.log"
     ;;
-quality)
-    preset=${1:?usage: gpu_session.sh quality PRESET STEPS LR [options]}
+quality|ema)  # quality_run.py: one recipe; ema_decays.py: one run, several weight averages
+    preset=${1:?usage: gpu_session.sh quality|ema PRESET STEPS LR [options]}
     steps=${2:?steps}
     lr=${3:?lr}
     shift 3
-    "$PYTHON" benchmarks/quality_run.py "$CARRY/run" --data-dir "$CARRY/data" --preset "$preset" \
-        --steps "$steps" --lr "$lr" --eval-every $((steps / 10)) --out /tmp/quality "$@" \
-        2>&1 | tee "$OUT/quality-$preset.log"
-    cp /tmp/quality/*.json "$OUT/"
-    for curves in /tmp/quality/*/train/curves.png; do cp "$curves" "$OUT/curves-$(basename "$(dirname "$(dirname "$curves")")").png"; done
-    ;;
-ema)
-    preset=${1:?usage: gpu_session.sh ema PRESET STEPS LR [options]}
-    steps=${2:?steps}
-    lr=${3:?lr}
-    shift 3
-    "$PYTHON" benchmarks/ema_decays.py "$CARRY/run" --data-dir "$CARRY/data" --preset "$preset" \
-        --steps "$steps" --lr "$lr" --eval-every $((steps / 10)) --out /tmp/ema "$@" \
-        2>&1 | tee "$OUT/ema-$preset.log"
-    cp /tmp/ema/*.json "$OUT/"
+    script=$([ "$step" = ema ] && echo ema_decays || echo quality_run)
+    "$PYTHON" "benchmarks/$script.py" "$CARRY/run" --data-dir "$CARRY/data" --preset "$preset" \
+        --steps "$steps" --lr "$lr" --eval-every $((steps / 10)) --out "/tmp/$step" "$@" \
+        2>&1 | tee "$OUT/$step-$preset.log"
+    cp "/tmp/$step"/*.json "$OUT/"
+    for curves in "/tmp/$step"/*/train/curves.png; do cp "$curves" "$OUT/curves-$(basename "$(dirname "$(dirname "$curves")")").png"; done
     ;;
 *)
     sed -n '2,14p' "$0"

@@ -26,7 +26,6 @@ from fidellm.compat import FSDP_ON_CPU, torch_release
 from fidellm.train.config import TrainConfig
 from fidellm.train.distributed import Distributed, _by_index, _by_name
 from fidellm.train.loop import train
-from fixtures.train.build_run import build_flores_run
 
 STEPS = 6
 COMMON = ["--preset", "tiny", "--seq-len", "64", "--grad-accum", "2", "--steps", str(STEPS), "--warmup", "2",
@@ -34,11 +33,6 @@ COMMON = ["--preset", "tiny", "--seq-len", "64", "--grad-accum", "2", "--steps",
           "--ema-decay", "0.9"]  # fmt: skip
 LOSS_RTOL = 1e-4
 WEIGHT_ATOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def flores_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_flores_run(tmp_path_factory.mktemp("flores"))
 
 
 def copy_run(source: Path, target: Path) -> Path:

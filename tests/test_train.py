@@ -25,7 +25,7 @@ from fidellm.train.evaluation import Validation
 from fidellm.train.loop import train
 from fidellm.train.monitor import Monitor
 from fidellm.train.optim import build_optimizer, cosine_lr, learning_rate, param_groups, wsd_lr
-from fixtures.train.build_run import build_flores_run, flores_lines
+from fixtures.train.build_run import flores_lines
 
 SMALL = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2,
          "num_key_value_heads": 1, "head_dim": 32}  # fmt: skip
@@ -34,11 +34,6 @@ SMALL = {"num_hidden_layers": 2, "hidden_size": 64, "intermediate_size": 128, "n
 @pytest.fixture(autouse=True)
 def _threads() -> None:
     torch.set_num_threads(2)
-
-
-@pytest.fixture(scope="module")
-def flores_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_flores_run(tmp_path_factory.mktemp("flores"))
 
 
 def fresh_run(source: Path, tmp_path: Path) -> Path:

@@ -20,7 +20,6 @@ from fidellm.train.average import WeightAverage
 from fidellm.train.checkpoint import AVERAGE_FILE, latest_checkpoint, read_checkpoint
 from fidellm.train.loop import train
 from fidellm.train.optim import build_optimizer
-from fixtures.train.build_run import build_flores_run
 from test_train import fresh_run, poison_fourth_step, small_config
 
 DECAY = 0.9
@@ -29,11 +28,6 @@ DECAY = 0.9
 @pytest.fixture(autouse=True)
 def _threads() -> None:
     torch.set_num_threads(2)
-
-
-@pytest.fixture(scope="module")
-def flores_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return build_flores_run(tmp_path_factory.mktemp("flores"))
 
 
 def test_average_follows_its_formula_and_swaps_back_exactly() -> None:
