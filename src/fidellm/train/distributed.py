@@ -154,13 +154,15 @@ def shutdown_distributed(ctx: Distributed, wait: bool = True) -> None:
         dist.destroy_process_group()
 
 
-def _fully_shard() -> Any:
-    """FSDP2's `fully_shard` (public from torch 2.6; under `_composable` in 2.4 and 2.5)."""
-    try:
-        from torch.distributed.fsdp import fully_shard
-    except ImportError:  # torch < 2.6
-        from torch.distributed._composable.fsdp import fully_shard
-    return fully_shard
+def _fsdp2(name: str) -> Any:
+    """FSDP2's `name` (`fully_shard`, `FSDPModule`): public from torch 2.6, under `_composable` in 2.4/2.5."""
+    import torch.distributed.fsdp as public
+
+    if hasattr(public, name):
+        return getattr(public, name)
+    from torch.distributed._composable import fsdp  # torch < 2.6
+
+    return getattr(fsdp, name)
 
 
 def wrap_model(model: nn.Module, ctx: Distributed, device: torch.device, strategy: str) -> nn.Module:
@@ -184,7 +186,7 @@ def wrap_model(model: nn.Module, ctx: Distributed, device: torch.device, strateg
         )
     from fidellm.models.factory import repeated_blocks
 
-    fully_shard = _fully_shard()
+    fully_shard = _fsdp2("fully_shard")
     for layer in repeated_blocks(model):
         fully_shard(layer)
     fully_shard(model)
@@ -221,12 +223,9 @@ def reshard(model: nn.Module) -> None:
     place (`fidellm.train.average`). A no-op for a model that is not sharded."""
     if not sharded(model):
         return
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # torch < 2.6
-        from torch.distributed._composable.fsdp import FSDPModule
+    fsdp_module = _fsdp2("FSDPModule")
     for module in model.modules():
-        if isinstance(module, FSDPModule):
+        if isinstance(module, fsdp_module):
             module.reshard()
 
 
