@@ -45,6 +45,7 @@ def main() -> None:
     name = (
         f"{args.preset}-{args.schedule}{args.min_lr_ratio:g}"
         f"{f'-decay{args.decay_fraction:g}' if args.schedule == 'wsd' else ''}-s{args.steps}-seed{args.seed}"
+        f"{'-muon' if args.optimizer == 'muon' else ''}"
     )
     work = training_workdir(args.run, args.out / name)
 

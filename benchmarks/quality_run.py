@@ -1,7 +1,7 @@
 """A quality run: train a preset on a prepared run's shards, then score FLORES amh second-half bits.
 
 Usage: python benchmarks/quality_run.py RUN --preset 25m --steps 2400 [--batch-size 64] [--seq-len 1024]
-       [--lr 2e-3] [--dropout 0.1] [--eval-every 240] [--data-dir DIR] [--out runs/quality]
+       [--lr 2e-3] [--optimizer muon] [--dropout 0.1] [--eval-every 240] [--data-dir DIR] [--out runs/quality]
 RUN holds tokens/ and tokenizer/; DIR holds flores200/amh_Ethi.{dev,devtest} (default: the data dir).
 Prints the validation curve's best step and the FLORES scores (evaluation.md) of the best-validation
 weights (RUN/train/best: lowest val loss, or with --best-by-sources lowest bits/byte over those sources'
@@ -43,6 +43,7 @@ def main() -> None:
         f"{'-docmask' if args.document_mask else ''}-seed{args.seed}"
         f"{'-bestby-' + args.best_by_sources.replace(',', '+') if args.best_by_sources else ''}"
         f"{f'-ema{args.ema_decay:g}' if args.ema_decay else ''}"
+        f"{'-muon' if args.optimizer == 'muon' else ''}"
     )
     work = training_workdir(args.run, args.out / name)
     result = train_and_score(work, config_from_args(args), args.data_dir)
@@ -59,6 +60,9 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument(
+        "--optimizer", choices=["adamw", "muon"], default="adamw", help="muon: Muon on the hidden matrices."
+    )
     parser.add_argument("--warmup", type=int, default=100)
     parser.add_argument("--dropout", type=float, default=0.1)
     parser.add_argument("--weight-decay", type=float, default=0.1)
@@ -96,6 +100,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         max_steps=args.steps,
         warmup_steps=args.warmup,
         lr=args.lr,
+        optimizer=args.optimizer,
         weight_decay=args.weight_decay,
         schedule=args.schedule,
         document_mask=args.document_mask,

@@ -5,7 +5,7 @@ PackedBatches), and DDP averages their gradients, so losses and weights must agr
 summation order. FSDP2 (parameters sharded per block) must agree too, and a 2-process run must
 resume from its own checkpoint (and a 1-process run from a 2-process checkpoint). Every run keeps a
 weight average (`--ema-decay`), so the averaged weights and their validation are compared as well as
-the trained ones.
+the trained ones. DDP also trains with Muon (`--optimizer muon`).
 """
 
 from __future__ import annotations
@@ -104,6 +104,19 @@ def test_ddp_two_processes_equal_one_and_resume(flores_run: Path, single: Path, 
     assert json.loads((run / "train/config.json").read_text())["world_size"] == 2
     assert_same_training(run, single)
     assert logged(run, "train", "tok_per_s")[0] > 0
+
+
+@pytest.mark.slow
+def test_ddp_with_muon_equals_one_process(flores_run: Path, tmp_path: Path) -> None:
+    reference = copy_run(flores_run, tmp_path / "single")
+    config = TrainConfig(
+        preset="tiny", seq_len=64, batch_size=8, grad_accum=2, max_steps=STEPS, warmup_steps=2, lr=3e-3,
+        eval_every=3, log_every=1, save_every=3, device="cpu", echo=False, ema_decay=0.9, optimizer="muon",
+    )  # fmt: skip
+    train(reference, config)
+    run = copy_run(flores_run, tmp_path / "ddp")
+    torchrun(run, "--batch-size", "4", "--optimizer", "muon")
+    assert_same_training(run, reference)
 
 
 needs_cpu_fsdp = pytest.mark.skipif(

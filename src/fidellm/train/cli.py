@@ -34,9 +34,18 @@ def curriculum_options(what: str, note: str = "") -> Callable[[Callable[..., Any
 
 
 def optimizer_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The AdamW, clipping, schedule-floor and checkpoint-count options `fidellm train` and `fidellm sft`
-    share (TrainConfig's defaults)."""
+    """The optimizer, AdamW, clipping, schedule-floor and checkpoint-count options `fidellm train` and
+    `fidellm sft` share (TrainConfig's defaults)."""
     options = [
+        click.option(
+            "--optimizer",
+            type=click.Choice(["adamw", "muon"]),
+            default="adamw",
+            show_default=True,
+            help="muon: Muon (fidellm.train.muon) on the hidden weight matrices, AdamW on the"
+            " embeddings, output head, norms and vectors, at the same --lr and --weight-decay (Muon's update"
+            " is scaled to AdamW's size). Not with --strategy fsdp.",
+        ),
         click.option(
             "--min-lr-ratio",
             type=click.FloatRange(0, 1),

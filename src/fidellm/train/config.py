@@ -13,7 +13,7 @@ from fidellm.models.loss import DEFAULT_CHUNK_TOKENS
 from fidellm.train.average import check_decay
 from fidellm.train.curriculum import DEFAULT_SPAN
 from fidellm.train.distributed import STRATEGIES
-from fidellm.train.optim import SCHEDULES
+from fidellm.train.optim import OPTIMIZERS, SCHEDULES
 
 DTYPES = ("auto", "fp32", "bf16", "fp16")
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -39,6 +39,8 @@ class TrainConfig:
     stop_at_step: int | None = None
     """Stop (with a checkpoint) after this step although the schedule spans max_steps; resume later."""
     lr: float = 3e-3
+    optimizer: str = "adamw"
+    """"adamw", or "muon": Muon on the hidden matrices, AdamW on the rest (fidellm.train.optim)."""
     schedule: str = "cosine"
     warmup_steps: int = 100
     min_lr_ratio: float = 0.1
@@ -102,6 +104,15 @@ class TrainConfig:
                 raise FidelError(f"train config: {name} must be positive, got {getattr(self, name)}")
         if self.schedule not in SCHEDULES:
             raise FidelError(f"train config: schedule {self.schedule!r} is not one of {', '.join(SCHEDULES)}")
+        if self.optimizer not in OPTIMIZERS:
+            raise FidelError(
+                f"train config: optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}"
+            )
+        if self.optimizer == "muon" and self.strategy == "fsdp":
+            raise FidelError(
+                "train config: optimizer muon with strategy fsdp is not supported (Muon orthogonalizes whole"
+                " matrices, FSDP2 shards them); use strategy ddp"
+            )
         if self.compile_mode not in COMPILE_MODES:
             raise FidelError(
                 f"train config: compile_mode {self.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}"

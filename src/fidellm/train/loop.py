@@ -199,7 +199,7 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
         torch.manual_seed(config.seed + 1_000_003 * ctx.rank)  # other dropout masks on other ranks
     optimizer = build_optimizer(
         model, config.lr, config.weight_decay, (config.beta1, config.beta2),
-        stage_lr_multipliers=config.stage_lr_multipliers,
+        stage_lr_multipliers=config.stage_lr_multipliers, kind=config.optimizer,
     )  # fmt: skip
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
     schedule = unfreeze_schedule(config, model)

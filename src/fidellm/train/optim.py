@@ -1,31 +1,45 @@
-"""AdamW with weight decay on matrices only, and the learning-rate schedules as plain functions of step.
+"""AdamW (or Muon for the hidden matrices) with weight decay on matrices only, and the learning-rate
+schedules as plain functions of step.
 
 Decay policy: only the weights of Linear layers (2-D, not embeddings) are decayed. Norm gains are never
 decayed (decay would pull them towards 0, not towards their init of 1), there are no biases, and the
 token embedding — which is also the output matrix when tied — is not decayed either: rows of rare
 tokens get few gradient updates, so decay would shrink them step after step towards zero.
+
+Muon (`optimizer="muon"`, `fidellm.train.muon`) replaces AdamW on exactly the decayed 2-D matrices
+except an output head: their momentum is orthogonalized (Newton-Schulz) before the update, so every
+direction of a matrix moves by the same amount. Embeddings, the output head, norms, vectors and the
+H-Net's convolutions stay with AdamW (Keller Jordan's recipe, as in modded-nanogpt and nanochat).
+Muon's update is scaled to AdamW's RMS (Moonshot's `match_rms_adamw`), so one --lr and --weight-decay
+serve both.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
 from fidellm.errors import FidelError
+from fidellm.train.muon import Muon
 
 SCHEDULES = ("cosine", "wsd")
+OPTIMIZERS = ("adamw", "muon")
+MUON_MOMENTUM = 0.95
+"""Muon's (Nesterov) momentum: Keller Jordan's and torch.optim.Muon's default."""
 
 
 def param_groups(
-    model: nn.Module, weight_decay: float, stage_lr_multipliers: Sequence[float] = ()
+    model: nn.Module, weight_decay: float, stage_lr_multipliers: Sequence[float] = (), muon: bool = False
 ) -> list[dict]:
-    """AdamW groups: decayed (non-embedding matrices) and undecayed (embeddings, norms, vectors, and what
-    the model's own rules exempt), split further by stage when `stage_lr_multipliers` (outermost stage
-    first, H-Net) are given; each group carries its "lr_mult". Tied parameters appear once; frozen
-    parameters are left out.
+    """Optimizer groups: decayed (non-embedding matrices) and undecayed (embeddings, norms, vectors, and
+    what the model's own rules exempt), split further by stage when `stage_lr_multipliers` (outermost
+    stage first, H-Net) are given; each group carries its "lr_mult". With `muon`, the decayed 2-D
+    matrices other than an output head (`lm_head`) form groups of their own marked "muon": True. Tied
+    parameters appear once; frozen parameters are left out.
     """
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     exempt, stages = decay_exemptions(model), parameter_stages(model)
@@ -41,15 +55,19 @@ def param_groups(
             continue
         seen.add(id(param))
         decayed = param.ndim >= 2 and id(param) not in embeddings and not exempt(name)
+        matrix = muon and decayed and param.ndim == 2 and "lm_head" not in name.split(".")
         stage = stages.get(name, 0) if stage_lr_multipliers else 0
-        groups.setdefault((decayed, stage), []).append(param)
+        groups.setdefault((matrix, decayed, stage), []).append(param)
     return [
         {
             "params": params,
             "weight_decay": weight_decay if decayed else 0.0,
             "lr_mult": stage_lr_multipliers[stage] if stage_lr_multipliers else 1.0,
+            **({"muon": matrix} if muon else {}),
         }
-        for (decayed, stage), params in sorted(groups.items(), key=lambda item: (not item[0][0], item[0][1]))
+        for (matrix, decayed, stage), params in sorted(
+            groups.items(), key=lambda item: (not item[0][0], not item[0][1], item[0][2])
+        )
     ]
 
 
@@ -69,6 +87,39 @@ def parameter_stages(model: nn.Module) -> dict[str, int]:
     return hnet_stages(model) if isinstance(model, HNetForCausalLM) else {}
 
 
+class OptimizerChain:
+    """Several optimizers stepped as one (Muon for the hidden matrices, AdamW for the rest): what the
+    training loop, GradScaler and checkpoints use of an optimizer — `param_groups` (the members' own
+    group dicts, so a learning rate set here reaches them), `step`, `zero_grad`, `state_dict`."""
+
+    def __init__(self, *optimizers: torch.optim.Optimizer):
+        self.optimizers = optimizers
+        self.defaults = {"fused": False}  # no skipping an update on the device: Muon takes no found_inf
+
+    @property
+    def param_groups(self) -> list[dict[str, Any]]:
+        # read anew each time: load_state_dict gives the members new group dicts
+        return [group for optimizer in self.optimizers for group in optimizer.param_groups]
+
+    def step(self) -> None:
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"optimizers": [optimizer.state_dict() for optimizer in self.optimizers]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        states = state["optimizers"]  # KeyError for another optimizer's state, as torch's own
+        if len(states) != len(self.optimizers):
+            raise ValueError(f"{len(states)} optimizer states for {len(self.optimizers)} optimizers")
+        for optimizer, saved in zip(self.optimizers, states, strict=True):
+            optimizer.load_state_dict(saved)
+
+
 def build_optimizer(
     model: nn.Module,
     lr: float,
@@ -77,13 +128,28 @@ def build_optimizer(
     eps: float = 1e-8,
     stage_lr_multipliers: Sequence[float] = (),
     fused: bool | None = None,
-) -> torch.optim.AdamW:
-    """AdamW over `param_groups`; fused (one kernel, and updates skippable on the device) by default when
-    the parameters live on CUDA."""
+    kind: str = "adamw",
+) -> torch.optim.Optimizer | OptimizerChain:
+    """AdamW over `param_groups` (kind "adamw"), or Muon on the hidden matrices chained with AdamW on the
+    rest (kind "muon"; see the module docstring). AdamW is fused (one kernel, and updates skippable on
+    the device) by default when the parameters live on CUDA."""
+    if kind not in OPTIMIZERS:
+        raise FidelError(f"unknown optimizer {kind!r}; choose one of {', '.join(OPTIMIZERS)}")
     if fused is None:
         fused = next(model.parameters()).device.type == "cuda"
-    groups = param_groups(model, weight_decay, stage_lr_multipliers)
-    return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=eps, fused=fused or None)
+    groups = param_groups(model, weight_decay, stage_lr_multipliers, muon=kind == "muon")
+    rest = [group for group in groups if not group.get("muon")]
+    if kind == "adamw":
+        return torch.optim.AdamW(rest, lr=lr, betas=betas, eps=eps, fused=fused or None)
+    matrices = [group for group in groups if group.get("muon")]
+    if not matrices:
+        raise FidelError("optimizer muon: the model has no trainable hidden matrices for Muon; use adamw")
+    optimizers: list[torch.optim.Optimizer] = [
+        Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=MUON_MOMENTUM)
+    ]
+    if rest:  # LoRA adapters may all be matrices
+        optimizers.append(torch.optim.AdamW(rest, lr=lr, betas=betas, eps=eps, fused=fused or None))
+    return OptimizerChain(*optimizers)
 
 
 def _warmup(step: int, warmup_steps: int) -> float | None:

@@ -3,7 +3,7 @@
 A checkpoint stores the train config and the number of processes it was written with. Resuming with
 other settings falls in three kinds:
 - what the data position and the saved state depend on (sequence length, rows per global step, seed,
-  the data itself; the base model, LoRA, unfreezing, the optimizer's stage groups): refused, naming each
+  the data itself; the base model, LoRA, unfreezing, the optimizer and its stage groups): refused, naming each
   field, since the run would otherwise repeat or skip data or load state into the wrong places;
 - the optimization trajectory (steps, schedule, lr, weight decay, betas, clipping, dtype, accumulation,
   document masking, the weight average's decay): honored and reported, since the run then differs
@@ -21,7 +21,7 @@ from fidellm.errors import FidelError
 
 POSITION_FIELDS = ("seq_len", "seed", "data", "chat_dir", "max_samples", "curriculum", "curriculum_span")
 """The data order is a function of these and of the rows per global step (batch_size × processes)."""
-STRUCTURE_FIELDS = ("base", "lora", "unfreeze")
+STRUCTURE_FIELDS = ("base", "lora", "unfreeze", "optimizer")
 TRAJECTORY_FIELDS = (
     "max_steps", "lr", "schedule", "warmup_steps", "min_lr_ratio", "decay_fraction", "weight_decay",
     "beta1", "beta2", "grad_clip", "dtype", "grad_accum", "document_mask", "stage_lr_multipliers",

@@ -1,0 +1,104 @@
+"""Muon: the momentum of each hidden weight matrix, orthogonalized by a Newton-Schulz iteration, is the
+update (Keller Jordan, https://kellerjordan.github.io/posts/muon/; `fidellm.train.optim` decides which
+matrices it takes).
+
+The arithmetic is torch.optim.Muon's (torch >= 2.9) with Moonshot's `match_rms_adamw` scaling, so one
+learning rate and weight decay serve Muon and the AdamW beside it: per matrix W with gradient G,
+momentum buffer M ← μM + (1 − μ)G, Nesterov update U = (1 − μ)G + μM, O = NS₅(U / ‖U‖_F),
+W ← W(1 − lr·wd) − lr · 0.2·√max(rows, cols) · O. Written here rather than taken from torch because
+torch's runs the iteration in bf16 always — on a CPU without bf16 matrix units that is ~30× slower than
+fp32 (a 256 × 688 matrix on the 2-core AMD EPYC: 98 ms against 3.4 ms per iteration) — and one matrix
+at a time: here matrices of one shape are orthogonalized together in batched matmuls (a handful of
+kernels per step instead of 15 per matrix), in bf16 on CUDA and fp32 elsewhere, and torch 2.4 runs it.
+tests/test_muon.py checks it against torch.optim.Muon.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fidellm.errors import FidelError
+
+NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
+"""The quintic's (a, b, c): maximal slope at zero; singular values land in about [0.7, 1.2], not 1."""
+
+
+def orthogonalize(
+    updates: Tensor, steps: int = 5, eps: float = 1e-7, dtype: torch.dtype | None = None
+) -> Tensor:
+    """A batch of matrices (n, rows, cols), each mapped to about its nearest semi-orthogonal matrix
+    U Vᵀ by `steps` Newton-Schulz iterations, computed in `dtype` (default: the input's)."""
+    a, b, c = NS_COEFFICIENTS
+    x = updates.to(dtype or updates.dtype)
+    tall = x.size(-2) > x.size(-1)
+    if tall:  # iterate on the wide side: the Gram matrix is the smaller one
+        x = x.mT
+    x = x / x.norm(dim=(-2, -1), keepdim=True).clamp(min=eps)  # spectral norm ≤ Frobenius norm ≤ 1
+    for _ in range(steps):
+        gram = x @ x.mT
+        x = torch.baddbmm(x, torch.baddbmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.mT if tall else x
+
+
+class Muon(torch.optim.Optimizer):
+    """Muon over 2-D parameters (module docstring); `ns_dtype` None: bf16 on CUDA, fp32 elsewhere."""
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        weight_decay: float = 0.1,
+        momentum: float = 0.95,
+        ns_steps: int = 5,
+        eps: float = 1e-7,
+        ns_dtype: torch.dtype | None = None,
+    ):
+        if not 0 <= momentum < 1:
+            raise FidelError(f"Muon: momentum must lie in [0, 1), got {momentum}")
+        defaults = {
+            "lr": lr,
+            "weight_decay": weight_decay,
+            "momentum": momentum,
+            "ns_steps": ns_steps,
+            "eps": eps,
+        }
+        super().__init__(params, defaults)
+        shapes = [tuple(p.shape) for group in self.param_groups for p in group["params"] if p.ndim != 2]
+        if shapes:
+            raise FidelError(
+                f"Muon takes 2-D matrices only; got parameters of shape {', '.join(map(str, shapes))}"
+            )
+        self.ns_dtype = ns_dtype
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if not self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(
+                        p, memory_format=torch.preserve_format
+                    )
+            grads = [p.grad for p in params]
+            buffers = [self.state[p]["momentum_buffer"] for p in params]
+            momentum, lr = group["momentum"], group["lr"]
+            torch._foreach_lerp_(buffers, grads, 1 - momentum)
+            updates = torch._foreach_lerp(grads, buffers, momentum)  # Nesterov
+            if group["weight_decay"]:
+                torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+            by_shape: dict[tuple[Any, ...], list[int]] = {}
+            for i, p in enumerate(params):
+                by_shape.setdefault((tuple(p.shape), p.device, p.dtype), []).append(i)
+            for (shape, device, dtype), indices in by_shape.items():
+                ns_dtype = self.ns_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
+                stacked = torch.stack([updates[i] for i in indices])
+                ortho = orthogonalize(stacked, group["ns_steps"], group["eps"], ns_dtype).to(dtype)
+                scale = lr * 0.2 * math.sqrt(max(shape))  # Muon's update at AdamW's RMS
+                torch._foreach_add_([params[i] for i in indices], list(ortho.unbind(0)), alpha=-scale)
