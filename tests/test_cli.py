@@ -107,3 +107,10 @@ def test_user_errors_are_one_line_exit_2(tmp_path, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["tokenizer", "train", str(tmp_path / "missing")])
     assert stop.value.code == 2
+    capsys.readouterr()
+    for command in (["generate", str(tmp_path), "ሰላም"], ["chat", str(tmp_path)]):
+        with pytest.raises(SystemExit) as stop:  # refused before any model is loaded
+            main([*command, "--seed", str(2**64)])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith("error: generation: seed must be in")
+        assert err.count("\n") == 1

@@ -220,6 +220,8 @@ def test_prompt_too_long_for_context(tokenizer) -> None:
         ("max_new_tokens", 0, "max_new_tokens"),
         ("stop_strings", ("",), "stop strings"),
         ("seed", 1.5, "seed"),
+        ("seed", 2**64, r"seed must be in \[-9223372036854775808, 18446744073709551615\]"),
+        ("seed", -(2**63) - 1, "seed must be in"),
     ],
 )
 def test_bad_config_is_a_clear_error(field: str, value: object, message: str) -> None:
@@ -234,6 +236,17 @@ def test_bad_prompts_are_clear_errors(model, tokenizer) -> None:
         generate(model, tokenizer, [[0, 5], []])
     with pytest.raises(FidelError, match="outside the vocabulary"):
         generate(model, tokenizer, [[0, 10_000]])
+
+
+def test_seeds_torch_accepts_for_every_row(model, tokenizer) -> None:
+    """Row i samples with seed + i: the largest seed works alone, and two rows refuse it up front."""
+    top = GenerationConfig(max_new_tokens=2, seed=2**64 - 1)
+    (alone,) = generate(model, tokenizer, [PROMPTS[0]], top)
+    assert len(alone.token_ids) >= 1
+    with pytest.raises(FidelError, match=r"seed must be in \[.*, 18446744073709551614\] with 2 rows"):
+        generate(model, tokenizer, PROMPTS[:2], top)
+    lowest = GenerationConfig(max_new_tokens=2, seed=-(2**63))
+    assert len(generate(model, tokenizer, PROMPTS[:2], lowest)) == 2
 
 
 def test_tiny_positive_temperature_is_greedy(model, tokenizer) -> None:

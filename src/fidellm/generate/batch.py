@@ -27,7 +27,13 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from fidellm.errors import FidelError
-from fidellm.generate.config import FinishReason, GenerationConfig, GenerationResult, default_stop_ids
+from fidellm.generate.config import (
+    FinishReason,
+    GenerationConfig,
+    GenerationResult,
+    check_seed,
+    default_stop_ids,
+)
 from fidellm.generate.sampling import choose_tokens
 from fidellm.generate.stream import TokenStream
 from fidellm.models.blocks import KVCache, is_kv_cache
@@ -67,7 +73,7 @@ def new_rows(
     owner: Any = None,
 ) -> list[DecodeRow]:
     """Rows for already-encoded prompts, row i drawing from a generator seeded `seed + i` (the seed
-    drawn from torch's global RNG when the config has none). Checks stop ids and context length."""
+    drawn from torch's global RNG when the config has none). Checks stop ids, context length and seeds."""
     stop_ids = frozenset(config.stop_token_ids or default_stop_ids(model, tokenizer))
     bad = sorted(i for i in stop_ids if not 0 <= i < model.config.vocab_size)
     if bad:
@@ -88,6 +94,7 @@ def new_rows(
             )
     device = next(model.parameters()).device
     base = config.seed if config.seed is not None else int(torch.randint(0, 2**62, ()).item())
+    check_seed(base, len(prompt_ids))
     return [
         DecodeRow(
             prompt_ids=list(ids),

@@ -33,10 +33,10 @@ def generate_command(
     from fidellm.models.load import load_model
     from fidellm.tokenizer.base import load_tokenizer
 
+    config = GenerationConfig(stop_strings=stop_strings, **options)  # bad settings fail before loading
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     network, tokenizer_dir = load_model(model, device)
     tokenizer = load_tokenizer(tokenizer_dir)
-    config = GenerationConfig(stop_strings=stop_strings, **options)
     if len(prompts) == 1:
         click.echo(prompts[0], nl=False)
         for chunk in stream_generate(network, tokenizer, prompts[0], config):

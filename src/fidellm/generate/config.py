@@ -12,6 +12,17 @@ from fidellm.errors import FidelError
 from fidellm.tokenizer.base import TextTokenizer
 
 FinishReason = Literal["stop", "length"]
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+"""The seeds `torch.Generator.manual_seed` accepts (a negative one wraps to unsigned 64 bits)."""
+
+
+def check_seed(seed: int, rows: int = 1) -> None:
+    """FidelError unless torch accepts the seed of every row (row i samples with `seed + i`), so a bad
+    seed is refused up front instead of failing inside the decoder."""
+    high = SEED_MAX - (rows - 1)
+    if not SEED_MIN <= seed <= high:
+        rows_note = f" with {rows} rows (row i uses seed + i)" if rows > 1 else ""
+        raise FidelError(f"generation: seed must be in [{SEED_MIN}, {high}]{rows_note}, got {seed}")
 
 
 @dataclass
@@ -52,6 +63,8 @@ class GenerationConfig:
             raise FidelError(f"generation: stop strings must be non-empty strings, got {self.stop_strings!r}")
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise FidelError(f"generation: seed must be an integer, got {self.seed!r}")
+        if self.seed is not None:
+            check_seed(self.seed)
 
 
 @dataclass

@@ -125,7 +125,8 @@ async def chat_completion(state: ServerState, request: ChatCompletionRequest, ht
         requested, param = request.max_tokens, "max_tokens"
     if requested == 0:
         raise APIError(400, f"{param} must be at least 1.", param=param)
-    config = state.generation_config(request, state.budget(requested, [len(ids)], param), chat=True)
+    budget = state.budget(requested, [len(ids)], param)
+    config = state.generation_config(request, budget, rows=request.n, chat=True)
     job = Job(
         prompts=[ids] * request.n,
         config=config,

@@ -13,6 +13,7 @@ from fastapi import Request
 from torch import nn
 
 from fidellm.errors import FidelError
+from fidellm.generate.config import check_seed
 from fidellm.generate.engine import GenerationConfig, default_stop_ids
 from fidellm.serve.engine import Engine, Job, QueueFullError, RequestTimeoutError
 from fidellm.serve.schemas import ErrorBody, ErrorDetail, SamplingFields
@@ -106,10 +107,16 @@ class ServerState:
         return requested
 
     def generation_config(
-        self, request: SamplingFields, max_new_tokens: int, chat: bool = False
+        self, request: SamplingFields, max_new_tokens: int, rows: int, chat: bool = False
     ) -> GenerationConfig:
-        """Decoding settings of a request; a chat also stops at `<|im_end|>` (its id, or its text for a byte
-        model), the end of its turn."""
+        """Decoding settings of a request decoding `rows` sequences (row i samples with seed + i, which
+        must stay a seed torch accepts); a chat also stops at `<|im_end|>` (its id, or its text for a
+        byte model), the end of its turn."""
+        if request.seed is not None:
+            try:
+                check_seed(request.seed, rows)
+            except FidelError as error:
+                raise APIError(400, str(error), param="seed") from error
         stop_ids, stop_strings = default_stop_ids(self.model, self.tokenizer), request.stop_strings()
         if chat and self.tokenizer.encode(IM_END) == [IM_END_ID]:
             stop_ids += (IM_END_ID,)

@@ -75,8 +75,8 @@ async def completion(state: ServerState, request: CompletionRequest, http: Reque
     if "max_tokens" not in request.model_fields_set and requested is not None:
         requested = min(requested, state.settings.max_tokens_cap)  # OpenAI's default 16, within our cap
     budget = state.budget(requested, [len(row) for row in ids], "max_tokens")
-    config = state.generation_config(request, budget) if budget > 0 else None
     rows = [row for row in ids for _ in range(request.n)]
+    config = state.generation_config(request, budget, rows=len(rows)) if budget > 0 else None
     echoes = [text for text in texts for _ in range(request.n)]
     job = Job(
         prompts=rows,

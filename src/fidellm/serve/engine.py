@@ -70,12 +70,14 @@ class Job:
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     rows: list[DecodeRow] = field(default_factory=list)
     last_step: float | None = None
+    answered: bool = False  # its "done" or "error" event was sent
 
     @property
     def deadline(self) -> float:
         return self.arrival + self.timeout
 
     def emit(self, *event: Any) -> None:
+        self.answered = self.answered or event[0] in ("done", "error")
         self.loop.call_soon_threadsafe(self.events.put_nowait, event)
 
     def cancel(self) -> None:
@@ -176,8 +178,9 @@ class Engine:
                 self._retire()
         except Exception as error:  # a bug must not kill the worker; its clients get a 500
             log.exception("generation failed")
-            for job in self.running:
-                job.emit("error", error)
+            for job in {id(job): job for job in self.running + admitted}.values():
+                if not job.answered:
+                    job.emit("error", error)
             self.running, self.batches, self.prefilling = [], [], []
 
     def _decode_step(self) -> None:
@@ -199,13 +202,16 @@ class Engine:
                 continue
             try:
                 job.rows = new_rows(self.model, self.tokenizer, job.prompts, job.config, owner=job)
-            except FidelError as error:
-                job.emit("error", error)
+            except Exception as error:  # this request fails; the running ones go on
+                self._fail([job], error)
                 continue
             rows.extend(job.rows)
             self.running.append(job)
         if rows:
-            self.prefilling.append(DecodeBatch(self.model, self.tokenizer, rows))
+            try:
+                self.prefilling.append(DecodeBatch(self.model, self.tokenizer, rows))
+            except Exception as error:
+                self._fail(_owners(rows), error)
         self._feed_prompts()
 
     def _feed_prompts(self) -> None:
@@ -217,11 +223,18 @@ class Engine:
         while self.prefilling and (budget is None or budget > 0):
             batch = self.prefilling[0]
             cost = len(batch.rows) * batch.prompt_left
-            if budget is not None and cost > budget and batch.chunkable and batch.prompt_left > 1:
-                batch.prefill_part(max(1, budget // len(batch.rows)))
-                return
+            part = budget is not None and cost > budget and batch.chunkable and batch.prompt_left > 1
+            try:
+                if part:
+                    batch.prefill_part(max(1, budget // len(batch.rows)))
+                    return
+                chunks = batch.step()
+            except Exception as error:  # only this batch's requests fail
+                self.prefilling.pop(0)
+                self._fail(_owners(batch.rows), error)
+                continue
             self.prefilling.pop(0)
-            self._emit_chunks(batch, batch.step())
+            self._emit_chunks(batch, chunks)
             main = next((b for b in self.batches if b.reshapable), None)
             if main is not None and batch.reshapable:
                 main.merge(batch)
@@ -278,6 +291,17 @@ class Engine:
             kept.append(batch)
         self.batches = kept
 
+    def _fail(self, jobs: list[Job], error: Exception) -> None:
+        """Answer `jobs` with `error` (a 400 for a FidelError, else a 500) and drop them from the running
+        jobs; the others keep decoding. Called while handling `error`, so its traceback is logged."""
+        if not isinstance(error, FidelError):
+            log.exception("starting a request failed")
+        failed = {id(job) for job in jobs}
+        self.running = [job for job in self.running if id(job) not in failed]
+        for job in jobs:
+            self._stop_rows(job)
+            job.emit("error", error)
+
     @staticmethod
     def _stop_rows(job: Job) -> None:
         for row in job.rows:
@@ -321,3 +345,8 @@ class Engine:
             alternatives = list(zip(top_ids[offset].tolist(), top_values[offset].tolist(), strict=True))
             scores.append((token, float(logprobs[offset, token]), alternatives))
         return scores
+
+
+def _owners(rows: list[DecodeRow]) -> list[Job]:
+    """The jobs that asked for `rows`, once each, in order."""
+    return list({id(row.owner): row.owner for row in rows}.values())

@@ -10,6 +10,8 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from fidellm.generate.config import SEED_MAX, SEED_MIN
+
 MAX_STOP = 4
 MAX_N = 8
 
@@ -37,7 +39,7 @@ class SamplingFields(Request):
     top_p: TopP | None = None
     n: Annotated[int, Field(ge=1, le=MAX_N)] = 1
     stop: StopText | Annotated[list[StopText], Field(max_length=MAX_STOP)] | None = None
-    seed: int | None = None
+    seed: Annotated[int, Field(ge=SEED_MIN, le=SEED_MAX)] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
 

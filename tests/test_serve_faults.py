@@ -1,0 +1,143 @@
+"""The server under bad input and failures: seeds torch cannot take, a request that fails to start while
+others decode; each gets an OpenAI-shaped error and the rest of the server goes on."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import httpx2
+import pytest
+from torch import Tensor
+
+import fidellm.serve.engine
+from fidellm.models.llama import LlamaForCausalLM, LMOutput
+from fidellm.tokenizer.bpe import BPETokenizer
+from fixtures.bpe import flores_bpe
+from fixtures.models import WrappedLM, gqa_config, random_llama
+from test_serve import app_for, error_of, run
+
+CHAT = "/v1/chat/completions"
+HELLO = [{"role": "user", "content": "ሰላም"}]
+SEED_MAX = 2**64 - 1
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BPETokenizer:
+    return flores_bpe(tmp_path_factory.mktemp("tokenizer"), 512, lines=400)
+
+
+@pytest.fixture(scope="module")
+def inner() -> LlamaForCausalLM:
+    return random_llama(gqa_config(vocab_size=768, num_hidden_layers=2, max_position_embeddings=512), seed=0)
+
+
+class Slow(WrappedLM):
+    """Sleeps `delay` s per decode step (so requests overlap) and counts them; with `fail_prefill` or
+    `fail_decode` set, the next prompt prefill or decode step raises once."""
+
+    def __init__(self, inner: LlamaForCausalLM, delay: float = 0.01):
+        super().__init__(inner)
+        self.delay, self.steps, self.fail_prefill, self.fail_decode = delay, 0, False, False
+
+    def adjust(self, input_ids: Tensor, cache: Any, output: LMOutput) -> LMOutput:
+        decode = input_ids.shape[1] == 1
+        if (decode and self.fail_decode) or (not decode and self.fail_prefill):
+            self.fail_prefill = self.fail_decode = False
+            raise RuntimeError("injected failure")
+        if decode:
+            self.steps += 1
+            time.sleep(self.delay)
+        return output
+
+
+def test_seeds_torch_cannot_take_are_a_400_naming_seed(inner, tokenizer) -> None:
+    """Row i samples with seed + i: a seed past torch's range for any row is refused, the largest one
+    that fits is served."""
+    bad = [
+        (CHAT, {"messages": HELLO, "seed": SEED_MAX + 1}),
+        (CHAT, {"messages": HELLO, "seed": -(2**63) - 1}),
+        (CHAT, {"messages": HELLO, "seed": SEED_MAX, "n": 2}),
+        ("/v1/completions", {"prompt": ["ሰላም", "ሰኞ"], "seed": SEED_MAX}),
+        ("/v1/completions", {"prompt": "ሰላም", "seed": SEED_MAX - 1, "n": 3}),
+    ]
+
+    async def body(_: Any, raw: httpx2.AsyncClient) -> None:
+        for path, fields in bad:
+            response = await raw.post(path, json={"model": "tiny", "max_tokens": 3, **fields})
+            assert response.status_code == 400 and error_of(response)["param"] == "seed", fields
+        for path, fields in [
+            (CHAT, {"messages": HELLO, "seed": SEED_MAX}),
+            (CHAT, {"messages": HELLO, "seed": -1, "n": 2}),
+        ]:
+            response = await raw.post(path, json={"model": "tiny", "max_tokens": 3, **fields})
+            assert response.status_code == 200, response.text
+
+    run(app_for(inner, tokenizer), body)
+
+
+@pytest.mark.parametrize("where", ["rows", "prefill"])
+def test_a_request_failing_to_start_gets_a_500_and_the_others_go_on(
+    inner, tokenizer, monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """B fails while it is admitted (building its rows) or prefilled, as A decodes: B gets a 500, A gets
+    the answer it gets alone, and the server serves the next request."""
+    model = Slow(inner)
+    if where == "rows":
+        real = fidellm.serve.engine.new_rows
+
+        def new_rows(*args: Any, owner: Any = None, **kwargs: Any) -> Any:
+            if owner.config.seed == 99:
+                raise RuntimeError("injected failure")
+            return real(*args, owner=owner, **kwargs)
+
+        monkeypatch.setattr(fidellm.serve.engine, "new_rows", new_rows)
+    a = {"model": "tiny", "messages": HELLO, "max_tokens": 40, "temperature": 0}
+
+    async def body(_: Any, raw: httpx2.AsyncClient) -> list[Any]:
+        async def request_b() -> httpx2.Response:
+            while model.steps < 3:  # A is decoding
+                await asyncio.sleep(0.005)
+            model.fail_prefill = where == "prefill"
+            return await raw.post(CHAT, json={**a, "max_tokens": 5, "seed": 99, "temperature": 1})
+
+        first, second = await asyncio.wait_for(asyncio.gather(raw.post(CHAT, json=a), request_b()), 20)
+        after = await asyncio.wait_for(raw.post(CHAT, json={**a, "max_tokens": 2}), 20)
+        return [first, second, after]
+
+    first, second, after = run(app_for(model, tokenizer), body)
+    assert second.status_code == 500 and error_of(second)["type"] == "server_error"
+    alone = run(app_for(inner, tokenizer), lambda _, raw: raw.post(CHAT, json=a))
+    assert first.status_code == 200 and first.json()["choices"] == alone.json()["choices"]
+    assert after.status_code == 200
+
+
+def test_a_failing_decode_step_also_answers_the_requests_admitted_with_it(
+    inner, tokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The decode step of the iteration that admits B fails: A (running) and B (admitted, not yet
+    running) both get a 500 instead of B waiting forever, and the server serves the next request."""
+    model = Slow(inner)
+    admit = fidellm.serve.engine.Engine._admit
+
+    def admit_and_fail(engine: fidellm.serve.engine.Engine) -> list[Any]:
+        admitted = admit(engine)
+        model.fail_decode = model.fail_decode or any(job.config.seed == 99 for job in admitted)
+        return admitted
+
+    monkeypatch.setattr(fidellm.serve.engine.Engine, "_admit", admit_and_fail)
+    a = {"model": "tiny", "messages": HELLO, "max_tokens": 40, "temperature": 0}
+
+    async def body(_: Any, raw: httpx2.AsyncClient) -> list[httpx2.Response]:
+        async def request_b() -> httpx2.Response:
+            while model.steps < 3:  # A is decoding
+                await asyncio.sleep(0.005)
+            return await raw.post(CHAT, json={**a, "max_tokens": 5, "seed": 99})
+
+        replies = await asyncio.wait_for(asyncio.gather(raw.post(CHAT, json=a), request_b()), 20)
+        return [*replies, await asyncio.wait_for(raw.post(CHAT, json={**a, "max_tokens": 2}), 20)]
+
+    first, second, after = run(app_for(model, tokenizer), body)
+    assert [first.status_code, second.status_code, after.status_code] == [500, 500, 200]
+    assert error_of(second)["type"] == "server_error"
