@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import numpy as np
 import pytest
@@ -159,3 +160,24 @@ def test_checkpoint_model_scores_like_the_trained_one(tmp_path):
     assert score_lines(from_run, tok, LINES, "cpu") == score_lines(model, tok, LINES, "cpu")
     with pytest.raises(FidelError, match="no model here"):
         load_model(tmp_path / "empty")
+
+
+def test_checkpoint_tokenizer_is_the_nearest_one_above_from_any_path(tmp_path, monkeypatch):
+    """A relative checkpoint path with few parents (`sft/step_7`, `.`) finds RUN/sft/tokenizer; with none
+    above, the error names the checkpoint and the folders searched."""
+    model = _tiny_model(seed=3)
+    state = {"data": {}, "model_config": dataclasses.asdict(model.config)}
+    save_checkpoint(tmp_path / "sft", 7, model, torch.optim.AdamW(model.parameters()), state, keep_last=1)
+    checkpoint = latest_checkpoint(tmp_path / "sft")
+    tokenizer = tmp_path / "sft" / "tokenizer"
+    monkeypatch.chdir(tmp_path)
+    relative = checkpoint.relative_to(tmp_path)
+    searched = re.escape(
+        f"{relative}: no tokenizer for this checkpoint; looked for a tokenizer/ directory in"
+    )
+    with pytest.raises(FidelError, match=rf"^{searched} {re.escape(str(tmp_path.resolve() / 'sft'))}, "):
+        load_model(relative)
+    tokenizer.mkdir()
+    assert load_model(relative)[1] == tokenizer.resolve()
+    monkeypatch.chdir(checkpoint)
+    assert load_model(".")[1] == tokenizer.resolve()

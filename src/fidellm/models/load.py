@@ -44,6 +44,19 @@ def load_checkpoint_model(path: Path, device: torch.device | str = "cpu", averag
     return model.eval()
 
 
+def checkpoint_tokenizer(checkpoint: Path) -> Path:
+    """The `tokenizer` directory of the nearest folder above `checkpoint` that has one (its run's,
+    RUN/tokenizer, or an SFT run's); the path is resolved first, so relative paths and `.` work."""
+    above = checkpoint.resolve().parents
+    found = next((folder / "tokenizer" for folder in above if (folder / "tokenizer").is_dir()), None)
+    if found is None:
+        raise FidelError(
+            f"{checkpoint}: no tokenizer for this checkpoint; looked for a tokenizer/ directory in"
+            f" {', '.join(map(str, above))} (keep the checkpoint inside its run directory)"
+        )
+    return found
+
+
 def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn.Module, Path]:
     """(model, tokenizer directory) from an exported HF or H-Net directory, a checkpoint directory (also
     RUN/train/best, the best-validation weights), or a run directory (its latest checkpoint).
@@ -56,9 +69,8 @@ def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[nn
             return load_hnet_dir(path).to(device), path
         model, _ = load_hf_dir(path)
         return model.to(device), path
-    if (path / STATE_FILE).is_file():  # RUN/train/checkpoints/step_N or RUN/train/best
-        run = next((p for p in path.parents if (p / "tokenizer").is_dir()), path.parents[2])
-        return load_checkpoint_model(path, device), run / "tokenizer"
+    if (path / STATE_FILE).is_file():  # RUN/train/checkpoints/step_N, RUN/train/best, RUN/sft/merged
+        return load_checkpoint_model(path, device), checkpoint_tokenizer(path)
     latest = latest_checkpoint(path / "train" / "checkpoints")
     if latest is not None:
         return load_checkpoint_model(latest, device), path / "tokenizer"
