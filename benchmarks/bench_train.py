@@ -2,9 +2,9 @@
 
 Usage: python benchmarks/bench_train.py RUN [--presets 25m,125m] [--seq-len 1024] [--batch-size 64]
        [--steps 60] [--compile/--no-compile] [--compile-modes default,...] [--loss-chunks 4096,0]
-       [--dtype auto] [--out DIR]
+       [--optimizers adamw,muon] [--dtype auto] [--out DIR]
 RUN must hold tokens/ and tokenizer/ (as `make demo` leaves them). Every preset × compile mode × loss
-chunk (0 = all logits materialized) trains in its own run directory under --out (symlinks to RUN's
+chunk (0 = all logits materialized) × optimizer trains in its own run directory under --out (symlinks to RUN's
 tokens and tokenizer), one after the other. The first two log intervals (compilation, warm-up) are
 left out; the median and spread of the remaining intervals are printed as markdown rows, with the peak
 memory of the variant's own process. A variant that fails (e.g. CUDA graphs on an old torch) is
@@ -26,10 +26,16 @@ from fidellm.train.loop import train
 
 
 def bench_preset(
-    run: Path, out: Path, preset: str, compile_mode: str, loss_chunk: int, args: argparse.Namespace
+    run: Path,
+    out: Path,
+    preset: str,
+    compile_mode: str,
+    loss_chunk: int,
+    optimizer: str,
+    args: argparse.Namespace,
 ) -> dict:
     """Train `preset` for args.steps steps and return the steady-state log records."""
-    work = training_workdir(run, out / f"{preset}-{compile_mode}-chunk{loss_chunk}")
+    work = training_workdir(run, out / f"{preset}-{compile_mode}-chunk{loss_chunk}-{optimizer}")
     config = TrainConfig(
         arch="hnet" if preset.startswith("hnet") else "llama",
         preset=preset,
@@ -38,6 +44,7 @@ def bench_preset(
         max_steps=args.steps,
         warmup_steps=10,
         lr=args.lr,
+        optimizer=optimizer,
         dtype=args.dtype,
         compile=args.compile,
         compile_mode=compile_mode,
@@ -68,23 +75,25 @@ def main() -> None:
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--compile-modes", default="default", help="comma-separated torch.compile modes")
     parser.add_argument("--loss-chunks", default="4096", help="comma-separated loss chunk sizes (0 = off)")
+    parser.add_argument("--optimizers", default="adamw", help="comma-separated: adamw, muon")
     parser.add_argument("--out", type=Path, default=Path("runs/bench_train"))
     args = parser.parse_args()
     command = "python benchmarks/bench_train.py " + " ".join(sys.argv[1:])
     rows, failures = [], []
     variants = [
-        (preset, mode, int(chunk))
+        (preset, mode, int(chunk), optimizer)
         for preset in args.presets.split(",")
         for mode in (args.compile_modes.split(",") if args.compile else ["default"])
         for chunk in args.loss_chunks.split(",")
+        for optimizer in args.optimizers.split(",")
     ]
-    for preset, mode, chunk in variants:
+    for preset, mode, chunk, optimizer in variants:
         what = (
             f"train {preset}, seq {args.seq_len}, batch {args.batch_size}, dtype {args.dtype}, "
-            f"compile {args.compile and mode}, loss chunk {chunk or 'off'}"
+            f"compile {args.compile and mode}, loss chunk {chunk or 'off'}, {optimizer}"
         )
         try:  # a fresh process per variant: its own peak memory, no compiled code carried over
-            result = in_fresh_process(bench_preset, args.run, args.out, preset, mode, chunk, args)
+            result = in_fresh_process(bench_preset, args.run, args.out, preset, mode, chunk, optimizer, args)
         except Exception as error:  # one broken variant must not cost the rest of a GPU session
             failures.append(f"{what}: {type(error).__name__}: {error}")
             print(f"FAILED {failures[-1]}", flush=True)

@@ -7,6 +7,7 @@
 # Then one `run` call of the device tool per step, with carry [".carry"]:
 #   bash benchmarks/gpu_session.sh check           # the CUDA-only paths of the engine (~3 minutes)
 #   bash benchmarks/gpu_session.sh throughput      # 25m and 125m, fused loss on/off, + minimal GPT baseline
+#   bash benchmarks/gpu_session.sh muon-throughput # 25m and 125m trained with --optimizer muon
 #   bash benchmarks/gpu_session.sh compile-modes   # 25m under max-autotune-no-cudagraphs and reduce-overhead
 #   bash benchmarks/gpu_session.sh quality 125m 1200 1e-3 [more quality_run.py options]
 #   bash benchmarks/gpu_session.sh ema 25m 2400 2e-3 --decays 0.99,0.995,0.998 [more options]
@@ -40,6 +41,10 @@ throughput)
     "$PYTHON" benchmarks/minimal_gpt.py --preset 25m --seq-len 1024 --batch-size 64 --steps 150 \
         2>&1 | tee "$OUT/minimal_gpt.log"
     ;;
+muon-throughput)  # the Muon step's cost at the throughput shapes (compare with `throughput`'s adamw rows)
+    "$PYTHON" benchmarks/bench_train.py "$CARRY/run" --presets 25m,125m --seq-len 1024 --batch-size 64 \
+        --steps 150 --log-every 10 --optimizers muon --out /tmp/bench_train 2>&1 | tee "$OUT/muon_throughput.log"
+    ;;
 compile-modes)
     "$PYTHON" benchmarks/bench_train.py "$CARRY/run" --presets 25m --seq-len 1024 --batch-size 64 \
         --steps 150 --log-every 10 --compile-modes max-autotune-no-cudagraphs,reduce-overhead \
@@ -58,7 +63,7 @@ quality|ema)  # quality_run.py: one recipe; ema_decays.py: one run, several weig
     for curves in "/tmp/$step"/*/train/curves.png; do cp "$curves" "$OUT/curves-$(basename "$(dirname "$(dirname "$curves")")").png"; done
     ;;
 *)
-    sed -n '2,14p' "$0"
+    sed -n '2,15p' "$0"
     exit 2
     ;;
 esac
