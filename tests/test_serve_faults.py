@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx2
 import pytest
+import torch
 from torch import Tensor
 
 import fidellm.serve.engine
@@ -16,6 +17,7 @@ from fidellm.models.llama import LlamaForCausalLM, LMOutput
 from fidellm.tokenizer.bpe import BPETokenizer
 from fixtures.bpe import flores_bpe
 from fixtures.models import WrappedLM, gqa_config, random_llama
+from fixtures.server import loopback
 from test_serve import app_for, error_of, run
 
 CHAT = "/v1/chat/completions"
@@ -141,3 +143,36 @@ def test_a_failing_decode_step_also_answers_the_requests_admitted_with_it(
     first, second, after = run(app_for(model, tokenizer), body)
     assert [first.status_code, second.status_code, after.status_code] == [500, 500, 200]
     assert error_of(second)["type"] == "server_error"
+
+
+class Endless(WrappedLM):
+    """Always picks token `token` (never a stop), `delay` s per decode step: runs to max_tokens."""
+
+    def __init__(self, inner: LlamaForCausalLM, token: int, delay: float):
+        super().__init__(inner)
+        self.token, self.delay = token, delay
+
+    def adjust(self, input_ids: Tensor, cache: Any, output: LMOutput) -> LMOutput:
+        logits = torch.full_like(output.logits, float("-inf"))
+        logits[..., self.token] = 0.0
+        if input_ids.shape[1] == 1:
+            time.sleep(self.delay)
+        return LMOutput(logits)
+
+
+def test_a_client_leaving_a_whole_response_frees_its_slot(inner, tokenizer) -> None:
+    """A non-streamed request whose client gives up after 1 s leaves the batch within about one
+    disconnect poll, although its decoder sends an event every step (it would run 10 s more)."""
+    model = Endless(inner, tokenizer.encode("ሰላም")[-1], delay=0.025)
+    app = app_for(model, tokenizer, max_tokens_cap=400)
+    engine = app.state.server.engine
+    with loopback(app) as base:
+        with pytest.raises(httpx2.ReadTimeout):
+            httpx2.post(
+                base + CHAT, json={"model": "tiny", "messages": HELLO, "max_tokens": 400}, timeout=1.0
+            )
+        left = time.monotonic()
+        while engine.running and time.monotonic() - left < 5:
+            time.sleep(0.05)
+        assert not engine.running and engine.active_rows == 0
+        assert time.monotonic() - left < 2, "the abandoned request kept decoding"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -155,17 +156,23 @@ def error_from_event(error: BaseException) -> APIError:
 
 async def job_events(job: Job, request: Request) -> AsyncIterator[tuple[Any, ...]]:
     """The job's events up to and including "done" or "error"; cancels the job if the client leaves
-    or the consumer stops early. "chunks" events already waiting are joined into one (text per row
-    concatenated), so a consumer that falls behind the decoder sends fewer, larger SSE events instead
-    of lagging further: the same text, less per-event overhead under load."""
+    (checked every `DISCONNECT_POLL_S` seconds, whether or not events keep coming) or the consumer
+    stops early. "chunks" events already waiting are joined into one (text per row concatenated), so a
+    consumer that falls behind the decoder sends fewer, larger SSE events instead of lagging further:
+    the same text, less per-event overhead under load."""
     finished = False
+    checked = time.monotonic()
     try:
         while True:
             try:
                 event = await asyncio.wait_for(job.events.get(), timeout=DISCONNECT_POLL_S)
             except TimeoutError:
+                event = None
+            if event is None or time.monotonic() - checked >= DISCONNECT_POLL_S:
+                checked = time.monotonic()
                 if await request.is_disconnected():
                     return
+            if event is None:
                 continue
             following = None
             while event[0] == "chunks" and not job.events.empty():
