@@ -56,6 +56,7 @@ def run(stopped_run: Path, tmp_path: Path) -> Path:
         ({"batch_size": 2}, "batch_size × processes 4 × 1 = 4 → 2 × 1 = 2"),
         ({"max_samples": 10}, "max_samples null → 10"),
         ({"stage_lr_multipliers": [2.0]}, "stage_lr_multipliers [] → [2.0]"),
+        ({"optimizer": "muon"}, 'optimizer "adamw" → "muon"'),
     ],
 )
 def test_changes_the_data_position_depends_on_are_refused(run: Path, change: dict, named: str) -> None:
@@ -76,10 +77,20 @@ def test_a_different_model_config_names_its_fields(run: Path) -> None:
 def test_the_same_rows_per_step_on_other_process_counts_resume() -> None:
     saved = {"batch_size": 4, "seq_len": 64}
     args = (Path("ckpt"), saved, 2)
-    assert resume_changes(*args, {"batch_size": 8, "seq_len": 64}, 1, Path("run")) == {}
+    current = {"seq_len": 64, "optimizer": "adamw"}
+    assert resume_changes(*args, {**current, "batch_size": 8}, 1, Path("run")) == {}
     with pytest.raises(FidelError, match=r"batch_size × processes 4 × 2 = 8 → 4 × 1 = 4"):
-        resume_changes(*args, {"batch_size": 4, "seq_len": 64}, 1, Path("run"))
+        resume_changes(*args, {**current, "batch_size": 4}, 1, Path("run"))
     assert resume_changes(Path("ckpt"), None, None, {"batch_size": 1}, 1, Path("run")) == {}  # unchecked
+
+
+def test_a_checkpoint_from_before_the_optimizer_choice_was_adamw() -> None:
+    legacy = {"batch_size": 4}  # no "optimizer" field
+    assert (
+        resume_changes(Path("ckpt"), legacy, 1, {"batch_size": 4, "optimizer": "adamw"}, 1, Path("r")) == {}
+    )
+    with pytest.raises(FidelError, match='cannot resume with optimizer "adamw" → "muon"'):
+        resume_changes(Path("ckpt"), legacy, 1, {"batch_size": 4, "optimizer": "muon"}, 1, Path("r"))
 
 
 def test_trajectory_changes_are_honored_and_reported(run: Path, capsys) -> None:

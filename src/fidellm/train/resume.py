@@ -96,6 +96,7 @@ def resume_changes(
     if not isinstance(saved, dict):
         return {}
     current = plain(current)
+    saved = {"optimizer": "adamw", **saved}  # checkpoints from before the choice were all AdamW
     if same_path(saved.get("base"), current.get("base")):
         saved = {**saved, "base": current.get("base")}
     refused = _differences(saved, current, POSITION_FIELDS + STRUCTURE_FIELDS)
