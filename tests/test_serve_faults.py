@@ -176,3 +176,17 @@ def test_a_client_leaving_a_whole_response_frees_its_slot(inner, tokenizer) -> N
             time.sleep(0.05)
         assert not engine.running and engine.active_rows == 0
         assert time.monotonic() - left < 2, "the abandoned request kept decoding"
+
+
+def test_non_ascii_api_keys_are_compared_as_bytes(inner, tokenizer) -> None:
+    """A non-ASCII key in the header is a 401 invalid_api_key, not a crash; a non-ASCII key given to
+    the server matches the same key sent as UTF-8."""
+    app = app_for(inner, tokenizer, api_keys=("k1", "ቁልፍ"))
+
+    async def body(_: Any, raw: httpx2.AsyncClient) -> list[httpx2.Response]:
+        sent = ["Bearer ሰላም".encode(), "Bearer ቁልፍ".encode(), b"Bearer k1"]
+        return [await raw.get("/v1/models", headers={"Authorization": header}) for header in sent]
+
+    wrong, right, ascii_key = run(app, body)
+    assert wrong.status_code == 401 and error_of(wrong)["code"] == "invalid_api_key"
+    assert right.status_code == 200 and ascii_key.status_code == 200

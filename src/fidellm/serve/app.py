@@ -181,11 +181,16 @@ def create_app(
         failure = APIError(error.status_code, str(error.detail), code=None)
         return JSONResponse(failure.body(), status_code=error.status_code, headers=error.headers)
 
+    keys = [key.encode("utf-8") for key in settings.api_keys]
+
     async def authorize(request: Request) -> None:
-        if not settings.api_keys:
+        """401 unless the request carries one of the keys. Compared as bytes (compare_digest refuses
+        non-ASCII str): the header's bytes as sent (Starlette decodes them as Latin-1), the keys' UTF-8."""
+        if not keys:
             return
         scheme, _, key = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not any(hmac.compare_digest(key, k) for k in settings.api_keys):
+        sent = key.encode("latin-1")
+        if scheme.lower() != "bearer" or not any(hmac.compare_digest(sent, k) for k in keys):
             raise APIError(
                 401, "Incorrect or missing API key (Authorization: Bearer KEY).", code="invalid_api_key"
             )
