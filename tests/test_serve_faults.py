@@ -190,3 +190,26 @@ def test_non_ascii_api_keys_are_compared_as_bytes(inner, tokenizer) -> None:
     wrong, right, ascii_key = run(app, body)
     assert wrong.status_code == 401 and error_of(wrong)["code"] == "invalid_api_key"
     assert right.status_code == 200 and ascii_key.status_code == 200
+
+
+def test_the_request_held_for_a_free_slot_counts_as_waiting(inner, tokenizer) -> None:
+    """--queue 1 --max-batch 1: while A decodes, B waits (taken from the queue, held for A's slot), so C
+    is refused with 503; B is answered once A is done."""
+    model = Slow(inner)
+    app = app_for(model, tokenizer, queue_size=1, max_batch=1)
+    engine = app.state.server.engine
+    a = {"model": "tiny", "messages": HELLO, "max_tokens": 30, "temperature": 0}
+
+    async def body(_: Any, raw: httpx2.AsyncClient) -> list[httpx2.Response]:
+        first = asyncio.ensure_future(raw.post(CHAT, json=a))
+        while model.steps < 3:  # A is decoding
+            await asyncio.sleep(0.005)
+        second = asyncio.ensure_future(raw.post(CHAT, json={**a, "max_tokens": 2}))
+        while engine._held is None:  # B is taken from the queue and held for A's slot
+            await asyncio.sleep(0.005)
+        third = await raw.post(CHAT, json={**a, "max_tokens": 2})
+        return [*await asyncio.wait_for(asyncio.gather(first, second), 20), third]
+
+    first, second, third = run(app, body)
+    assert third.status_code == 503 and error_of(third)["type"] == "server_error"
+    assert first.status_code == 200 and second.status_code == 200

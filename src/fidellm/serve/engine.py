@@ -112,20 +112,24 @@ class Engine:
         """Sequences decoding or being prefilled now (finished rows of an H-Net batch hold their slot)."""
         return sum(len(batch.rows) for batch in self.batches + self.prefilling)
 
+    @property
+    def waiting(self) -> int:
+        """Requests not yet admitted: those queued and the one held until slots free up."""
+        return (self._queue.qsize() if self._queue is not None else 0) + (self._held is not None)
+
     def _ensure_worker(self) -> asyncio.Queue[Job]:
         """Start the worker on the running loop the first time (works without ASGI lifespan events)."""
         if self._queue is None or self._worker is None or self._worker.done():
-            self._queue = asyncio.Queue(maxsize=self.queue_size)
+            self._queue = asyncio.Queue()  # bounded by `submit`, which counts the held job too
             self._worker = asyncio.get_running_loop().create_task(self._work())
         return self._queue
 
     def submit(self, job: Job) -> None:
         """Queue `job`; QueueFullError when `queue_size` requests already wait."""
         queue = self._ensure_worker()
-        try:
-            queue.put_nowait(job)
-        except asyncio.QueueFull as error:
-            raise QueueFullError from error
+        if self.waiting >= self.queue_size:
+            raise QueueFullError
+        queue.put_nowait(job)
         self._update_gauges()
 
     async def stop(self) -> None:
@@ -133,8 +137,7 @@ class Engine:
             self._worker.cancel()
 
     def _update_gauges(self) -> None:
-        waiting = (self._queue.qsize() if self._queue is not None else 0) + (self._held is not None)
-        self.metrics.waiting.set(waiting)
+        self.metrics.waiting.set(self.waiting)
         self.metrics.running.set(len(self.running))
 
     async def _work(self) -> None:
