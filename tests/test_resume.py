@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors.torch import load_file
 
-from fidellm.cli import cli
+from fidellm.cli import cli, main
 from fidellm.errors import FidelError
 from fidellm.models.llama import LlamaForCausalLM
 from fidellm.tokenizer.base import load_tokenizer
@@ -170,3 +171,24 @@ def test_a_metrics_line_cut_by_a_kill_does_not_stop_the_resume(run: Path) -> Non
     metrics.write_text('{"kind": "train", "st\n' + whole)  # damage elsewhere is named, not skipped
     with pytest.raises(FidelError, match=r"metrics.jsonl:1: not JSON \(damaged\); remove that line"):
         train(run, small_config(max_steps=5))
+
+
+def test_train_continues_pretraining_from_a_base(run: Path, tmp_path: Path, capsys) -> None:
+    target = fresh_run(run, tmp_path / "continued")
+    options = ["--steps", "1", "--seq-len", "64", "--batch-size", "4", "--warmup", "0", "--device", "cpu"]
+    main(["train", str(target), "--base", str(run), "--lr", "1e-12", *options])
+    base = load_file(run / "train/checkpoints/step_00000002/model.safetensors")  # the run's latest
+    after = load_file(target / "train/checkpoints/step_00000001/model.safetensors")
+    assert base.keys() == after.keys() and all(torch.allclose(base[k], after[k], atol=1e-6) for k in base)
+    assert json.loads((target / "train/config.json").read_text())["train"]["base"] == str(run.resolve())
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["train", str(target), "--base", str(run), "--preset", "tiny", *options])
+    assert capsys.readouterr().err == (
+        "error: --base trains the base model's own config; leave out --preset and --dropout\n"
+    )
+
+
+def test_no_validation_batches_is_refused(run: Path) -> None:
+    with pytest.raises(FidelError, match="eval_batches must be positive, got 0"):
+        train(run, small_config(max_steps=4, eval_batches=0))

@@ -91,6 +91,12 @@ def optimizer_options(command: Callable[..., Any]) -> Callable[..., Any]:
     " hnet-2s-tiny, hnet-small, hnet-2s-small, hnet-300m, hnet-760m.",
 )
 @click.option(
+    "--base",
+    default=None,
+    help="Continue pretraining this model (exported dir, checkpoint or run dir; its tokenizer must be the"
+    " run's) instead of random weights; its own config is trained, so --preset and --dropout are refused.",
+)
+@click.option(
     "--unfreeze",
     type=click.Choice(["hnet-design-notes"]),
     default=None,
@@ -217,7 +223,12 @@ def optimizer_options(command: Callable[..., Any]) -> Callable[..., Any]:
 @optimizer_options
 @curriculum_options("the data", "; needs `fidellm data tokenize RUN --curriculum`")
 def train_command(
-    run_dir: Path, dropout: float, preset: str | None, stage_lr_multipliers: str, **options: object
+    run_dir: Path,
+    dropout: float,
+    preset: str | None,
+    base: str | None,
+    stage_lr_multipliers: str,
+    **options: object,
 ) -> None:
     """Pretrain on RUN_DIR/tokens; writes RUN_DIR/train/ (metrics.jsonl, curves.png, checkpoints/).
 
@@ -234,11 +245,19 @@ def train_command(
         multipliers = [float(x) for x in stage_lr_multipliers.split(",") if x.strip()]
     except ValueError:
         raise FidelError(f"--stage-lr-multipliers {stage_lr_multipliers!r}: expected e.g. 2,1.5,1") from None
+    if base is not None and (preset is not None or dropout):
+        raise FidelError("--base trains the base model's own config; leave out --preset and --dropout")
     default_preset = "hnet-tiny" if options["arch"] == "hnet" else "tiny"
     overrides = {"dropout": dropout} if dropout else {}
     chosen = preset or default_preset
     sources = [name.strip() for name in str(options.pop("best_by_sources")).split(",") if name.strip()]
-    config = TrainConfig(**options, preset=chosen, model_overrides=overrides, best_by_sources=sources)
+    config = TrainConfig(
+        **options,
+        preset=chosen,
+        model_overrides=overrides,
+        best_by_sources=sources,
+        base=str(Path(base).resolve()) if base else None,  # a resumed run compares it from anywhere
+    )
     config.stage_lr_multipliers = multipliers
     summary = train(run_dir, config)
     if os.environ.get("RANK", "0") != "0":

@@ -98,8 +98,16 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Reject impossible settings before anything is loaded."""
-        positive = ("seq_len", "batch_size", "grad_accum", "max_steps", "eval_every", "log_every")
-        for name in (*positive, "save_every", "eval_batches"):
+        positive = (
+            "seq_len",
+            "batch_size",
+            "grad_accum",
+            "max_steps",
+            "eval_every",
+            "log_every",
+            "eval_batches",
+        )
+        for name in (*positive, "save_every"):
             if getattr(self, name) < (1 if name in positive else 0):
                 raise FidelError(f"train config: {name} must be positive, got {getattr(self, name)}")
         if self.schedule not in SCHEDULES:
