@@ -280,6 +280,19 @@ def test_bad_records_name_file_line_and_field(tmp_path, data_dir):
     _assert_counts_add_up(report)
 
 
+def test_a_lone_surrogate_escape_is_a_rejected_record_not_a_crash(tmp_path, data_dir):
+    seeds = data_dir / "sft_en/alpaca_seed_tasks/seed_tasks.jsonl"
+    bad = '{"id": "seed_task_9", "instruction": "Name \\ud83d.", "instances": [{"input": "", "output": "x"}]}'
+    seeds.write_text(seeds.read_text(encoding="utf-8") + bad + "\n", encoding="utf-8")
+    build_chat_data(tmp_path / "run", data_dir, sources=["alpaca_seed_tasks"])
+    _, _, report, rejected = _read(tmp_path / "run")
+    (surrogate,) = [r for r in rejected if r["reason"] == "invalid_utf8"]
+    assert surrogate["path"] == str(seeds) and surrogate["line"] == 3
+    assert "field 'instruction' holds the lone surrogate \\ud83d" in surrogate["detail"]
+    assert report["sources"]["alpaca_seed_tasks"]["records_read"] == 3
+    _assert_counts_add_up(report)
+
+
 def test_dedup_and_chat_decontamination(tmp_path, data_dir):
     build_chat_data(tmp_path / "run", data_dir, sources=ALL.split(","))
     train, evals, report, _ = _read(tmp_path / "run")

@@ -239,3 +239,30 @@ def test_gzip_roundtrip_of_real_lines(tmp_path):
     path = tmp_path / "lines.txt.gz"
     path.write_bytes(gzip.compress("አንድ\nሁለት".encode()))
     assert [r.fields["text"] for r in records(read(path, "txt"))] == ["አንድ", "ሁለት"]
+
+
+def test_escaped_lone_surrogates_are_rejected_with_file_line_and_field(tmp_path):
+    """`\\ud83d` alone is valid JSON but no character (a broken emoji): the record is rejected, not passed on
+    to crash hashing later; an escaped surrogate *pair* is one character and stays."""
+    jsonl = tmp_path / "tweets.jsonl"
+    jsonl.write_text(
+        '{"id": "s1", "text": "ok \\ud83d\\ude00"}\n'
+        '{"id": "s2", "text": "TEXT \\ud83d ሰላም"}\n'
+        '{"id": "s3", "meta": [{"note": "\\udc80"}], "text": "fine"}\n',
+        encoding="utf-8",
+    )
+    items = read(jsonl, "jsonl")
+    assert [r.fields["text"] for r in records(items)] == ["ok 😀"]
+    assert [(r.line, r.reason) for r in rejections(items)] == [(2, "invalid_utf8"), (3, "invalid_utf8")]
+    assert "field 'text' holds the lone surrogate \\ud83d" in rejections(items)[0].detail
+    assert "field 'meta[0].note' holds the lone surrogate \\udc80" in rejections(items)[1].detail
+    array = tmp_path / "tweets.json"
+    array.write_text('[{"text": "ok"},\n {"text": "TEXT \\ud83d"}]\n', encoding="utf-8")
+    items = read(array, "json")
+    assert [(r.line, r.reason) for r in rejections(items)] == [(2, "invalid_utf8")]
+    squad = tmp_path / "squad.json"
+    squad.write_text(
+        '{"data": [{"title": "t", "paragraphs": [{"context": "ሰላም \\ud83d", "qas": []}]}]}', encoding="utf-8"
+    )
+    (rejected,) = read(squad, "squad")
+    assert rejected.reason == "invalid_utf8" and rejected.detail.startswith("ctx0: field 'text'")

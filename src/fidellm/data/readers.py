@@ -37,6 +37,9 @@ FORMAT_OPTIONS: dict[str, frozenset[str]] = {
     "squad": frozenset({"parts"}),
 }
 _SURROGATE = re.compile("[\udc80-\udcff]")
+_LONE = re.compile("[\ud800-\udfff]")
+_MAYBE_LONE = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
+"""A JSON escape of a surrogate, or a surrogate itself: then the parsed value may hold a lone one."""
 
 Mine = Callable[[], bool]
 
@@ -79,6 +82,33 @@ def _bad_utf8(source: str, path: Path, line: int, raw: bytes) -> Rejection:
     return Rejection(source, str(path), line, "invalid_utf8", detail)
 
 
+def _surrogate_at(value: Any, where: str = "") -> str | None:
+    """Where (`text`, `messages[0].content`) the first string of a parsed JSON value holds a lone surrogate,
+    with it; None when there is none. JSON may escape one (`"\\ud83d"`, a broken emoji in scraped tweets), but
+    it is no character: UTF-8 cannot encode it, so it would crash hashing and writing far downstream."""
+    if isinstance(value, str):
+        bad = _LONE.search(value)
+        return f"field {where!r} holds the lone surrogate \\u{ord(bad.group()):04x}" if bad else None
+    if isinstance(value, dict):
+        if any(isinstance(key, str) and _LONE.search(key) for key in value):
+            return f"a key of {f'field {where!r}' if where else 'the record'} holds a lone surrogate"
+        children = [(f"{where}.{key}" if where else str(key), item) for key, item in value.items()]
+    elif isinstance(value, list):
+        children = [(f"{where}[{i}]", item) for i, item in enumerate(value)]
+    else:
+        return None
+    return next((found for path, item in children if (found := _surrogate_at(item, path))), None)
+
+
+def _invalid_text(source: str, path: Path, line: int | None, value: Any, raw: str) -> Rejection | None:
+    """An `invalid_utf8` Rejection when the record parsed from the JSON text `raw` holds a lone surrogate
+    (`raw` is scanned first, so a clean record costs one regex search)."""
+    found = _surrogate_at(value) if _MAYBE_LONE.search(raw) else None
+    if found is None:
+        return None
+    return Rejection(source, str(path), line, "invalid_utf8", f"{found}, which UTF-8 cannot encode")
+
+
 # ---------------------------------------------------------------------------------------------- line formats
 
 
@@ -104,7 +134,7 @@ def read_jsonl(path: Path, source: str, mine: Mine) -> Iterator[RawRecord | Reje
             kind = type(value).__name__
             yield Rejection(source, str(path), number, "not_an_object", f"a JSON {kind}, not an object")
             continue
-        yield RawRecord(number, key, value)
+        yield _invalid_text(source, path, number, value, text) or RawRecord(number, key, value)
 
 
 def _blocks(path: Path) -> Iterator[tuple[int, list[bytes]]]:
@@ -329,7 +359,9 @@ def read_json(
             yield Rejection(source, str(path), None if records else line, "not_an_object", detail)
         else:
             fields = dict(value) if key is None else {"_key": key, **value}
-            yield RawRecord(None if records else line, str(index), fields)
+            where = None if records else line
+            rejected = _invalid_text(source, path, where, fields, text[start:end])
+            yield rejected or RawRecord(where, str(index), fields)
 
 
 def read_squad(
@@ -354,10 +386,14 @@ def read_squad(
         counts[kind] += 1
         if kind not in wanted or not mine():
             return
+        fields = {"kind": kind, "text": value, "title": title, "id": key}
         if isinstance(value, str) and _SURROGATE.search(value):
             yield Rejection(source, str(path), None, "invalid_utf8", f"{key} holds bytes that are not UTF-8")
+        elif found := _surrogate_at(fields):
+            detail = f"{key}: {found}, which UTF-8 cannot encode"
+            yield Rejection(source, str(path), None, "invalid_utf8", detail)
         else:
-            yield RawRecord(None, key, {"kind": kind, "text": value, "title": title, "id": key})
+            yield RawRecord(None, key, fields)
 
     for number, article in enumerate(articles):
         if not isinstance(article, dict):
