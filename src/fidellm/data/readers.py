@@ -411,9 +411,16 @@ def read_squad(
 
 
 def read_parquet(
-    path: Path, source: str, mine: Mine, required: list[str], batch_size: int = 4096
+    path: Path,
+    source: str,
+    mine: Mine,
+    required: list[str],
+    batch_size: int = 4096,
+    optional: list[str] | None = None,
 ) -> Iterator[RawRecord | Rejection]:
-    """Parquet, read in batches of the needed columns (a .zst/.gz wrapper is spooled to a temp file)."""
+    """Parquet, read in batches of the needed columns: `required` ones (all columns when none is) and the
+    `optional` ones the file has, such as a per-document licence (a .zst/.gz wrapper is spooled to a temp
+    file)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
@@ -435,8 +442,9 @@ def read_parquet(
         missing = [name for name in required if name not in names]
         if missing:
             raise _missing_columns(path, missing, names)
+        extra = [name for name in optional or [] if name in names and name not in required]
         row = 0
-        for batch in parquet.iter_batches(batch_size=batch_size, columns=required or None):
+        for batch in parquet.iter_batches(batch_size=batch_size, columns=[*required, *extra] or None):
             for fields in batch.to_pylist():
                 row += 1
                 if mine():
@@ -512,8 +520,10 @@ def read_records(
     options: dict[str, Any] | None = None,
     unit: str = "line",
     required: list[str] | None = None,
+    optional: list[str] | None = None,
 ) -> Iterator[RawRecord | Rejection]:
-    """Dispatch to the reader for `fmt`. `required` lists columns that csv/tsv/parquet headers must have."""
+    """Dispatch to the reader for `fmt`. `required` lists columns that csv/tsv/parquet headers must have;
+    `optional` ones are read too where present (parquet reads only the columns it is told)."""
     options = options or {}
     required = required or []
     if fmt == "jsonl":
@@ -525,7 +535,7 @@ def read_records(
     if fmt in ("csv", "tsv"):
         return read_delimited(path, source, mine, options, "," if fmt == "csv" else "\t", required)
     if fmt == "parquet":
-        return read_parquet(path, source, mine, required, int(options.get("batch_size", 4096)))
+        return read_parquet(path, source, mine, required, int(options.get("batch_size", 4096)), optional)
     if fmt == "xml":
         if "record_tag" not in options:
             raise FidelError(f"{path}: xml sources need options.record_tag (the element holding one record)")

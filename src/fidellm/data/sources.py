@@ -189,7 +189,7 @@ def _record_id(spec: SourceSpec, record: RawRecord, label: str) -> str | None:
 def _plain(spec: SourceSpec, files: list[ResolvedFile], removed: tuple[set[str], str], shard: _Shard):
     for resolved in files:
         records = read_records(
-            resolved.path, spec.format, spec.name, shard, spec.options, spec.unit, _required(spec)
+            resolved.path, spec.format, spec.name, shard, spec.options, spec.unit, *_columns(spec)
         )
         for record in records:
             if isinstance(record, Rejection):
@@ -273,6 +273,13 @@ def _required(spec: SourceSpec) -> list[str]:
     """Columns a csv/tsv/parquet file of this source must have (top-level names of the configured fields)."""
     names = [*spec.text_fields, spec.id_field if spec.id_rule == "field" else None, *spec.group_by]
     return [n.split(".")[0] for n in names if n]
+
+
+def _columns(spec: SourceSpec) -> tuple[list[str], list[str]]:
+    """The required columns, and the optional ones read where a file has them: the per-document licence
+    and date (a record without them gets the source's licence and no date, as in every format)."""
+    optional = [n.split(".")[0] for n in (spec.license_field, spec.date_field) if n]
+    return _required(spec), optional
 
 
 def iter_documents(
