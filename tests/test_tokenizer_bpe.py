@@ -95,7 +95,21 @@ def test_all_256_bytes_in_vocabulary(trained: BPETokenizer) -> None:
 @example("<|bos|> <|im_start|>user\nሰላም<|im_end|> <tool_call>{}</tool_call>")
 @example("ቃል፡ቃል፡፡ 12,345.67 ፲፱፻")
 def test_round_trip_any_string(trained: BPETokenizer, text: str) -> None:
-    assert trained.decode(trained.encode(text)) == text
+    ids = trained.encode(text)
+    assert trained.decode(ids) == text
+    assert b"".join(trained.token_bytes(i) for i in ids) == text.encode("utf-8")  # token by token
+
+
+def test_token_bytes_are_parts_of_characters_and_skip_control_tokens(trained: BPETokenizer) -> None:
+    """Every id's bytes decode (lossily) as the id alone does (partial characters included); special
+    tokens give none when skipped, as in `decode`."""
+    for token in range(trained.vocab_size):
+        assert trained.token_bytes(token).decode("utf-8", errors="replace") == trained.decode([token])
+    ids = trained.encode("<|im_start|>ሰላም<tool_call>", add_bos=True)
+    assert (
+        b"".join(trained.token_bytes(i, skip_special_tokens=True) for i in ids) == "ሰላም<tool_call>".encode()
+    )
+    assert trained.token_bytes(trained.vocab_size + 5) == b""  # dropped by decode too
 
 
 def test_round_trip_every_flores_line(trained: BPETokenizer) -> None:

@@ -25,6 +25,7 @@ def test_round_trip_and_control_ids_never_in_text(text: str) -> None:
     assert 254 not in ids and 255 not in ids  # 0xFE / 0xFF never occur in valid UTF-8
     assert TOKENIZER.encode(text, add_bos=True) == [254, *ids]
     assert len(ids) == len(text.encode("utf-8"))
+    assert b"".join(TOKENIZER.token_bytes(i) for i in [254, *ids, 255]) == text.encode("utf-8")
 
 
 def test_control_ids() -> None:
@@ -60,6 +61,8 @@ def test_save_and_load(tmp_path: Path) -> None:
 def test_bad_ids_and_bad_meta(tmp_path: Path) -> None:
     with pytest.raises(FidelError, match=r"0\.\.255"):
         TOKENIZER.decode([300])
+    with pytest.raises(FidelError, match=r"0\.\.255"):
+        TOKENIZER.token_bytes(300)
     (tmp_path / "fidellm_tokenizer.json").write_text('{"kind": "bytes", "vocab_size": 256, "bos_id": 1}')
     with pytest.raises(FidelError, match="bos_id"):
         load_tokenizer(tmp_path)

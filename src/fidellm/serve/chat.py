@@ -10,7 +10,15 @@ from fastapi import Request
 from fidellm.chat.template import encode_chat, render_chat
 from fidellm.errors import FidelError
 from fidellm.generate.engine import GenerationResult
-from fidellm.serve.common import APIError, ServerState, error_from_event, final_event, job_events, sse
+from fidellm.serve.common import (
+    APIError,
+    ServerState,
+    error_from_event,
+    final_event,
+    job_events,
+    sse,
+    token_piece,
+)
 from fidellm.serve.engine import Job, TokenScore
 from fidellm.serve.schemas import (
     ChatChoice,
@@ -74,19 +82,17 @@ def chat_prompt(state: ServerState, request: ChatCompletionRequest) -> tuple[str
 
 
 def logprob_content(state: ServerState, scores: list[TokenScore]) -> ChoiceLogprobs:
-    """Chat-style logprobs: one entry per generated token with its top alternatives."""
-
-    def piece(token: int) -> tuple[str, list[int]]:
-        text = state.tokenizer.decode([token], skip_special_tokens=False)
-        return text, list(text.encode("utf-8"))
-
+    """Chat-style logprobs: one entry per generated token with its top alternatives, each with the
+    token's own bytes (`token_piece`)."""
     content = []
     for token, logprob, top in scores:
-        text, raw = piece(token)
-        alternatives = [
-            TopLogprob(token=piece(i)[0], logprob=value, bytes=piece(i)[1]) for i, value in top or []
-        ]
-        content.append(TokenLogprob(token=text, logprob=logprob or 0.0, bytes=raw, top_logprobs=alternatives))
+        text, raw = token_piece(state.tokenizer, token)
+        alternatives = []
+        for other, value in top or []:
+            other_text, other_raw = token_piece(state.tokenizer, other)
+            alternatives.append(TopLogprob(token=other_text, logprob=value, bytes=list(other_raw)))
+        entry = TokenLogprob(token=text, logprob=logprob or 0.0, bytes=list(raw), top_logprobs=alternatives)
+        content.append(entry)
     return ChoiceLogprobs(content=content)
 
 

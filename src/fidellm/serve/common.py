@@ -203,6 +203,17 @@ async def final_event(job: Job, request: Request) -> tuple[Any, ...]:
     raise APIError(499, "Client closed the request.", code="client_closed")
 
 
+def token_piece(tokenizer: TextTokenizer, token: int) -> tuple[str, bytes]:
+    """(how log-probabilities show a token, its bytes): its text, or when its bytes are not UTF-8 on
+    their own (a byte of an Ethiopic letter) `bytes:\\xe1\\x88`, as vLLM writes it, so that such
+    alternatives never collapse into one U+FFFD."""
+    raw = tokenizer.token_bytes(token)
+    try:
+        return raw.decode("utf-8"), raw
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw), raw
+
+
 def sse(payload: dict[str, Any] | str) -> dict[str, str]:
     """One server-sent event: `data: <json>` (or a literal like [DONE])."""
     return {"data": payload if isinstance(payload, str) else json.dumps(payload, ensure_ascii=False)}

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import Request
 
 from fidellm.generate.engine import GenerationResult
-from fidellm.serve.common import APIError, ServerState, error_from_event, final_event, job_events, sse
+from fidellm.serve.common import (
+    APIError,
+    ServerState,
+    error_from_event,
+    final_event,
+    job_events,
+    sse,
+    token_piece,
+)
 from fidellm.serve.engine import Job, TokenScore
 from fidellm.serve.schemas import (
     Completion,
@@ -47,15 +56,18 @@ def prompt_rows(state: ServerState, request: CompletionRequest) -> tuple[list[li
 
 
 def legacy_logprobs(state: ServerState, scores: list[TokenScore], offset: int) -> CompletionLogprobs:
-    """{tokens, token_logprobs, top_logprobs, text_offset}; offsets count from the echoed text's start."""
-    decode = state.tokenizer.decode
+    """{tokens, token_logprobs, top_logprobs, text_offset}, tokens shown as `token_piece` does. Offsets
+    are characters from the prompt text's start (where `offset` is): the character holding the token's
+    first byte, counted over the decoded text (special tokens take no room there)."""
+    tokenizer = state.tokenizer
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
     tokens, values, tops, offsets = [], [], [], []
     for token, logprob, top in scores:
-        tokens.append(decode([token], skip_special_tokens=False))
+        tokens.append(token_piece(tokenizer, token)[0])
         values.append(logprob)
-        tops.append(None if top is None else {decode([i], skip_special_tokens=False): v for i, v in top})
+        tops.append(None if top is None else {token_piece(tokenizer, i)[0]: v for i, v in top})
         offsets.append(offset)
-        offset += len(decode([token], skip_special_tokens=True))
+        offset += len(text.decode(tokenizer.token_bytes(token, skip_special_tokens=True)))
     return CompletionLogprobs(tokens=tokens, token_logprobs=values, top_logprobs=tops, text_offset=offsets)
 
 

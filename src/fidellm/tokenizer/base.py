@@ -39,6 +39,11 @@ class TextTokenizer(ABC):
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = False) -> str:
         """Text of `ids` (list or numpy array); an incomplete UTF-8 sequence becomes U+FFFD, not an error."""
 
+    @abstractmethod
+    def token_bytes(self, token_id: int, skip_special_tokens: bool = False) -> bytes:
+        """The bytes one id adds to the UTF-8 of `decode` (b"" for ids it drops): possibly part of a
+        character, e.g. one byte of a 3-byte Ethiopic letter. Log-probabilities report tokens by them."""
+
     @property
     @abstractmethod
     def vocab_size(self) -> int:

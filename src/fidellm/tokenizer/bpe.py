@@ -44,6 +44,17 @@ GGUF_PRE = "starcoder"
 PRE_TOKENIZER = "digits-individual+bytelevel-gpt2-regex"
 
 
+def _byte_level_bytes() -> dict[str, int]:
+    """GPT-2's ByteLevel map read backwards: each of the 256 stand-in characters -> the byte it stands
+    for (printable Latin-1 bytes stand for themselves, the others for chr(256), chr(257), ... in order)."""
+    printable = {*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)}
+    others = iter(range(256, 512))
+    return {chr(byte if byte in printable else next(others)): byte for byte in range(256)}
+
+
+BYTE_OF_CHAR = _byte_level_bytes()
+
+
 def build_untrained() -> Tokenizer:
     """An empty byte-level BPE with this project's pre-tokenizer and decoder, and no normalizer."""
     tokenizer = Tokenizer(models.BPE())
@@ -76,6 +87,7 @@ class BPETokenizer(TextTokenizer):
         self._meta = {**(meta or {}), "kind": self.kind}
         self._check_reserved(source)
         self._batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
+        self._added = tokenizer.get_added_tokens_decoder()
 
     def _check_reserved(self, source: Path | None) -> None:
         """Ids 0-7 must be the reserved tokens with their special flags (the chat template, SFT and the
@@ -99,6 +111,15 @@ class BPETokenizer(TextTokenizer):
 
     def decode(self, ids: Sequence[int] | np.ndarray, skip_special_tokens: bool = False) -> str:
         return self.hf.decode(id_list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int, skip_special_tokens: bool = False) -> bytes:
+        """An added token's text (b"" for a special one when skipped), else the bytes its ByteLevel
+        stand-in characters encode; b"" for an id outside the vocabulary, which `decode` drops too."""
+        added = self._added.get(token_id)
+        if added is not None:
+            return b"" if added.special and skip_special_tokens else added.content.encode("utf-8")
+        piece = self.hf.id_to_token(token_id)
+        return b"" if piece is None else bytes(BYTE_OF_CHAR[char] for char in piece)
 
     @property
     def vocab_size(self) -> int:

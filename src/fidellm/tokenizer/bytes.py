@@ -41,6 +41,12 @@ class ByteTokenizer(TextTokenizer):
             raise FidelError(f"byte tokenizer ids must be integers in 0..255: {error}") from error
         return data.translate(None, _CONTROL).decode("utf-8", errors="replace")
 
+    def token_bytes(self, token_id: int, skip_special_tokens: bool = False) -> bytes:
+        """The byte itself; b"" for 254/255, which `decode` always drops."""
+        if not 0 <= token_id < 256:
+            raise FidelError(f"byte tokenizer id {token_id} is outside 0..255")
+        return b"" if token_id >= BYTE_BOS_ID else bytes((token_id,))
+
     @property
     def vocab_size(self) -> int:
         return 256

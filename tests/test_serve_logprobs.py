@@ -1,0 +1,86 @@
+"""Log-probabilities of tokens that are parts of a UTF-8 character (every byte of an Ethiopic letter for
+a byte model, byte-level BPE pieces): each token reports its own bytes, a token that is not UTF-8 on its
+own is shown as `bytes:\\x..` so alternatives stay apart, and text offsets count characters of the text."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx2
+import pytest
+
+from fidellm.models.llama import LlamaForCausalLM
+from fidellm.tokenizer.bytes import ByteTokenizer
+from fidellm.tokenizer.special import BYTE_EOS_ID, IM_END_ID
+from fixtures.bpe import flores_bpe
+from fixtures.models import gqa_config, random_llama
+from test_serve import ScriptedModel, app_for, run
+
+TEXT = "ሰላም ኢትዮጵያ"
+
+
+def shown(raw: bytes) -> str:
+    """A token as the server shows it: its text, or `bytes:\\x..` when not UTF-8 on its own."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw)
+
+
+@pytest.fixture(scope="module")
+def byte_model() -> LlamaForCausalLM:
+    return random_llama(gqa_config(vocab_size=256, num_hidden_layers=2, max_position_embeddings=128), seed=1)
+
+
+def test_echoed_byte_tokens_keep_their_bytes_and_character_offsets(byte_model) -> None:
+    """Each byte of ሰላም is its own token: shown as bytes:\\xe1 etc., the 5 alternatives stay 5 keys, and
+    the three bytes of the i-th letter all have text_offset i (never past the text)."""
+    app = app_for(byte_model, ByteTokenizer())
+    request = {"model": "tiny", "prompt": "ሰላም", "max_tokens": 0, "echo": True, "logprobs": 5}
+    reply = run(app, lambda _, raw: raw.post("/v1/completions", json=request)).json()
+    choice = reply["choices"][0]
+    logprobs = choice["logprobs"]
+    assert choice["text"] == "ሰላም"
+    assert logprobs["tokens"] == ["", *(shown(bytes((b,))) for b in "ሰላም".encode())]  # BOS shows as nothing
+    assert logprobs["tokens"][1:4] == ["bytes:\\xe1", "bytes:\\x88", "bytes:\\xb0"]
+    assert logprobs["text_offset"] == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert all(len(top) == 5 for top in logprobs["top_logprobs"][1:])
+
+    generated = {**request, "max_tokens": 6, "echo": False, "temperature": 0}
+    reply = run(app, lambda _, raw: raw.post("/v1/completions", json=generated)).json()
+    logprobs = reply["choices"][0]["logprobs"]
+    text = "ሰላም" + reply["choices"][0]["text"]  # offsets count from the prompt's start, as OpenAI's
+    assert logprobs["text_offset"][0] == 3 and max(logprobs["text_offset"]) <= len(text)
+
+
+@pytest.mark.parametrize("byte_level", [True, False])
+def test_chat_logprobs_bytes_are_the_tokens_own(byte_model, tmp_path, byte_level: bool) -> None:
+    """The generated tokens' `bytes` join into the reply's UTF-8 (then the stop token), and every token
+    and alternative is shown from its own bytes."""
+    if byte_level:
+        tokenizer: Any = ByteTokenizer()
+        model = ScriptedModel(byte_model, [*TEXT.encode(), BYTE_EOS_ID])
+    else:
+        tokenizer = flores_bpe(tmp_path, 512, lines=400)
+        inner = random_llama(gqa_config(vocab_size=512, num_hidden_layers=2, max_position_embeddings=128))
+        model = ScriptedModel(inner, [*tokenizer.encode(TEXT), IM_END_ID])
+    request = {
+        "model": "tiny",
+        "messages": [{"role": "user", "content": "ሰላም"}],
+        "max_tokens": 40,
+        "logprobs": True,
+        "top_logprobs": 4,
+    }
+
+    async def body(_: Any, raw: httpx2.AsyncClient) -> dict[str, Any]:
+        return (await raw.post("/v1/chat/completions", json=request)).json()
+
+    choice = run(app_for(model, tokenizer), body)["choices"][0]
+    entries = choice["logprobs"]["content"]
+    assert choice["message"]["content"] == TEXT
+    assert b"".join(bytes(entry["bytes"]) for entry in entries[:-1]) == TEXT.encode()
+    assert any(entry["token"].startswith("bytes:\\x") for entry in entries)  # parts of letters: ኢ, ጵ
+    for entry in entries:
+        for item in [entry, *entry["top_logprobs"]]:
+            assert item["token"] == shown(bytes(item["bytes"]))
+        assert len({alternative["token"] for alternative in entry["top_logprobs"]}) == 4
