@@ -5,22 +5,21 @@ records that cannot be used (bad JSON, bad UTF-8, wrong column count). Ownership
 callback, called exactly once per record in file order *before* the record is decoded where the format allows
 it (jsonl, txt, conll), so that a rank of a sharded read only pays for its own records. File-level problems
 (missing, empty, corrupt compressed stream, missing csv column, malformed json/xml file) raise `FidelError`.
+The record types live in `fidellm.data.records`, the csv/tsv and parquet readers in `fidellm.data.tabular`.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import re
-import sys
-import tempfile
 import xml.etree.ElementTree as ET
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fidellm.data.compressed import COMPRESSED_SUFFIXES, decode_line, iter_chunks, iter_raw_lines, read_bytes
+from fidellm.data.compressed import decode_line, iter_raw_lines, read_bytes
+from fidellm.data.records import Mine, RawRecord, Rejection, bad_utf8
+from fidellm.data.tabular import read_delimited, read_parquet
 from fidellm.errors import FidelError
 
 SUPPORTED_FORMATS = ("jsonl", "json", "txt", "csv", "tsv", "parquet", "xml", "conll", "squad")
@@ -41,45 +40,10 @@ _LONE = re.compile("[\ud800-\udfff]")
 _MAYBE_LONE = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
 """A JSON escape of a surrogate, or a surrogate itself: then the parsed value may hold a lone one."""
 
-Mine = Callable[[], bool]
-
-
-@dataclass(frozen=True)
-class Rejection:
-    """A record that could not be used: where it is, and why (reason is a short machine-readable name)."""
-
-    source: str
-    path: str
-    line: int | None
-    reason: str
-    detail: str
-
-    def __str__(self) -> str:
-        where = f"{self.path}:{self.line}" if self.line is not None else self.path
-        return f"{self.source}: {where}: {self.reason}: {self.detail}"
-
-
-@dataclass
-class RawRecord:
-    """One parsed record: its first line in the file (1-based; row number for parquet; None where unknown),
-    a per-file key (the 0-based record index, or the SQuAD part id like `ctx3`), and its fields."""
-
-    line: int | None
-    key: str
-    fields: dict[str, Any] = field(default_factory=dict)
-
 
 def supported_formats_message() -> str:
     """The list of formats, for error messages."""
     return "supported formats: " + ", ".join(SUPPORTED_FORMATS)
-
-
-def _bad_utf8(source: str, path: Path, line: int, raw: bytes) -> Rejection:
-    try:
-        raw.decode("utf-8")
-    except UnicodeDecodeError as error:
-        detail = f"bytes at column {error.start + 1} are not UTF-8 ({error.reason})"
-    return Rejection(source, str(path), line, "invalid_utf8", detail)
 
 
 def _surrogate_at(value: Any, where: str = "") -> str | None:
@@ -123,7 +87,7 @@ def read_jsonl(path: Path, source: str, mine: Mine) -> Iterator[RawRecord | Reje
             continue
         text = decode_line(raw)
         if text is None:
-            yield _bad_utf8(source, path, number, raw)
+            yield bad_utf8(source, path, number, raw)
             continue
         try:
             value = json.loads(text)
@@ -158,7 +122,7 @@ def _decode_block(source: str, path: Path, start: int, block: list[bytes]) -> st
     for offset, raw in enumerate(block):
         text = decode_line(raw)
         if text is None:
-            return _bad_utf8(source, path, start + offset, raw)
+            return bad_utf8(source, path, start + offset, raw)
         lines.append(text)
     return "\n".join(lines)
 
@@ -187,7 +151,7 @@ def read_txt(path: Path, source: str, mine: Mine, unit: str) -> Iterator[RawReco
         if mine():
             text = decode_line(raw)
             if text is None:
-                yield _bad_utf8(source, path, index + 1, raw)
+                yield bad_utf8(source, path, index + 1, raw)
             else:
                 yield RawRecord(index + 1, str(index), {"text": text})
 
@@ -222,67 +186,6 @@ def read_conll(path: Path, source: str, mine: Mine, column: int = 0) -> Iterator
         yield RawRecord(
             start, key, {"tokens": tokens, "tags": [row[-1] for row in rows], "text": " ".join(tokens)}
         )
-
-
-# ---------------------------------------------------------------------------------------------- csv / tsv
-
-
-def _missing_columns(path: Path, missing: list[str], found: list[str]) -> FidelError:
-    wanted = ", ".join(repr(m) for m in missing)
-    return FidelError(f"{path}: column {wanted} not found; columns: {', '.join(found) or '(none)'}")
-
-
-def _set_csv_limit() -> None:
-    """Allow fields as large as the platform permits (one news article per cell exceeds the 128 KiB limit)."""
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
-
-
-def read_delimited(
-    path: Path, source: str, mine: Mine, options: dict[str, Any], default_delimiter: str, required: list[str]
-) -> Iterator[RawRecord | Rejection]:
-    """csv/tsv with Python's csv module (quoted fields may span lines). Every line is decoded strictly; a row
-    touching a line that is not UTF-8 is rejected. The `required` columns must exist in the header."""
-    _set_csv_limit()
-    bad_lines: dict[int, bytes] = {}
-
-    def text_lines() -> Iterator[str]:
-        for number, raw in enumerate(iter_raw_lines(path), start=1):
-            text = decode_line(raw)
-            if text is None:
-                bad_lines[number] = raw
-                text = raw.decode("utf-8", errors="replace")
-            yield text + "\n"
-
-    quoting = csv.QUOTE_NONE if options.get("quoting") == "none" else csv.QUOTE_MINIMAL
-    reader = csv.reader(text_lines(), delimiter=options.get("delimiter", default_delimiter), quoting=quoting)
-    if options.get("header", True):
-        header = next(reader, None)
-        if header is None:
-            raise FidelError(f"{path} is empty")
-        header_end = reader.line_num
-    elif options.get("columns"):
-        header, header_end = list(options["columns"]), 0
-    else:
-        raise FidelError(f"{path}: header: false needs options.columns (the column names)")
-    if 1 in bad_lines and header_end:
-        raise FidelError(f"{path}:1: the header line is not UTF-8")
-    missing = [name for name in required if name not in header]
-    if missing:
-        raise _missing_columns(path, missing, header)
-    previous_end = header_end
-    for index, row in enumerate(reader):
-        start, end = previous_end + 1, reader.line_num
-        previous_end = end
-        if not mine():
-            continue
-        bad = next((n for n in range(start, end + 1) if n in bad_lines), None)
-        if bad is not None:
-            yield _bad_utf8(source, path, bad, bad_lines[bad])
-        elif len(row) != len(header):
-            detail = f"{len(row)} fields, the header has {len(header)}"
-            yield Rejection(source, str(path), start, "bad_row", detail)
-        else:
-            yield RawRecord(start, str(index), dict(zip(header, row, strict=True)))
 
 
 # ---------------------------------------------------------------------------------------------- json / squad
@@ -407,48 +310,7 @@ def read_squad(
                     yield from record("answer", answer.get("text"), article.get("title"))
 
 
-# ---------------------------------------------------------------------------------------------- parquet / xml
-
-
-def read_parquet(
-    path: Path,
-    source: str,
-    mine: Mine,
-    required: list[str],
-    batch_size: int = 4096,
-    optional: list[str] | None = None,
-) -> Iterator[RawRecord | Rejection]:
-    """Parquet, read in batches of the needed columns: `required` ones (all columns when none is) and the
-    `optional` ones the file has, such as a per-document licence (a .zst/.gz wrapper is spooled to a temp
-    file)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    with tempfile.TemporaryFile() as spool:
-        if path.name.endswith(COMPRESSED_SUFFIXES):
-            for chunk in iter_chunks(path):
-                spool.write(chunk)
-            spool.seek(0)
-            target: Any = spool
-        else:
-            if not path.is_file() or path.stat().st_size == 0:
-                raise FidelError(f"{path} {'is empty' if path.is_file() else 'does not exist'}")
-            target = str(path)
-        try:
-            parquet = pq.ParquetFile(target)
-        except (pa.ArrowException, OSError) as error:
-            raise FidelError(f"{path}: not a readable parquet file ({error})") from error
-        names = parquet.schema_arrow.names
-        missing = [name for name in required if name not in names]
-        if missing:
-            raise _missing_columns(path, missing, names)
-        extra = [name for name in optional or [] if name in names and name not in required]
-        row = 0
-        for batch in parquet.iter_batches(batch_size=batch_size, columns=[*required, *extra] or None):
-            for fields in batch.to_pylist():
-                row += 1
-                if mine():
-                    yield RawRecord(row, str(row - 1), fields)
+# ---------------------------------------------------------------------------------------------- xml
 
 
 def _local(tag: str) -> str:
@@ -482,7 +344,7 @@ def read_xml(path: Path, source: str, mine: Mine, record_tag: str) -> Iterator[R
                 if mine():
                     bad = next((n for n in range(start_line, number + 1) if n in bad_lines), None)
                     if bad is not None:
-                        yield _bad_utf8(source, path, bad, bad_lines[bad])
+                        yield bad_utf8(source, path, bad, bad_lines[bad])
                     else:
                         fields: dict[str, Any] = {_local(k): v for k, v in element.attrib.items()}
                         for child in element.iter():
