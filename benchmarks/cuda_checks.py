@@ -5,8 +5,8 @@ RUN holds tokens/ and tokenizer/ (the carried demo run). Each check trains a few
 seq 256, batch 8, bf16, on the GPU, and prints PASS or FAIL with its numbers; the exit status is the
 number of failures. Checks: the sync-free loop (fused AdamW skipping on the device, losses read a step
 late through pinned memory) against the checked loop; a NaN step stopping with the weights of a clean
-stop before it; the chunked loss against materialized logits under torch.compile; document masking
-and CUDA graphs (compile mode reduce-overhead) training without error.
+stop before it; the chunked loss against materialized logits under torch.compile; document masking,
+CUDA graphs (compile mode reduce-overhead) and Muon (`--optimizer muon`) training without error.
 """
 
 from __future__ import annotations
@@ -124,6 +124,12 @@ def main() -> None:
         "CUDA graphs (reduce-overhead) train like default compile",
         close(graphs["losses"], fused["losses"], 2e-2),
         f"last losses {graphs['losses'][-1]:.5f} vs {fused['losses'][-1]:.5f}",
+    )
+    muon = train(run_dir(args, "muon"), dataclasses.replace(compiled, optimizer="muon"))
+    check(
+        "Muon trains (bf16 Newton-Schulz, compiled)",
+        all(map(math.isfinite, muon["losses"])) and muon["losses"][-1] < muon["losses"][0],
+        f"losses {muon['losses'][0]:.5f} -> {muon['losses'][-1]:.5f} (AdamW: -> {fused['losses'][-1]:.5f})",
     )
     print(f"{len(FAILURES)} failed: {', '.join(FAILURES) or 'none'}", flush=True)
     sys.exit(len(FAILURES))
