@@ -131,9 +131,36 @@ def test_tsv_quoting_bad_rows_and_bad_utf8():
     items = read("table.tsv", "tsv", required=["text"])
     good = records(items)
     assert [r.fields["id"] for r in good] == ["1", "2", "5"]
-    assert good[1].fields["text"] == "quoted\twith tab\nand newline"
-    assert [r.line for r in good] == [2, 3, 7]
-    assert {r.line: r.reason for r in rejections(items)} == {5: "bad_row", 6: "invalid_utf8"}
+    assert good[1].fields["text"] == 'quoted\twith tab and "quotes"'
+    assert [r.line for r in good] == [2, 3, 6]
+    assert {r.line: r.reason for r in rejections(items)} == {4: "bad_row", 5: "invalid_utf8"}
+
+
+def test_an_unclosed_quote_in_a_tsv_rejects_its_line_only(tmp_path):
+    """A tsv record is one line: an unclosed quote used to swallow the following rows into its field."""
+    path = tmp_path / "q.tsv"
+    path.write_text('id\ttext\nq1\t"ሰላም ነው\nq2\tሁለት\nq3\tሦስት "ጥቅስ" ነው\nq4\t"a"b\n', encoding="utf-8")
+    items = read(path, "tsv", required=["text"])
+    assert [(r.fields["id"], r.line) for r in records(items)] == [("q2", 3), ("q3", 4)]
+    assert records(items)[1].fields["text"] == 'ሦስት "ጥቅስ" ነው'  # a quote inside a field is text
+    (unclosed, garbage) = rejections(items)
+    assert (unclosed.line, unclosed.reason) == (2, "bad_quoting")
+    assert "does not close on its line" in unclosed.detail
+    assert (garbage.line, garbage.reason) == (5, "bad_quoting") and "expected after" in garbage.detail
+
+
+def test_csv_quoted_fields_may_span_lines_but_broken_quoting_is_rejected(tmp_path):
+    path = tmp_path / "q.csv"
+    path.write_text('id,text\nc1,"two\nlines"\nc2,"a"b\nc3,plain\nc4,"never closed\nc5,gone\n')
+    items = read(path, "csv")
+    assert [(r.fields["id"], r.fields["text"], r.line) for r in records(items)] == [
+        ("c1", "two\nlines", 2),
+        ("c3", "plain", 5),
+    ]
+    assert [(r.line, r.reason) for r in rejections(items)] == [(4, "bad_quoting"), (6, "bad_quoting")]
+    assert rejections(items)[1].detail == (
+        "a quoted field does not close before the end of the file; the record spans lines 6-7"
+    )
 
 
 def test_csv_quotes_and_huge_fields(tmp_path):

@@ -395,7 +395,7 @@ def read_records(
     if fmt == "txt":
         return read_txt(path, source, mine, unit)
     if fmt in ("csv", "tsv"):
-        return read_delimited(path, source, mine, options, "," if fmt == "csv" else "\t", required)
+        return read_delimited(path, source, mine, options, fmt, required)
     if fmt == "parquet":
         return read_parquet(path, source, mine, required, int(options.get("batch_size", 4096)), optional)
     if fmt == "xml":

@@ -25,10 +25,44 @@ def _set_csv_limit() -> None:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
+def _tsv_rows(lines: Iterator[str], dialect: dict[str, Any]) -> Iterator[tuple[int, list[str] | str]]:
+    """tsv: each line is one record, its quotes honoured within the line; (lines spanned, fields or what is
+    wrong with its quoting)."""
+    for text in lines:
+        try:
+            yield 1, next(csv.reader([text], **dialect), [])
+        except csv.Error as error:
+            if "end of data" in str(error):
+                yield 1, "a quoted field does not close on its line (a tsv record is one line)"
+            else:
+                yield 1, f"broken quoting ({error})"
+
+
+def _csv_rows(lines: Iterator[str], dialect: dict[str, Any]) -> Iterator[tuple[int, list[str] | str]]:
+    """csv (RFC 4180): a quoted field may span lines; (lines spanned, fields or what is wrong with its
+    quoting). After broken quoting the csv module resumes at the next line."""
+    reader = csv.reader((text + "\n" for text in lines), **dialect)
+    end = 0
+    while True:
+        try:
+            row: list[str] | str = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as error:
+            row = f"broken quoting ({error})"
+            if "end of data" in str(error):
+                row = "a quoted field does not close before the end of the file"
+        yield reader.line_num - end, row
+        end = reader.line_num
+
+
 def read_delimited(
-    path: Path, source: str, mine: Mine, options: dict[str, Any], default_delimiter: str, required: list[str]
+    path: Path, source: str, mine: Mine, options: dict[str, Any], fmt: str, required: list[str]
 ) -> Iterator[RawRecord | Rejection]:
-    """csv/tsv with Python's csv module (quoted fields may span lines). Every line is decoded strictly; a row
+    """csv/tsv with Python's csv module, strict about quotes. A tsv record is one line (quotes are honoured
+    within it, so files written by pandas read the same), so an unclosed quote cannot merge the next lines
+    into one field unseen; a csv quoted field may span lines. A record with broken quoting is rejected
+    (`bad_quoting`) with its first line and the lines it spans. Every line is decoded strictly; a record
     touching a line that is not UTF-8 is rejected. The `required` columns must exist in the header."""
     _set_csv_limit()
     bad_lines: dict[int, bytes] = {}
@@ -39,17 +73,23 @@ def read_delimited(
             if text is None:
                 bad_lines[number] = raw
                 text = raw.decode("utf-8", errors="replace")
-            yield text + "\n"
+            yield text
 
-    quoting = csv.QUOTE_NONE if options.get("quoting") == "none" else csv.QUOTE_MINIMAL
-    reader = csv.reader(text_lines(), delimiter=options.get("delimiter", default_delimiter), quoting=quoting)
+    dialect = {
+        "delimiter": options.get("delimiter", "," if fmt == "csv" else "\t"),
+        "quoting": csv.QUOTE_NONE if options.get("quoting") == "none" else csv.QUOTE_MINIMAL,
+        "strict": True,
+    }
+    rows = (_csv_rows if fmt == "csv" else _tsv_rows)(text_lines(), dialect)
+    header_end = 0
     if options.get("header", True):
-        header = next(reader, None)
+        header_end, header = next(rows, (0, None))
         if header is None:
             raise FidelError(f"{path} is empty")
-        header_end = reader.line_num
+        if isinstance(header, str):
+            raise FidelError(f"{path}:1: the header line has {header}")
     elif options.get("columns"):
-        header, header_end = list(options["columns"]), 0
+        header = list(options["columns"])
     else:
         raise FidelError(f"{path}: header: false needs options.columns (the column names)")
     if 1 in bad_lines and header_end:
@@ -57,15 +97,17 @@ def read_delimited(
     missing = [name for name in required if name not in header]
     if missing:
         raise missing_columns(path, missing, header)
-    previous_end = header_end
-    for index, row in enumerate(reader):
-        start, end = previous_end + 1, reader.line_num
-        previous_end = end
+    end = header_end
+    for index, (spanned, row) in enumerate(rows):
+        start, end = end + 1, end + spanned
         if not mine():
             continue
         bad = next((n for n in range(start, end + 1) if n in bad_lines), None)
         if bad is not None:
             yield bad_utf8(source, path, bad, bad_lines[bad])
+        elif isinstance(row, str):
+            span = f"line {start}" if start == end else f"lines {start}-{end}"
+            yield Rejection(source, str(path), start, "bad_quoting", f"{row}; the record spans {span}")
         elif len(row) != len(header):
             detail = f"{len(row)} fields, the header has {len(header)}"
             yield Rejection(source, str(path), start, "bad_row", detail)
