@@ -90,6 +90,22 @@ def test_exact_dedup_keeps_smallest_id_across_ranks(tmp_path):
     assert sorted(kept) == ["a/9", "c/1"]
 
 
+def test_copies_that_share_their_id_too_are_exact_duplicates(tmp_path):
+    """A line repeated verbatim in a JSONL file: same id, same text; one copy stays, on any sharding."""
+    text = "ኢትዮጵያ በአፍሪካ ቀንድ የምትገኝ ሀገር ናት ።"
+    for world_size in (1, 2):
+        docs = [Document(text=text, id="s/j1", metadata={}) for _ in range(3)]
+        docs.append(Document(text="ሌላ የተለየ ጽሑፍ ነው ።", id="s/j2", metadata={}))
+        counts = tmp_path / f"w{world_size}"
+        for rank in range(world_size):
+            list(CorpusCounter(counts, BoilerplateConfig()).run(iter(docs[rank::world_size]), rank=rank))
+        dedup = ExactDedup(counts)
+        out = [d for rank in range(world_size) for d in dedup.run(iter(docs[rank::world_size]), rank=rank)]
+        assert sorted(d.id for d in out) == ["s/j1", "s/j2"], world_size
+        dropped = [d.metadata for d in docs if d.metadata.get("filter_reason") == "exact_duplicate"]
+        assert [m["duplicate_of"] for m in dropped] == ["s/j1", "s/j1"], world_size
+
+
 PROVERB = "'''የምስራች በቃሏ መላች''' የአማርኛ ምሳሌ ነው።"
 
 

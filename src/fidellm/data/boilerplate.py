@@ -7,7 +7,9 @@ paper and month), and repeated chapter/page markers of the ebooks. Lines with no
 numbers, "***", rules) are dropped as `non_text` lines. Both counts are reported.
 
 The counting pass also records one exact-duplicate key per document (the hash of its match key), so the
-removal pass keeps exactly one document per key — the one with the smallest id, whichever rank reads it.
+removal pass keeps exactly one document per key — the one with the smallest id, whichever rank reads it
+(copies that share the id too, such as a line repeated verbatim in a JSONL file: the first copy read by the
+lowest rank holding one).
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ class CorpusCounter(PipelineStep):
         out.mkdir(parents=True, exist_ok=True)
         np.savez(
             out / f"{rank:05d}.npz",
+            rank=np.int64(rank),
             shape_hash=np.fromiter(shape_df.keys(), dtype=np.uint64, count=len(shape_df)),
             shape_df=np.fromiter(shape_df.values(), dtype=np.int64, count=len(shape_df)),
             doc_key=np.asarray(keys, dtype=np.uint64),
@@ -125,22 +128,25 @@ class CorpusCounter(PipelineStep):
         yield  # a generator that consumes its input and forwards nothing
 
 
-def _load_counts(folder: str) -> tuple[Counter[int], dict[int, str]]:
-    """Merge every rank's counts: shape hash -> document frequency, doc key -> id of the doc to keep."""
+def _load_counts(folder: str) -> tuple[Counter[int], dict[int, tuple[str, int]]]:
+    """Merge every rank's counts: shape hash -> document frequency, doc key -> (id, rank) of the doc to
+    keep: the smallest id, and of copies sharing that id the one on the lowest rank."""
     shape_df: Counter[int] = Counter()
-    keeper: dict[int, str] = {}
+    keeper: dict[int, tuple[str, int]] = {}
     for path in sorted(Path(folder).glob("*.npz")):
         with np.load(path) as part:
+            rank = int(part["rank"])
             for shape, count in zip(part["shape_hash"].tolist(), part["shape_df"].tolist(), strict=True):
                 shape_df[shape] += count
             for key, doc_id in zip(part["doc_key"].tolist(), part["doc_id"].tolist(), strict=True):
-                if key not in keeper or doc_id < keeper[key]:
-                    keeper[key] = doc_id
+                if key not in keeper or (doc_id, rank) < keeper[key]:
+                    keeper[key] = (doc_id, rank)
     return shape_df, keeper
 
 
 class ExactDedup(PipelineStep):
-    """Drops every document whose match key equals that of a document with a smaller id."""
+    """Drops every document whose match key equals that of the document kept for it (`_load_counts`): one
+    with a smaller id, or an earlier copy with the same id."""
 
     name = "🫂 exact dedup"
     type = "🫂 - DEDUP"
@@ -152,17 +158,20 @@ class ExactDedup(PipelineStep):
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         _, keeper = _load_counts(self.counts_folder)
+        kept: set[int] = set()
         with self.exclusion_writer or contextlib.nullcontext() as writer:
             for doc in data:
                 with self.track_time():
                     key = stable_hash64(match_key(doc.text))
-                    if keeper.get(key, doc.id) != doc.id:
+                    keep = keeper.get(key, (doc.id, rank))
+                    if key in kept or keep != (doc.id, rank):
                         self.stat_update("dropped_exact_duplicate")
                         doc.metadata["filter_reason"] = "exact_duplicate"
-                        doc.metadata["duplicate_of"] = keeper[key]
+                        doc.metadata["duplicate_of"] = keep[0]
                         if writer is not None:
                             writer.write(doc, rank)
                         continue
+                    kept.add(key)
                     self.stat_update("forwarded")
                 yield doc
 
