@@ -293,3 +293,28 @@ def test_escaped_lone_surrogates_are_rejected_with_file_line_and_field(tmp_path)
     )
     (rejected,) = read(squad, "squad")
     assert rejected.reason == "invalid_utf8" and rejected.detail.startswith("ctx0: field 'text'")
+
+
+BOM = b"\xef\xbb\xbf"
+
+
+@pytest.mark.parametrize(
+    ("name", "fmt", "content"),
+    [
+        ("bom.jsonl", "jsonl", b'{"id": "1", "text": "\xe1\x88\xb0"}\n'),
+        ("bom.jsonl.zst", "jsonl", b'{"id": "1", "text": "\xe1\x88\xb0"}\n'),
+        ("bom.csv", "csv", b"id,text\r\n1,\xe1\x88\xb0\r\n"),
+        ("bom.tsv", "tsv", b"id\ttext\n1\t\xe1\x88\xb0\n"),
+        ("bom.json", "json", b'[{"id": "1", "text": "\xe1\x88\xb0"}]'),
+        ("bom.txt", "txt", b"\xe1\x88\xb0\n"),
+    ],
+)
+def test_a_byte_order_mark_at_the_start_of_a_file_is_skipped(tmp_path, name, fmt, content):
+    path = tmp_path / name
+    data = BOM + content
+    path.write_bytes(zstandard.ZstdCompressor().compress(data) if name.endswith(".zst") else data)
+    tabular = fmt in ("csv", "tsv")
+    (record,) = read(path, fmt, required=["id", "text"] if tabular else None)
+    assert isinstance(record, RawRecord), record
+    assert record.fields["text"] == "ሰ" and record.line == (2 if tabular else 1)
+    assert record.fields.get("id", "1") == "1"  # the first csv column is 'id', not '\ufeffid'

@@ -62,3 +62,15 @@ def test_a_parquet_file_without_the_licence_column_falls_back_to_the_source_lice
         "unknown",
         None,
     )
+
+
+def test_a_removed_ids_file_with_a_byte_order_mark_still_removes(tmp_path):
+    (tmp_path / "docs.jsonl").write_text('{"id": "a", "text": "ሰላም"}\n{"id": "b", "text": "ደህና"}\n')
+    (tmp_path / "removed.tsv").write_bytes(b"\xef\xbb\xbfid\nb\n")
+    entry = (
+        "  - {name: rm, section: pretrain, paths: [docs.jsonl], format: jsonl, id_field: id,"
+        " removed_ids: removed.tsv, license: CC0, license_family: open}\n"
+    )
+    items = list(iter_documents(load_registry(registry_file(tmp_path, entry))["rm"], tmp_path))
+    assert [d.id for d in items if isinstance(d, Document)] == ["rm/a"]
+    assert [r.reason for r in items if isinstance(r, Rejection)] == ["removed_listed"]

@@ -15,6 +15,8 @@ from pathlib import Path
 from fidellm.errors import FidelError
 
 COMPRESSED_SUFFIXES = (".zst", ".gz")
+BOM = b"\xef\xbb\xbf"
+"""The UTF-8 byte-order mark some Windows tools write at the start of a file: not part of its text."""
 CHUNK = 1 << 20
 ZSTD_INPUT = 1 << 16  # compressed bytes per step: output per step stays ~ratio x 64 KiB (~0.5 MB for text)
 
@@ -91,16 +93,32 @@ def read_bytes(path: Path) -> bytes:
     return b"".join(iter_chunks(path))
 
 
-def iter_raw_lines(path: Path) -> Iterator[bytes]:
-    """Yield the lines of `path` as bytes without their line terminator (\\n or \\r\\n)."""
+def read_text_bytes(path: Path) -> bytes:
+    """`read_bytes` without a leading byte-order mark: the bytes of the file's text."""
+    return read_bytes(path).removeprefix(BOM)
+
+
+def _split_lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """The lines of a byte stream without their line terminator (\\n or \\r\\n)."""
     rest = b""
-    for chunk in iter_chunks(path):
+    for chunk in chunks:
         parts = (rest + chunk).split(b"\n")
         rest = parts.pop()
         for part in parts:
             yield part[:-1] if part.endswith(b"\r") else part
     if rest:
         yield rest[:-1] if rest.endswith(b"\r") else rest
+
+
+def iter_raw_lines(path: Path) -> Iterator[bytes]:
+    """Yield the lines of `path` as bytes without their line terminator (\\n or \\r\\n), and without a
+    byte-order mark at the start of the file (it would make the first JSON line invalid, or the first csv
+    column '\\ufeffid')."""
+    lines = _split_lines(iter_chunks(path))
+    for first in lines:
+        yield first.removeprefix(BOM)
+        break
+    yield from lines
 
 
 def decode_line(raw: bytes) -> str | None:

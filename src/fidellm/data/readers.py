@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from fidellm.data.compressed import decode_line, iter_raw_lines, read_bytes
+from fidellm.data.compressed import decode_line, iter_raw_lines, read_text_bytes
 from fidellm.data.records import Mine, RawRecord, Rejection, bad_utf8
 from fidellm.data.tabular import read_delimited, read_parquet
 from fidellm.errors import FidelError
@@ -194,7 +194,7 @@ def read_conll(path: Path, source: str, mine: Mine, column: int = 0) -> Iterator
 def _decode_document(path: Path) -> str:
     """The whole file as text; bytes that are not UTF-8 become lone surrogates so the records holding them
     can be found and rejected (never silently replaced)."""
-    return read_bytes(path).decode("utf-8", errors="surrogateescape")
+    return read_text_bytes(path).decode("utf-8", errors="surrogateescape")
 
 
 def _json_error(path: Path, error: json.JSONDecodeError) -> FidelError:
