@@ -149,3 +149,18 @@ def test_eval_then_report_card_end_to_end(trained_run: Path, tmp_path: Path):
     assert isinstance(bad.exception, FidelError) and "nosuch" in str(bad.exception)
     with pytest.raises(FidelError, match=r"no results\.json"):
         build_report([tmp_path], tmp_path / "none")
+
+
+def test_held_out_eval_needs_no_flores_files(trained_run: Path, tmp_path: Path):
+    empty = tmp_path / "data"
+    empty.mkdir()  # a data directory without flores200/
+    out = tmp_path / "eval"
+    args = ["eval", str(trained_run), "--data-dir", str(empty), "--tasks", "heldout", "--limit", "5"]
+    result = CliRunner().invoke(cli, [*args, "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "results.json").read_text())
+    assert report["tokenizer"]["flores"] is None and report["results"][0]["task"].startswith("heldout")
+    card = build_report([out / "results.json"], tmp_path / "card").read_text()
+    assert "| n/a | n/a |" in card
+    flores = CliRunner().invoke(cli, [*args[:-4], "--tasks", "flores", "--device", "cpu", "--out", str(out)])
+    assert isinstance(flores.exception, FidelError) and "amh_Ethi.dev" in str(flores.exception)

@@ -88,7 +88,7 @@ ENTRY_FIELDS = {
     "higher_is_better": "true or false",
     "details": "an object",
 }
-TOKENIZER_FIELDS = {"kind": "a string", "vocab_size": "an integer", "flores": "an object"}
+TOKENIZER_FIELDS = {"kind": "a string", "vocab_size": "an integer"}
 FERTILITY_FIELDS = {"tokens_per_word": "a number", "bytes_per_token": "a number"}
 ANCHOR_FIELDS = {"model": "a string", "value": "a number", "source": "a string"}
 
@@ -113,7 +113,8 @@ def check_results(results: Any, path: Path) -> None:
     _check_fields(results, RESULTS_FIELDS, str(path))
     _check_fields(results, OPTIONAL_FIELDS, str(path), optional=True)
     _check_fields(results["tokenizer"], TOKENIZER_FIELDS, f"{path}: tokenizer")
-    _check_fields(results["tokenizer"]["flores"], FERTILITY_FIELDS, f"{path}: tokenizer.flores")
+    if results["tokenizer"].get("flores") is not None:  # null: evaluated without the FLORES files
+        _check_fields(results["tokenizer"]["flores"], FERTILITY_FIELDS, f"{path}: tokenizer.flores")
     for index, anchor in enumerate(results.get("anchors") or []):
         _check_fields(anchor, ANCHOR_FIELDS, f"{path}: anchors[{index}]")
     for index, entry in enumerate(results["results"]):
@@ -204,11 +205,11 @@ def render_markdown(runs: list[RunSummary], plots: list[str]) -> str:
     lines += ["| run | kind | vocab | tokens/word | bytes/token |", "|---|---|---|---|---|"]
     for run in runs:
         tok = run.results["tokenizer"]
-        flores = tok["flores"]
-        lines.append(
-            f"| {run.label} | {tok['kind']} | {tok['vocab_size']:,} | {flores['tokens_per_word']:.3f}"
-            f" | {flores['bytes_per_token']:.2f} |"
+        flores = tok.get("flores")
+        fertility = (
+            f"{flores['tokens_per_word']:.3f} | {flores['bytes_per_token']:.2f}" if flores else "n/a | n/a"
         )
+        lines.append(f"| {run.label} | {tok['kind']} | {tok['vocab_size']:,} | {fertility} |")
     lines += probe_section(runs)
     lines += chat_section(runs)
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]

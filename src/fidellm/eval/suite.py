@@ -61,6 +61,10 @@ class EvalContext:
         if self.limit is not None and self.limit < 1:
             raise FidelError(f"--limit must be >= 1, got {self.limit}")
 
+    def has_flores(self) -> bool:
+        """Whether the data directory holds the FLORES amh dev and devtest files."""
+        return all((self.data_dir / name).is_file() for name in FLORES_FILES)
+
     def flores(self) -> list[str]:
         """FLORES amh dev + devtest, normalized like the run's training text (read once; sha256 recorded)."""
         if self._flores is None:
@@ -180,7 +184,8 @@ def run_suite(
     started = time.perf_counter()
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx.out_dir = out_dir
-    fertility = measure("model tokenizer", ctx.tokenizer, ctx.flores()).to_dict()
+    measured = "flores" in tasks or ctx.has_flores()  # else tasks on other data run without FLORES
+    fertility = measure("model tokenizer", ctx.tokenizer, ctx.flores()).to_dict() if measured else None
     report: dict[str, Any] = {
         "model": str(model_path),
         "run": None if ctx.run_dir is None else str(ctx.run_dir),
