@@ -310,3 +310,30 @@ def test_prepare_fills_val_of_a_small_corpus_and_refuses_too_few_documents(mini,
         f" that need one each, so val, test stayed empty; {partial / 'report.md'} shows what was dropped"
     )
     assert (partial / "report.md").is_file() and not (run / "data").exists()
+
+
+def test_no_surviving_document_is_one_error_with_the_counts_per_source(tmp_path):
+    """Blank lines only, or every record rejected: the stages after filtering would fail on an empty
+    folder, naming no source; the error gives each source's counts and the report instead."""
+    (tmp_path / "blank.jsonl").write_text("\n\n\n", encoding="utf-8")
+    (tmp_path / "bad.jsonl").write_text('{"id": "a"}\n{"id": "b", "text": "ሰላም"\n', encoding="utf-8")
+    entry = (
+        "  - {{name: {0}, section: pretrain, paths: [{0}.jsonl], format: jsonl, license: CC0,"
+        " license_family: open}}\n"
+    )
+    (tmp_path / "registry.yaml").write_text("sources:\n" + entry.format("blank") + entry.format("bad"))
+    config = PrepareConfig()
+    config.sources.include = ["blank", "bad"]
+    config.sources.extra_registry = str(tmp_path / "registry.yaml")
+    config.decontam.enabled = False
+    config.tasks = config.workers = 1
+    run = tmp_path / "run"
+    with pytest.raises(FidelError) as caught:
+        prepare(run, tmp_path, config.validate())
+    partial = run / "data.partial"
+    assert str(caught.value) == (
+        "no document survived reading and filtering (blank: read 0, rejected 0, dropped 0; bad: read 2,"
+        " rejected 2 (missing_field 1, invalid_json 1), dropped 0); see"
+        f" {partial / 'report.md'} (rejected/ and dropped/ beside it list every record)"
+    )
+    assert (partial / "report.md").is_file()

@@ -220,6 +220,17 @@ def test_xml_records_fields_and_errors():
         read("records.xml", "xml")
 
 
+def test_an_xml_record_tag_that_matches_nothing_is_an_error_naming_the_elements(tmp_path):
+    path = tmp_path / "docs.xml"
+    path.write_text('<?xml version="1.0"?>\n<docs>\n<doc id="1"><text>ሰላም</text></doc>\n</docs>\n')
+    with pytest.raises(FidelError) as caught:
+        read(path, "xml", options={"record_tag": "document"})
+    assert str(caught.value) == (
+        f"{path}: no <document> element, the record_tag of source 'fx'; elements in the file: <docs>, <doc>,"
+        " <text>"
+    )
+
+
 def test_conll_sentences():
     got = records(read("sample.conll", "conll"))
     assert [r.fields["text"] for r in got] == ["አበበ በሶ በላ ።", "ኢትዮጵያ አገር"]

@@ -22,7 +22,7 @@ import json
 import os
 import time
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -305,9 +305,14 @@ def _stderr_to(path: Path, enabled: bool) -> Iterator[None]:
 
 
 def run_stages(
-    stages: list[Stage], layout: PrepareLayout, workers: int, quiet: bool = True
+    stages: list[Stage],
+    layout: PrepareLayout,
+    workers: int,
+    quiet: bool = True,
+    after: Callable[[str, dict[str, float]], None] | None = None,
 ) -> dict[str, float]:
-    """Run the stages one after another with datatrove's local executor; returns wall seconds per stage."""
+    """Run the stages one after another with datatrove's local executor; returns wall seconds per stage.
+    `after(stage name, timings so far)` runs after each stage and may stop the run by raising."""
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
     timings: dict[str, float] = {}
@@ -336,6 +341,8 @@ def run_stages(
                 ) from None
             timings[stage.name] = time.perf_counter() - start
             bar.update(task, completed=1)
+            if after is not None:
+                after(stage.name, timings)
     return timings
 
 
@@ -365,14 +372,37 @@ def prepare(
         return _prepare_into(PrepareLayout(run_dir, root), data_dir, specs, config, quiet)
 
 
+def _source_counts(name: str, info: dict) -> str:
+    """`name: read N, rejected R (reason n, …), dropped D (reason n, …)` from a report's source entry."""
+
+    def by_reason(counts: dict[str, int]) -> str:
+        return f" ({', '.join(f'{reason} {n:,}' for reason, n in counts.items())})" if counts else ""
+
+    rejected = f"rejected {info['rejected']:,}{by_reason(info['rejected_by_reason'])}"
+    dropped = f"dropped {info['dropped']:,}{by_reason(info['dropped_by_reason'])}"
+    return f"{name}: read {info['records_read']:,}, {rejected}, {dropped}"
+
+
 def _prepare_into(
     layout: PrepareLayout, data_dir: Path, specs: list[SourceSpec], config: PrepareConfig, quiet: bool
 ) -> dict:
     """`prepare`'s stages and report, written under `layout.root`."""
     from fidellm.data.report import write_report
 
+    def require_survivors(stage: str, timings: dict[str, float]) -> None:
+        """After the filter stage: stop with the per-source counts when no document is left (the near
+        dedup and split stages would fail on the empty folder, naming neither sources nor reasons)."""
+        if stage != "filter" or any(p.stat().st_size for p in layout.filtered.glob("*.jsonl")):
+            return
+        report = write_report(layout, specs, config, data_dir, timings)
+        counts = "; ".join(_source_counts(name, info) for name, info in report["sources"].items())
+        raise FidelError(
+            f"no document survived reading and filtering ({counts}); see {layout.root / 'report.md'}"
+            " (rejected/ and dropped/ beside it list every record)"
+        )
+
     stages = build_stages(layout, data_dir, specs, config)
-    timings = run_stages(stages, layout, config.workers, quiet=quiet)
+    timings = run_stages(stages, layout, config.workers, quiet=quiet, after=require_survivors)
     started = time.perf_counter()
     empty = fill_splits(layout.splits, config.split)
     timings["fill_splits"] = round(time.perf_counter() - started, 2)

@@ -319,9 +319,11 @@ def _local(tag: str) -> str:
 
 def read_xml(path: Path, source: str, mine: Mine, record_tag: str) -> Iterator[RawRecord | Rejection]:
     """XML, streamed: each `record_tag` element is a record; fields are its attributes, the text of each child
-    element (by local tag name, first occurrence) and `_text` (all text inside the element)."""
+    element (by local tag name, first occurrence) and `_text` (all text inside the element). A file with no
+    `record_tag` element is an error naming the elements it has (a wrong tag would read nothing unseen)."""
     parser = ET.XMLPullParser(events=("start", "end"))
     bad_lines: dict[int, bytes] = {}
+    others: dict[str, None] = {}  # the first few other element names, in file order
     start_line, index, depth = 0, 0, 0
     try:
         for number, raw in enumerate(iter_raw_lines(path), start=1):
@@ -331,6 +333,8 @@ def read_xml(path: Path, source: str, mine: Mine, record_tag: str) -> Iterator[R
             parser.feed(raw + b"\n")
             for event, element in parser.read_events():
                 if _local(element.tag) != record_tag:
+                    if len(others) < 8:
+                        others.setdefault(_local(element.tag))
                     continue
                 if event == "start":
                     depth += 1
@@ -357,6 +361,11 @@ def read_xml(path: Path, source: str, mine: Mine, record_tag: str) -> Iterator[R
     except ET.ParseError as error:
         line, column = error.position
         raise FidelError(f"{path}:{line}: malformed XML, column {column} ({error})") from error
+    if not index:
+        raise FidelError(
+            f"{path}: no <{record_tag}> element, the record_tag of source {source!r}; elements in the file:"
+            f" {', '.join(f'<{name}>' for name in others) or 'none'}"
+        )
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
