@@ -7,11 +7,13 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from datatrove.data import Document
 
 from fidellm.data.readers import Rejection
 from fidellm.data.registry import load_registry, select_sources
 from fidellm.data.sources import iter_documents
+from fidellm.errors import FidelError
 
 ROWS = {
     "id": ["p1", "p2", "p3"],
@@ -74,3 +76,30 @@ def test_a_removed_ids_file_with_a_byte_order_mark_still_removes(tmp_path):
     items = list(iter_documents(load_registry(registry_file(tmp_path, entry))["rm"], tmp_path))
     assert [d.id for d in items if isinstance(d, Document)] == ["rm/a"]
     assert [r.reason for r in items if isinstance(r, Rejection)] == ["removed_listed"]
+
+
+@pytest.mark.parametrize(
+    ("fmt", "options", "message"),
+    [
+        ("csv", "{delimiter: '||'}", "'options.delimiter': must be one character (not a quote"),
+        ("tsv", "{quoting: full}", "'options.quoting': must be minimal or none, got 'full'"),
+        ("csv", "{header: 'no'}", "'options.header': must be true or false, got 'no'"),
+        ("csv", "{header: false, columns: 5}", "'options.columns': must be a list of distinct column names"),
+        ("tsv", "{header: false}", "'options.columns': is required with header: false"),
+        ("tsv", "{columns: [a, b]}", "'options.columns': applies only with header: false"),
+        ("parquet", "{batch_size: 0}", "'options.batch_size': must be an integer >= 1, got 0"),
+        ("json", "{records: 5}", "'options.records': must be a dotted path such as data.items, got 5"),
+        ("conll", "{column: abc}", "'options.column': must be an integer >= 0, got 'abc'"),
+        ("squad", "{parts: [context, answers]}", "'options.parts': must be a list of context, question"),
+        ("xml", "{record_tag: ''}", "'options.record_tag': must be an element name, got ''"),
+    ],
+)  # fmt: skip
+def test_option_values_are_checked_when_the_registry_loads(tmp_path, fmt, options, message):
+    entry = (
+        f"  - {{name: opt, section: pretrain, paths: [a.{fmt}], format: {fmt}, options: {options},"
+        " license: CC0, license_family: open}\n"
+    )
+    path = registry_file(tmp_path, entry)
+    with pytest.raises(FidelError) as caught:
+        load_registry(path)
+    assert str(caught.value).startswith(f"{path}: source 'opt' (entry 0), field {message}")

@@ -35,6 +35,7 @@ FORMAT_OPTIONS: dict[str, frozenset[str]] = {
     "conll": frozenset({"column"}),
     "squad": frozenset({"parts"}),
 }
+SQUAD_PARTS = ("context", "question", "answer")
 _SURROGATE = re.compile("[\udc80-\udcff]")
 _LONE = re.compile("[\ud800-\udfff]")
 _MAYBE_LONE = re.compile(r"\\u[dD][89a-fA-F]|[\ud800-\udfff]")
@@ -272,7 +273,7 @@ def read_squad(
 ) -> Iterator[RawRecord | Rejection]:
     """SQuAD json: contexts (`ctxK`), questions (`qK`) and answers (`aK`) as records with field `text`, `kind`
     and `title`. A `paragraphs` value that is a single object instead of a list is accepted."""
-    wanted = set(parts or ("context", "question", "answer"))
+    wanted = set(parts or SQUAD_PARTS)
     text = _decode_document(path)
     try:
         document = json.loads(text)

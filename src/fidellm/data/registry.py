@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -20,7 +20,13 @@ from urllib.parse import quote
 import yaml
 
 from fidellm.data.markup import MARKUPS
-from fidellm.data.readers import FORMAT_OPTIONS, SUPPORTED_FORMATS, TXT_UNITS, supported_formats_message
+from fidellm.data.readers import (
+    FORMAT_OPTIONS,
+    SQUAD_PARTS,
+    SUPPORTED_FORMATS,
+    TXT_UNITS,
+    supported_formats_message,
+)
 from fidellm.errors import FidelError
 
 SECTIONS = ("pretrain", "eval", "parallel", "sft")
@@ -121,6 +127,37 @@ _KEYS = {
 }  # fmt: skip
 
 
+def _count(value: Any, least: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= least
+
+
+def _names(value: Any, allowed: tuple[str, ...] | None = None) -> bool:
+    """A non-empty list of distinct non-empty strings (from `allowed` when given)."""
+    return (
+        isinstance(value, list)
+        and bool(value)
+        and all(isinstance(v, str) and v and (allowed is None or v in allowed) for v in value)
+        and len(set(value)) == len(value)
+    )
+
+
+_OPTION_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "delimiter": (
+        lambda v: isinstance(v, str) and len(v) == 1 and v not in '"\r\n',
+        "one character (not a quote or a line break)",
+    ),
+    "header": (lambda v: isinstance(v, bool), "true or false"),
+    "columns": (_names, "a list of distinct column names"),
+    "quoting": (lambda v: v in ("minimal", "none"), "minimal or none"),
+    "batch_size": (lambda v: _count(v, 1), "an integer >= 1"),
+    "records": (lambda v: isinstance(v, str) and bool(v), "a dotted path such as data.items"),
+    "record_tag": (lambda v: isinstance(v, str) and bool(v), "an element name"),
+    "column": (lambda v: _count(v, 0), "an integer >= 0"),
+    "parts": (lambda v: _names(v, SQUAD_PARTS), f"a list of {', '.join(SQUAD_PARTS)}"),
+}
+"""What each format option must be: checked when the registry loads, not inside a worker much later."""
+
+
 class _Entry:
     """Validation helper for one YAML entry: every error names the file, the entry and the field."""
 
@@ -187,6 +224,14 @@ def _parse_entry(raw: Any, origin: str, index: int, root: str | None) -> SourceS
         entry.fail("options", f"option {bad[0]!r} does not apply to {fmt}; options for {fmt}: {allowed}")
     if fmt == "xml" and "record_tag" not in options:
         entry.fail("options", "xml sources need record_tag (the element holding one record)")
+    for key, value in options.items():
+        valid, wanted = _OPTION_VALUES[key]
+        if not valid(value):
+            entry.fail(f"options.{key}", f"must be {wanted}, got {value!r}")
+    if options.get("header") is False and "columns" not in options:
+        entry.fail("options.columns", "is required with header: false (the names of the columns)")
+    if options.get("header", True) and "columns" in options:
+        entry.fail("options.columns", "applies only with header: false (the file's header names them)")
     id_field = entry.get("id_field", str)
     upstream = entry.get("upstream", dict, {})
     if set(upstream) - {"repo", "commit", "paths"}:
