@@ -1,6 +1,7 @@
 """Pydantic v2 models of the OpenAI wire format: requests are validated with them (unknown fields are
-ignored, as OpenAI-compatible servers do), responses are built from them and dumped with
-`exclude_unset`, so an optional field is on the wire exactly when the server set it (null included)."""
+ignored, as OpenAI-compatible servers do; JSON types are strict, as OpenAI's are), responses are built
+from them and dumped with `exclude_unset`, so an optional field is on the wire exactly when the server
+set it (null included)."""
 
 from __future__ import annotations
 
@@ -21,9 +22,11 @@ StopText = Annotated[str, Field(min_length=1)]
 
 
 class Request(BaseModel):
-    """Base of request bodies: extra fields are accepted and ignored."""
+    """Base of request bodies: extra fields are accepted and ignored. Strict types, as OpenAI's API
+    answers "5" for an integer or "yes" for a boolean with a 400 instead of converting it; an integer
+    is still a number (temperature 1)."""
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 class StreamOptions(Request):

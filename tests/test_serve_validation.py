@@ -1,0 +1,79 @@
+"""Request validation of the server: JSON types are strict as in OpenAI's API (a 400, never a quiet
+conversion), and a refused request names the parameter as OpenAI does."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx2
+import pytest
+
+from fidellm.models.llama import LlamaForCausalLM
+from fidellm.tokenizer.bpe import BPETokenizer
+from fixtures.bpe import flores_bpe
+from fixtures.models import gqa_config, random_llama
+from test_serve import app_for, error_of, run
+
+CHAT = "/v1/chat/completions"
+COMPLETIONS = "/v1/completions"
+HELLO = [{"role": "user", "content": "ሰላም"}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BPETokenizer:
+    return flores_bpe(tmp_path_factory.mktemp("tokenizer"), 512, lines=400)
+
+
+@pytest.fixture(scope="module")
+def model() -> LlamaForCausalLM:
+    return random_llama(gqa_config(vocab_size=512, num_hidden_layers=2, max_position_embeddings=128), seed=0)
+
+
+def post_all(model: LlamaForCausalLM, tokenizer: BPETokenizer, requests: list[tuple[str, dict[str, Any]]]):
+    """The responses to `requests` (path, fields added to a valid body with max_tokens 2), in order."""
+    bodies = {CHAT: {"model": "tiny", "messages": HELLO}, COMPLETIONS: {"model": "tiny", "prompt": "ሰላም"}}
+
+    async def body(_: Any, raw: httpx2.AsyncClient) -> list[httpx2.Response]:
+        sent = [{**bodies[path], "max_tokens": 2, **fields} for path, fields in requests]
+        return [await raw.post(path, json=fields) for (path, _), fields in zip(requests, sent, strict=True)]
+
+    return run(app_for(model, tokenizer), body)
+
+
+WRONG_TYPES = [
+    (CHAT, {"max_tokens": "5"}, "max_tokens"),
+    (CHAT, {"max_tokens": 5.0}, "max_tokens"),
+    (CHAT, {"stream": "yes"}, "stream"),
+    (CHAT, {"n": "2"}, "n"),
+    (CHAT, {"temperature": "0.5"}, "temperature"),
+    (CHAT, {"seed": "7"}, "seed"),
+    (CHAT, {"logprobs": 1}, "logprobs"),
+    (CHAT, {"stream": True, "stream_options": {"include_usage": "true"}}, "stream_options.include_usage"),
+    (COMPLETIONS, {"echo": "true"}, "echo"),
+    (COMPLETIONS, {"logprobs": "1"}, "logprobs"),
+]
+
+
+def test_wrong_json_types_are_a_400_not_converted(model, tokenizer) -> None:
+    """OpenAI refuses "5" for max_tokens and "yes" for stream; so does this server (pydantic's lax mode
+    converted both and answered 200), naming the field."""
+    responses = post_all(model, tokenizer, [(path, fields) for path, fields, _ in WRONG_TYPES])
+    for (_, fields, param), response in zip(WRONG_TYPES, responses, strict=True):
+        assert response.status_code == 400, (fields, response.text)
+        error = error_of(response)
+        assert error["type"] == "invalid_request_error" and error["param"] == param, (fields, error)
+    (floats,) = post_all(model, tokenizer, [(COMPLETIONS, {"prompt": [5.0, 6.0]})])
+    assert floats.status_code == 400, floats.text
+
+
+def test_what_clients_send_is_accepted(model, tokenizer) -> None:
+    """Integers where numbers are expected (lm-eval sends temperature 0) and the payloads of lm-eval's
+    local-completions backend (token-id prompts, echo, logprobs, seed) stay accepted."""
+    accepted = [
+        (CHAT, {"temperature": 1, "top_p": 1, "seed": 3, "n": 2, "stream": False}),
+        (CHAT, {"temperature": 0.5, "logprobs": True, "top_logprobs": 2}),
+        (COMPLETIONS, {"prompt": [[5, 6]], "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True}),
+        (COMPLETIONS, {"prompt": ["ሰላም"], "temperature": 0, "stop": ["\n"], "seed": 1234}),
+    ]
+    for (_, fields), response in zip(accepted, post_all(model, tokenizer, accepted), strict=True):
+        assert response.status_code == 200, (fields, response.text)
