@@ -10,6 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 from datatrove.data import Document
 
+from fidellm.chat.data import select_chat_sources
 from fidellm.data.readers import Rejection
 from fidellm.data.registry import load_registry, select_sources
 from fidellm.data.sources import iter_documents
@@ -103,3 +104,11 @@ def test_option_values_are_checked_when_the_registry_loads(tmp_path, fmt, option
     with pytest.raises(FidelError) as caught:
         load_registry(path)
     assert str(caught.value).startswith(f"{path}: source 'opt' (entry 0), field {message}")
+
+
+def test_a_source_named_twice_is_read_once():
+    registry = load_registry()
+    chosen = select_sources(registry, names=["enh_corpus", "amqa", "enh_corpus"])
+    assert [spec.name for spec in chosen] == ["enh_corpus", "amqa"]
+    chat = select_chat_sources(["alpaca_seed_tasks", "alpaca_seed_tasks"], registry)
+    assert [spec.name for spec in chat] == ["alpaca_seed_tasks"]

@@ -133,7 +133,8 @@ def _pair_conversations(
 
 
 def select_chat_sources(names: list[str] | None, registry: dict[str, SourceSpec]) -> list[SourceSpec]:
-    """The named sft/parallel sources (default: every default-on sft source plus DEFAULT_PARALLEL)."""
+    """The named sft/parallel sources, each once (default: every default-on sft source plus
+    DEFAULT_PARALLEL)."""
     if names is None:
         return [s for s in registry.values() if s.section == "sft" and s.default] + [
             registry[n] for n in DEFAULT_PARALLEL
@@ -144,7 +145,7 @@ def select_chat_sources(names: list[str] | None, registry: dict[str, SourceSpec]
         raise FidelError(
             f"--sources: {', '.join(unknown)} is not an sft/parallel source; known: {', '.join(usable)}"
         )
-    return [registry[n] for n in names]
+    return [registry[n] for n in dict.fromkeys(names)]
 
 
 def _dedup(conversations: list[Conversation], stats: dict[str, SourceStats]) -> list[Conversation]:

@@ -327,9 +327,10 @@ def select_sources(
     weights: Mapping[str, float] | None = None,
     section: str = "pretrain",
 ) -> list[SourceSpec]:
-    """Config-driven selection: the named sources (default: every default-on source of `section`), minus
-    `exclude`, restricted to `licence_families` (sources with per-document licences are kept and filtered per
-    document), with weights overridden from `weights`."""
+    """Config-driven selection: the named sources (default: every default-on source of `section`; a name
+    given twice counts once, not as a second read of the source), minus `exclude`, restricted to
+    `licence_families` (sources with per-document licences are kept and filtered per document), with weights
+    overridden from `weights`."""
     for label, given in (("sources", names), ("exclude", exclude), ("weights", list(weights or {}))):
         unknown = [n for n in given or [] if n not in registry]
         if unknown:
@@ -342,7 +343,11 @@ def select_sources(
     negative = [f"{n}={w}" for n, w in (weights or {}).items() if w < 0]
     if negative:
         raise FidelError(f"source weights must be >= 0, got {', '.join(negative)}")
-    chosen = [registry[n] for n in names] if names else [s for s in registry.values() if s.section == section]
+    chosen = (
+        [registry[n] for n in dict.fromkeys(names)]
+        if names
+        else [s for s in registry.values() if s.section == section]
+    )
     chosen = [s for s in chosen if names or s.default]
     chosen = [s for s in chosen if s.name not in set(exclude or [])]
     if licence_families is not None:
