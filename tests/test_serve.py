@@ -265,14 +265,14 @@ def test_errors_are_openai_shaped(model: LlamaForCausalLM, tokenizer: BPETokeniz
                     "/v1/chat/completions", json={**chat, "messages": [{"role": "robot", "content": "x"}]}
                 ),
                 400,
-                "messages.0.role",
+                "messages[0].role",
             ),
             (
                 await post("/v1/chat/completions", json={**chat, "tool_choice": "required"}),
                 400,
                 "tool_choice",
             ),
-            (await post("/v1/chat/completions", json={**chat, "stop": ""}), 400, None),
+            (await post("/v1/chat/completions", json={**chat, "stop": ""}), 400, "stop"),
             (
                 await post("/v1/completions", json={"model": NAME, "prompt": [[1, 2, VOCAB + 5]]}),
                 400,

@@ -77,3 +77,39 @@ def test_what_clients_send_is_accepted(model, tokenizer) -> None:
     ]
     for (_, fields), response in zip(accepted, post_all(model, tokenizer, accepted), strict=True):
         assert response.status_code == 200, (fields, response.text)
+
+
+PARAMS = [
+    (CHAT, {"messages": [{"role": "user", "content": "ሰላም " * 200}]}, "messages", "maximum context length"),
+    (CHAT, {"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role", "messages[0].role: "),
+    (CHAT, {"stop": ""}, "stop", "stop: String should have at least 1 character"),
+    (CHAT, {"stop": ["።", ""]}, "stop", "stop[1]: String should have at least 1 character"),
+    (
+        CHAT,
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        "messages[0].content",
+        "messages[0].content[0].type: Input should be 'text' (got \"image_url\")",
+    ),
+    (
+        CHAT,
+        {"tools": [], "tool_choice": {"type": "function", "function": {}}},
+        "tool_choice",
+        "tool_choice.function.name: Field required",
+    ),
+    (COMPLETIONS, {"prompt": [0, -1]}, "prompt", "prompt[1]: Input should be greater than or equal to 0"),
+    (COMPLETIONS, {"prompt": [[5], [6, -2]]}, "prompt", "prompt[1][1]: Input should be greater than or"),
+    (COMPLETIONS, {"prompt": ["ሰላም", 3]}, "prompt", "prompt[1]: Input should be a valid string (got 3)"),
+    (COMPLETIONS, {"prompt": []}, "prompt", "prompt: List should have at least 1 item"),
+]
+
+
+def test_errors_name_the_parameter_as_openai_does(model, tokenizer) -> None:
+    """Params are the API's names (`messages[0].role`, never pydantic's union tags such as
+    `stop.constrained-str`); for a union the message is the error of the member the input fits (the
+    negative id of a token-id list, not "should be a valid string"), located down to the bad value. A
+    chat prompt over the context is an error of `messages` (chat requests have no `prompt`)."""
+    responses = post_all(model, tokenizer, [(path, fields) for path, fields, _, _ in PARAMS])
+    for (_, fields, param, message), response in zip(PARAMS, responses, strict=True):
+        error = error_of(response)
+        assert response.status_code == 400 and error["param"] == param, (fields, error)
+        assert message in error["message"], (fields, error)

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hmac
 import json
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -39,6 +39,7 @@ from fidellm.serve.schemas import (
     ModelList,
     now,
 )
+from fidellm.serve.schemas import Request as RequestBody
 from fidellm.tokenizer.base import TextTokenizer
 
 STATIC = Path(__file__).parent / "static"
@@ -91,15 +92,70 @@ class BodyLimit:
         await JSONResponse(error.body(), status_code=413)(scope, receive, send)
 
 
+def _request_fields() -> frozenset[str]:
+    """The field names of every request model: any other string in an error's location is the tag
+    pydantic gives a union member (`str`, `list[constrained-int]`), which is not in the client's JSON."""
+    names: set[str] = set()
+    models: list[type[BaseModel]] = [RequestBody]
+    while models:
+        model = models.pop()
+        names.update(model.model_fields)
+        models.extend(model.__subclasses__())
+    return frozenset(names)
+
+
+REQUEST_FIELDS = _request_fields()
+
+
+def _most_plausible(errors: Sequence[Any]) -> dict[str, Any]:
+    """The error to report, from the first invalid field. A union reports every member's errors; the
+    member that fits the input best is the one whose error is not a type mismatch (the list member for
+    a list with a negative id), else the one that failed deepest; ties keep pydantic's order."""
+    field = errors[0]["loc"][:2]
+    return min(
+        (error for error in errors if error["loc"][:2] == field),
+        key=lambda error: (error["type"].endswith("_type"), -len(error["loc"])),
+    )
+
+
+def _locate(loc: Sequence[int | str]) -> tuple[str | None, str | None]:
+    """(param, path) of an error's location as OpenAI writes them (`messages[0].content`), without
+    union tags: path goes down to the failing value, param stops at the first union (its member is
+    only a guess)."""
+    path, param = "", None
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in REQUEST_FIELDS:
+            path += f".{part}" if path else part
+        elif param is None:
+            param = path
+    return (path if param is None else param) or None, path or None
+
+
+def _shown(value: Any) -> str:
+    """' (got "5")' for a short scalar input, so that "5" sent for an integer reads as the string it
+    is; '' for anything else."""
+    if isinstance(value, str | int | float | bool) or value is None:
+        text = json.dumps(value, ensure_ascii=False)
+        if len(text) <= 40:
+            return f" (got {text})"
+    return ""
+
+
 def _validation_error(error: RequestValidationError) -> APIError:
     """OpenAI answers schema violations with 400 invalid_request_error naming the parameter."""
-    first = error.errors()[0] if error.errors() else {}
-    if first.get("type") == "json_invalid":
+    errors = error.errors()
+    if not errors:
+        return APIError(400, "Invalid request: malformed body")
+    if errors[0].get("type") == "json_invalid":
         return APIError(400, "We could not parse the JSON body of your request.")
-    location = [str(part) for part in first.get("loc", ()) if part != "body"]
-    param = ".".join(location) or None
-    where = f"{param}: " if param else ""
-    return APIError(400, f"Invalid request: {where}{first.get('msg', 'malformed body')}", param=param)
+    chosen = _most_plausible(errors)
+    loc = chosen.get("loc", ())
+    param, path = _locate(loc[1:] if loc[:1] == ("body",) else loc)
+    where = f"{path}: " if path else ""
+    message = f"Invalid request: {where}{chosen.get('msg', 'malformed body')}{_shown(chosen.get('input'))}"
+    return APIError(400, message, param=param)
 
 
 ERROR_STATUSES = {

@@ -131,7 +131,7 @@ async def chat_completion(state: ServerState, request: ChatCompletionRequest, ht
         requested, param = request.max_tokens, "max_tokens"
     if requested == 0:
         raise APIError(400, f"{param} must be at least 1.", param=param)
-    budget = state.budget(requested, [len(ids)], param)
+    budget = state.budget(requested, [len(ids)], param, "messages")
     config = state.generation_config(request, budget, rows=request.n, chat=True)
     job = Job(
         prompts=[ids] * request.n,

@@ -82,8 +82,10 @@ class ServerState:
                 code="model_not_found",
             )
 
-    def budget(self, requested: int | None, prompt_lengths: list[int], param: str) -> int:
-        """The number of new tokens to generate: `requested`, or what the context leaves (up to the cap)."""
+    def budget(self, requested: int | None, prompt_lengths: list[int], param: str, prompt_param: str) -> int:
+        """The number of new tokens to generate: `requested` (the field `param`), or what the context
+        leaves (up to the cap); a prompt too long for the context is an error of `prompt_param` (the
+        field that holds it: "messages" or "prompt")."""
         cap = self.settings.max_tokens_cap
         if requested is not None and requested > cap:
             raise APIError(400, f"{param} is {requested}; this server allows at most {cap}.", param=param)
@@ -92,7 +94,7 @@ class ServerState:
             raise APIError(
                 400,
                 f"This model's maximum context length is {self.context} tokens; the prompt has {longest}.",
-                param="messages" if param == "max_completion_tokens" else "prompt",
+                param=prompt_param,
                 code="context_length_exceeded",
             )
         if requested is None:

@@ -86,7 +86,7 @@ async def completion(state: ServerState, request: CompletionRequest, http: Reque
     requested = request.max_tokens
     if "max_tokens" not in request.model_fields_set and requested is not None:
         requested = min(requested, state.settings.max_tokens_cap)  # OpenAI's default 16, within our cap
-    budget = state.budget(requested, [len(row) for row in ids], "max_tokens")
+    budget = state.budget(requested, [len(row) for row in ids], "max_tokens", "prompt")
     rows = [row for row in ids for _ in range(request.n)]
     config = state.generation_config(request, budget, rows=len(rows)) if budget > 0 else None
     echoes = [text for text in texts for _ in range(request.n)]
