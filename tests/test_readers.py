@@ -163,6 +163,16 @@ def test_csv_quoted_fields_may_span_lines_but_broken_quoting_is_rejected(tmp_pat
     )
 
 
+@pytest.mark.parametrize("fmt", ["csv", "tsv"])
+def test_blank_lines_are_no_records_in_csv_and_tsv(tmp_path, fmt):
+    """As in jsonl: trailing blank lines (an editor's, a pandas export's) used to be `bad_row: 0 fields`."""
+    sep = "," if fmt == "csv" else "\t"
+    path = tmp_path / f"blank.{fmt}"
+    path.write_text(f"\nid{sep}text\n1{sep}ሀ\n\n  \n2{sep}ለ\n\n\n", encoding="utf-8")
+    items = read(path, fmt, required=["text"])
+    assert [(r.line, r.key, r.fields["text"]) for r in items] == [(3, "0", "ሀ"), (6, "1", "ለ")]
+
+
 def test_csv_quotes_and_huge_fields(tmp_path):
     assert [r.fields["text"] for r in records(read("table.csv", "csv"))] == ['a, b and "c"', "plain"]
     huge = "ሀ" * 300_000  # larger than the csv module's default 128 KiB field limit

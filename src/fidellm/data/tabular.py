@@ -25,23 +25,35 @@ def _set_csv_limit() -> None:
     csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
 
 
-def _tsv_rows(lines: Iterator[str], dialect: dict[str, Any]) -> Iterator[tuple[int, list[str] | str]]:
-    """tsv: each line is one record, its quotes honoured within the line; (lines spanned, fields or what is
-    wrong with its quoting)."""
-    for text in lines:
+Rows = Iterator[tuple[int, int, list[str] | str]]
+"""(first line, last line, fields or what is wrong with the record's quoting) of each record."""
+
+
+def _tsv_rows(lines: Iterator[tuple[int, str]], dialect: dict[str, Any]) -> Rows:
+    """tsv: each line is one record, its quotes honoured within the line; blank lines are no records."""
+    for number, text in lines:
+        if not text.strip():
+            continue
         try:
-            yield 1, next(csv.reader([text], **dialect), [])
+            row: list[str] | str = next(csv.reader([text], **dialect), [])
         except csv.Error as error:
+            row = f"broken quoting ({error})"
             if "end of data" in str(error):
-                yield 1, "a quoted field does not close on its line (a tsv record is one line)"
-            else:
-                yield 1, f"broken quoting ({error})"
+                row = "a quoted field does not close on its line (a tsv record is one line)"
+        yield number, number, row
 
 
-def _csv_rows(lines: Iterator[str], dialect: dict[str, Any]) -> Iterator[tuple[int, list[str] | str]]:
-    """csv (RFC 4180): a quoted field may span lines; (lines spanned, fields or what is wrong with its
-    quoting). After broken quoting the csv module resumes at the next line."""
-    reader = csv.reader((text + "\n" for text in lines), **dialect)
+def _csv_rows(lines: Iterator[tuple[int, str]], dialect: dict[str, Any]) -> Rows:
+    """csv (RFC 4180): a quoted field may span lines; blank lines are no records. After broken quoting the
+    csv module resumes at the next line."""
+    last = [""]  # the line the csv module read last: a record's last line when it returns one
+
+    def feed() -> Iterator[str]:
+        for _, text in lines:
+            last[0] = text
+            yield text + "\n"
+
+    reader = csv.reader(feed(), **dialect)
     end = 0
     while True:
         try:
@@ -52,8 +64,9 @@ def _csv_rows(lines: Iterator[str], dialect: dict[str, Any]) -> Iterator[tuple[i
             row = f"broken quoting ({error})"
             if "end of data" in str(error):
                 row = "a quoted field does not close before the end of the file"
-        yield reader.line_num - end, row
-        end = reader.line_num
+        start, end = end + 1, reader.line_num
+        if start < end or last[0].strip():
+            yield start, end, row
 
 
 def read_delimited(
@@ -62,18 +75,19 @@ def read_delimited(
     """csv/tsv with Python's csv module, strict about quotes. A tsv record is one line (quotes are honoured
     within it, so files written by pandas read the same), so an unclosed quote cannot merge the next lines
     into one field unseen; a csv quoted field may span lines. A record with broken quoting is rejected
-    (`bad_quoting`) with its first line and the lines it spans. Every line is decoded strictly; a record
-    touching a line that is not UTF-8 is rejected. The `required` columns must exist in the header."""
+    (`bad_quoting`) with its first line and the lines it spans. Blank lines are skipped, as in jsonl. Every
+    line is decoded strictly; a record touching a line that is not UTF-8 is rejected. The `required`
+    columns must exist in the header."""
     _set_csv_limit()
     bad_lines: dict[int, bytes] = {}
 
-    def text_lines() -> Iterator[str]:
+    def text_lines() -> Iterator[tuple[int, str]]:
         for number, raw in enumerate(iter_raw_lines(path), start=1):
             text = decode_line(raw)
             if text is None:
                 bad_lines[number] = raw
                 text = raw.decode("utf-8", errors="replace")
-            yield text
+            yield number, text
 
     dialect = {
         "delimiter": options.get("delimiter", "," if fmt == "csv" else "\t"),
@@ -81,25 +95,22 @@ def read_delimited(
         "strict": True,
     }
     rows = (_csv_rows if fmt == "csv" else _tsv_rows)(text_lines(), dialect)
-    header_end = 0
     if options.get("header", True):
-        header_end, header = next(rows, (0, None))
+        first, last, header = next(rows, (0, 0, None))
         if header is None:
-            raise FidelError(f"{path} is empty")
+            raise FidelError(f"{path} has no header line")
         if isinstance(header, str):
-            raise FidelError(f"{path}:1: the header line has {header}")
+            raise FidelError(f"{path}:{first}: the header line has {header}")
+        if any(n in bad_lines for n in range(first, last + 1)):
+            raise FidelError(f"{path}:{first}: the header line is not UTF-8")
     elif options.get("columns"):
         header = list(options["columns"])
     else:
         raise FidelError(f"{path}: header: false needs options.columns (the column names)")
-    if 1 in bad_lines and header_end:
-        raise FidelError(f"{path}:1: the header line is not UTF-8")
     missing = [name for name in required if name not in header]
     if missing:
         raise missing_columns(path, missing, header)
-    end = header_end
-    for index, (spanned, row) in enumerate(rows):
-        start, end = end + 1, end + spanned
+    for index, (start, end, row) in enumerate(rows):
         if not mine():
             continue
         bad = next((n for n in range(start, end + 1) if n in bad_lines), None)
