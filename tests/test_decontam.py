@@ -270,3 +270,32 @@ def test_known_overlaps_in_real_pretraining_text(data_dir):
     assert found["amharic_bible_wordproject", "afrisenti_amh"] >= 30
     assert found["amwiki_2015_dennis_sell", "amqa"] >= 100
     assert found["amharic_bible_wordproject", "amqa"] == 0
+
+
+def test_eval_sets_of_the_run_s_user_registry_decontaminate_too(tmp_path):
+    """An extra registry entry with `section: eval` is an evaluation set like the packaged ones: named in
+    decontam.sets it used to be 'unknown', and left out of the default sets it was never checked."""
+    from fidellm.data.config import PrepareConfig
+    from fidellm.data.pipeline import PrepareLayout, build_stages
+
+    line = "የእግር ኳስ ፌዴሬሽንና ቅዱስ ጊዮርጊስ ክለብ ዛሬ ረፋድ ላይ በሰጡት መግለጫ ተስማሙ።"
+    (tmp_path / "myeval.txt").write_text(line + "\n", encoding="utf-8")
+    registry = tmp_path / "mine.yaml"
+    registry.write_text(
+        "sources:\n  - {name: my_eval, section: eval, paths: {test: myeval.txt}, format: txt,"
+        " license: CC0, license_family: open}\n",
+        encoding="utf-8",
+    )
+    step = Decontaminate(data_dir=tmp_path, sets=["my_eval"], extra_registry=registry)
+    assert step.filter(Document(text=f"ሰላም ለሁላችሁ።\n{line}", id="d")) == (False, "contaminated")
+    config = PrepareConfig()
+    config.sources.extra_registry = str(registry)
+    stages = build_stages(PrepareLayout(tmp_path / "run"), tmp_path, [], config)
+    (wired,) = [
+        s
+        for stage in stages
+        if stage.name == "filter"
+        for s in stage.pipeline
+        if isinstance(s, Decontaminate)
+    ]
+    assert wired.extra_registry == str(registry)

@@ -27,7 +27,7 @@ logged by the step when it builds the index (`EvalNgramIndex.summary`).
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from itertools import repeat
@@ -40,7 +40,7 @@ from datatrove.pipeline.writers.disk_base import DiskWriter
 from datatrove.utils.logging import logger
 
 from fidellm.data.amharic import match_key, sentences, words
-from fidellm.data.registry import EvalUnit
+from fidellm.data.registry import EvalUnit, SourceSpec, load_registry
 from fidellm.data.sources import iter_eval_units
 from fidellm.errors import FidelError
 from fidellm.hashing import ngram_hashes, stable_hash64
@@ -182,10 +182,16 @@ class EvalNgramIndex:
 
     @classmethod
     def from_data_dir(
-        cls, data_dir: str | Path, sets: list[str] | None = None, n: int = 8, **options: float
+        cls,
+        data_dir: str | Path,
+        sets: list[str] | None = None,
+        n: int = 8,
+        registry: Mapping[str, SourceSpec] | None = None,
+        **options: float,
     ) -> EvalNgramIndex:
-        """Index the evaluation sets of the registry found in `data_dir` (all default eval sets if None)."""
-        index = cls.build(iter_eval_units(Path(data_dir), sets), n=n, **options)
+        """Index the evaluation sets of `registry` (default: the packaged one) found in `data_dir` (all
+        default-on eval sets if None)."""
+        index = cls.build(iter_eval_units(Path(data_dir), sets, registry), n=n, **options)
         if not index.set_names:
             raise FidelError(f"no evaluation units found in {data_dir} for sets {sets or 'all'}")
         return index
@@ -283,12 +289,14 @@ class EvalNgramIndex:
         return self.names_of(self.match_mask(line))
 
 
-_PROCESS_CACHE: dict[tuple[str, tuple[str, ...] | None, int, int, float], EvalNgramIndex] = {}
+_PROCESS_CACHE: dict[tuple[str, str, tuple[str, ...] | None, int, int, float], EvalNgramIndex] = {}
 
 
 class Decontaminate(BaseFilter):
     """Remove lines that overlap an evaluation set; drop the document (reason `contaminated`) when more than
-    `max_contaminated_fraction` of its characters, or all of its lines, are contaminated.
+    `max_contaminated_fraction` of its characters, or all of its lines, are contaminated. The evaluation
+    sets are those of the packaged registry plus `extra_registry` (the run's user YAML, whose eval entries
+    count like the packaged ones).
 
     Stats: `decontam_lines_<set>` (lines removed, per set they matched), `decontam_docs_<set>` (documents
     touched). Metadata: `decontam_lines` (lines removed) and `decontam_sets` ({set: lines}) on every
@@ -307,6 +315,7 @@ class Decontaminate(BaseFilter):
         min_coverage: float = 0.5,
         index: EvalNgramIndex | None = None,
         exclusion_writer: DiskWriter | None = None,
+        extra_registry: str | Path | None = None,
     ):
         super().__init__(exclusion_writer)
         if index is None and data_dir is None:
@@ -315,6 +324,7 @@ class Decontaminate(BaseFilter):
             raise FidelError(f"max_contaminated_fraction must lie in [0, 1], got {max_contaminated_fraction}")
         self.data_dir = str(data_dir) if data_dir is not None else None
         self.sets = list(sets) if sets is not None else None
+        self.extra_registry = str(extra_registry) if extra_registry is not None else None
         self.n = n
         self.min_shared = min_shared
         self.min_coverage = min_coverage
@@ -326,12 +336,14 @@ class Decontaminate(BaseFilter):
         """The eval index, built on first use and shared by every step of this process with the same key."""
         if self._index is None:
             sets = tuple(self.sets) if self.sets is not None else None
-            cache_key = (self.data_dir or "", sets, self.n, self.min_shared, self.min_coverage)
+            extra = self.extra_registry
+            cache_key = (self.data_dir or "", extra or "", sets, self.n, self.min_shared, self.min_coverage)
             if cache_key not in _PROCESS_CACHE:
                 _PROCESS_CACHE[cache_key] = EvalNgramIndex.from_data_dir(
                     self.data_dir,
                     self.sets,
                     self.n,
+                    registry=load_registry(extra) if extra else None,
                     min_shared=self.min_shared,
                     min_coverage=self.min_coverage,
                 )

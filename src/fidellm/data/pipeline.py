@@ -209,6 +209,7 @@ def build_stages(
                 min_shared=config.decontam.min_shared,
                 min_coverage=config.decontam.min_coverage,
                 exclusion_writer=layout.dropped_writer("contaminated"),
+                extra_registry=config.sources.extra_registry,
             )
         )
     filter_steps += [
