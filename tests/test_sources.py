@@ -3,6 +3,7 @@ selection, evaluation units — on fixtures and on the real shared data."""
 
 from __future__ import annotations
 
+import re
 import time
 from collections import Counter
 from pathlib import Path
@@ -238,6 +239,14 @@ def test_missing_file_suggests_download(tmp_path):
         list(iter_eval_units(tmp_path, ["flores200"]))
     with pytest.raises(FidelError, match="converted; copy it from the shared data"):
         list(iter_documents(load_registry()["enh_corpus"], tmp_path))
+    registry_file = tmp_path / "mine.yaml"  # one's own entry: its path is to check, nothing downloads
+    registry_file.write_text(
+        "sources:\n  - {name: fx_mine, section: pretrain, paths: [nowhere.jsonl], format: jsonl,"
+        " license: MIT, license_family: open}\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(FidelError, match=f"check the entry's paths in {re.escape(str(registry_file))}"):
+        list(iter_documents(load_registry(registry_file)["fx_mine"], tmp_path))
 
 
 def test_txt_paragraph_ids_and_bad_utf8(user_registry, tmp_path):

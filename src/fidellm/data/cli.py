@@ -122,10 +122,19 @@ def tokenize(
 
 
 @data.command()
-@DATA_DIR_OPTION
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Where to write the files (default: $FIDELLM_DATA; one of the two is needed).",
+)
 @click.option("--sources", help="Comma-separated registry sources (default: all).")
 @click.option(
-    "--retries", type=int, default=4, show_default=True, help="Attempts per file on transient errors."
+    "--retries",
+    type=int,
+    default=4,
+    show_default=True,
+    help="Retries per file on transient errors, after the first attempt (0: one attempt).",
 )
 def download(data_dir: Path | None, sources: str | None, retries: int) -> None:
     """Fetch the public sources from their canonical URLs into DATA_DIR, verifying sha256."""

@@ -46,8 +46,13 @@ def _find(pattern: Path) -> list[Path]:
 
 
 def _download_hint(spec: SourceSpec, data_dir: Path) -> str:
+    """What to do about a missing file: download it, copy it, or fix the path of one's own entry."""
+    if spec.root is not None:  # an entry of the user's registry file: nothing to download
+        return f"check the entry's paths in {spec.origin} (relative: to the data dir, then to that file)"
     if spec.converted:
         return "this source was converted; copy it from the shared data (see MANIFEST.md)"
+    if not spec.files:
+        return "the registry lists no download for it; see the shared data's MANIFEST.md"
     return f"run `fidellm data download --data-dir {data_dir} --sources {spec.name}`"
 
 
