@@ -20,6 +20,7 @@ from fidellm.models.llama import LlamaForCausalLM, LMOutput
 from fidellm.serve.app import create_app
 from fidellm.serve.common import ServeSettings
 from fidellm.tokenizer.bpe import BPETokenizer
+from fidellm.tokenizer.bytes import ByteTokenizer
 from fidellm.tokenizer.special import IM_END_ID
 from fixtures.bpe import flores_bpe
 from fixtures.chats import WEATHER_TOOL
@@ -399,5 +400,26 @@ def test_default_completion_length_stays_within_a_small_cap(model, tokenizer) ->
         assert reply.usage.completion_tokens <= 8
         response = await raw.post("/v1/completions", json={"model": NAME, "prompt": "ሰላም", "max_tokens": 16})
         assert response.status_code == 400 and error_of(response)["param"] == "max_tokens"
+
+    run(app, body)
+
+
+def test_a_reply_cut_by_max_tokens_ends_at_a_whole_character() -> None:
+    """A byte model's max_tokens counts bytes: a reply cut inside a 3-byte letter ends before that
+    letter, not in U+FFFD (as vLLM's detokenizer does), streamed or not; usage counts every byte."""
+    inner = random_llama(gqa_config(vocab_size=256, num_hidden_layers=1, max_position_embeddings=512))
+    app = app_for(ScriptedModel(inner, list("ሰላም".encode())), ByteTokenizer())
+    chat: dict[str, Any] = dict(model=NAME, messages=[{"role": "user", "content": "ሰላም"}], max_tokens=5)
+
+    async def body(client: openai.AsyncOpenAI, raw: httpx2.AsyncClient) -> None:
+        reply = await client.chat.completions.create(**chat)
+        assert reply.choices[0].message.content == "ሰ" and reply.choices[0].finish_reason == "length"
+        assert reply.usage.completion_tokens == 5
+        chunks = [c async for c in await client.chat.completions.create(**chat, stream=True)]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks) == "ሰ"
+        plain = await client.completions.create(model=NAME, prompt="ሰላም", max_tokens=8)
+        assert plain.choices[0].text == "ሰላ" and plain.usage.completion_tokens == 8
+        streamed = await client.completions.create(model=NAME, prompt="ሰላም", max_tokens=8, stream=True)
+        assert "".join([c.choices[0].text async for c in streamed]) == "ሰላ"
 
     run(app, body)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -100,6 +102,42 @@ def test_bpe_stream_of_truncated_character_ends_in_replacement(bpe: BPETokenizer
     assert chunks[-1] == "\ufffd" and "".join(chunks) == "ሰላ\ufffd"
     line_ids = bpe.encode("ሰላም ለኢትዮጵያ")
     assert "".join(stream_all(TokenStream(bpe), line_ids)) == "ሰላም ለኢትዮጵያ"
+
+
+def complete_part(data: bytes) -> str:
+    """What an incremental UTF-8 decoder emits before the end: all of `data` (invalid bytes as U+FFFD)
+    except a trailing sequence that is only started."""
+    return codecs.getincrementaldecoder("utf-8")(errors="replace").decode(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=40))
+def test_length_cut_drops_only_an_incomplete_last_character(data: bytes) -> None:
+    """finish(drop_incomplete=True), as at a length limit: an only-started last character is left out
+    instead of becoming U+FFFD; invalid bytes before it stay U+FFFD. Byte path and re-decoding path."""
+    expected = complete_part(data.translate(None, bytes((254, 255))))
+    stream = TokenStream(BYTES)
+    assert "".join(stream_all_dropping(stream, list(data))) == expected == stream.text
+    detok = TextDetokenizer(BYTES)
+    assert "".join([detok.push(i) for i in data] + [detok.flush(drop_incomplete=True)]) == expected
+
+
+def stream_all_dropping(stream: TokenStream, ids: list[int]) -> list[str]:
+    return [*(stream.push(i) for i in ids), stream.finish(drop_incomplete=True)]
+
+
+def test_length_cut_bpe_stream_ends_at_a_whole_character(bpe: BPETokenizer, flores: list[str]) -> None:
+    """Every prefix of a line's BPE ids (many end inside a letter) streams, cut there, to the whole
+    characters of its bytes: no U+FFFD, nothing complete lost."""
+    cut_inside = 0
+    for line in flores[:20]:
+        ids = bpe.encode(line)
+        for end in range(1, len(ids) + 1):
+            data = b"".join(bpe.token_bytes(i) for i in ids[:end])
+            expected = complete_part(data)
+            cut_inside += len(expected.encode()) < len(data)
+            assert "".join(stream_all_dropping(TokenStream(bpe), ids[:end])) == expected
+    assert cut_inside > 50, cut_inside
 
 
 @settings(max_examples=300, deadline=None)

@@ -269,7 +269,9 @@ class DecodeBatch:
         return logits[torch.arange(logits.shape[0], device=self.device), last].float()
 
     def _finish(self, row: DecodeRow, reason: FinishReason, stop: str | int | None) -> str:
-        tail = row.stream.finish()
+        """Mark `row` done; its held-back text. A row cut by its length limit mid-character leaves the
+        partial character out instead of ending in U+FFFD (`TokenStream.finish`)."""
+        tail = row.stream.finish(drop_incomplete=reason == "length")
         row.result.text, row.result.finish_reason, row.result.stop = row.stream.text, reason, stop
         row.finished = True
         return tail

@@ -70,7 +70,8 @@ class GenerationConfig:
 @dataclass
 class GenerationResult:
     """One prompt's output. `token_ids` are all sampled ids (a stop token included); `text` is their
-    decode, cut before the stop string and without the stop token. `stop` names what stopped it."""
+    decode, cut before the stop string and without the stop token, and without a last character the
+    length limit cut in the middle (no trailing U+FFFD). `stop` names what stopped it."""
 
     prompt_ids: list[int]
     token_ids: list[int] = field(default_factory=list)

@@ -8,7 +8,11 @@ middle of one. Streams here never emit half a character:
   the new text, holding it back while it ends in U+FFFD (an incomplete sequence decodes to that).
 - `StopStringFilter` finds stop strings across chunks and holds back any suffix that could still
   become one, so a stop string is never emitted, not even in part.
-In every case the joined chunks equal the tokenizer's `decode` of all ids (cut at the stop string).
+In every case the joined chunks equal the tokenizer's `decode` of all ids (cut at the stop string),
+except that a stream cut by the length limit (`finish(drop_incomplete=True)`) leaves out a last
+character it holds only part of, as vLLM's detokenizer does, instead of ending in U+FFFD: the limit
+cut it, the model did not write it broken. Where the model itself stopped mid-character (EOS), the
+U+FFFD stays: that is what it wrote.
 """
 
 from __future__ import annotations
@@ -38,8 +42,13 @@ class ByteDetokenizer:
             return ""
         return self._decoder.decode(bytes((token_id,)))
 
-    def flush(self) -> str:
-        """What is left at the end: an incomplete trailing sequence becomes U+FFFD, as in `decode`."""
+    def flush(self, drop_incomplete: bool = False) -> str:
+        """What is left at the end: an incomplete trailing sequence becomes U+FFFD, as in `decode`, or
+        nothing when `drop_incomplete`. (The decoder holds back only a valid start of a sequence:
+        invalid bytes already came out as U+FFFD.)"""
+        if drop_incomplete:
+            self._decoder.reset()
+            return ""
         return self._decoder.decode(b"", final=True)
 
 
@@ -61,9 +70,20 @@ class TextDetokenizer:
         self._ids.append(token_id)
         return self._advance(final=False)
 
-    def flush(self) -> str:
-        """The held-back rest (a truly incomplete ending comes out as U+FFFD, as `decode` gives it)."""
-        return self._advance(final=True)
+    def flush(self, drop_incomplete: bool = False) -> str:
+        """The held-back rest: a truly incomplete ending comes out as U+FFFD, as `decode` gives it, or
+        is left out when `drop_incomplete`."""
+        cut = drop_incomplete and self._ends_incomplete()
+        text = self._advance(final=True)
+        return text[:-1] if cut and text.endswith(REPLACEMENT) else text
+
+    def _ends_incomplete(self) -> bool:
+        """Whether the bytes of the ids not yet emitted end inside a UTF-8 sequence, which `decode`
+        shows as one U+FFFD (the emitted ones end at a character boundary)."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        for token in self._ids[self._read :]:
+            decoder.decode(self.tokenizer.token_bytes(token, self.skip_special_tokens))
+        return bool(decoder.getstate()[0])
 
     def _advance(self, final: bool) -> str:
         emitted = self._decode(self._ids[self._prefix : self._read])
@@ -151,9 +171,10 @@ class TokenStream:
         """New text this id makes safe to show (often '')."""
         return self._emit(self.stops.feed(self.detokenizer.push(token_id)))
 
-    def finish(self) -> str:
-        """Everything still held back, at the end of generation."""
-        tail = self.stops.feed(self.detokenizer.flush())
+    def finish(self, drop_incomplete: bool = False) -> str:
+        """Everything still held back, at the end of generation; with `drop_incomplete` (the length
+        limit cut the text) without a last character that is only partly there."""
+        tail = self.stops.feed(self.detokenizer.flush(drop_incomplete))
         return self._emit(tail + self.stops.flush())
 
     def _emit(self, chunk: str) -> str:
