@@ -114,6 +114,10 @@ GOOD = {
         ),
         ({"id": "e", "messages": []}, r"train\.jsonl:2: conversation e: messages must be a non-empty list"),
         ({"messages": "hi"}, r"train\.jsonl:2: conversation train\.jsonl:2: messages must be a non-empty"),
+        (
+            {"id": "s", "messages": [{"role": "user", "content": "broken \ud83d emoji"}]},
+            r"train\.jsonl:2: field 'messages\[0\]\.content' holds the lone surrogate \\ud83d, which UTF-8",
+        ),
     ],
 )
 def test_sft_reads_chat_records_with_their_file_and_line(

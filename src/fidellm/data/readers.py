@@ -47,7 +47,7 @@ def supported_formats_message() -> str:
     return "supported formats: " + ", ".join(SUPPORTED_FORMATS)
 
 
-def _surrogate_at(value: Any, where: str = "") -> str | None:
+def lone_surrogate(value: Any, where: str = "") -> str | None:
     """Where (`text`, `messages[0].content`) the first string of a parsed JSON value holds a lone surrogate,
     with it; None when there is none. JSON may escape one (`"\\ud83d"`, a broken emoji in scraped tweets), but
     it is no character: UTF-8 cannot encode it, so it would crash hashing and writing far downstream."""
@@ -62,13 +62,13 @@ def _surrogate_at(value: Any, where: str = "") -> str | None:
         children = [(f"{where}[{i}]", item) for i, item in enumerate(value)]
     else:
         return None
-    return next((found for path, item in children if (found := _surrogate_at(item, path))), None)
+    return next((found for path, item in children if (found := lone_surrogate(item, path))), None)
 
 
 def _invalid_text(source: str, path: Path, line: int | None, value: Any, raw: str) -> Rejection | None:
     """An `invalid_utf8` Rejection when the record parsed from the JSON text `raw` holds a lone surrogate
     (`raw` is scanned first, so a clean record costs one regex search)."""
-    found = _surrogate_at(value) if _MAYBE_LONE.search(raw) else None
+    found = lone_surrogate(value) if _MAYBE_LONE.search(raw) else None
     if found is None:
         return None
     return Rejection(source, str(path), line, "invalid_utf8", f"{found}, which UTF-8 cannot encode")
@@ -293,7 +293,7 @@ def read_squad(
         fields = {"kind": kind, "text": value, "title": title, "id": key}
         if isinstance(value, str) and _SURROGATE.search(value):
             yield Rejection(source, str(path), None, "invalid_utf8", f"{key} holds bytes that are not UTF-8")
-        elif found := _surrogate_at(fields):
+        elif found := lone_surrogate(fields):
             detail = f"{key}: {found}, which UTF-8 cannot encode"
             yield Rejection(source, str(path), None, "invalid_utf8", detail)
         else:

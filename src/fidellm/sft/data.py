@@ -41,6 +41,7 @@ from torch import Tensor
 from fidellm.chat.schema import Conversation, conversation_error
 from fidellm.chat.template import encode_chat, end_of_turn_ids, render_chat
 from fidellm.data.compressed import decode_line
+from fidellm.data.readers import lone_surrogate
 from fidellm.errors import FidelError
 from fidellm.models.loss import IGNORE_INDEX
 from fidellm.tokenizer.base import TextTokenizer
@@ -150,6 +151,9 @@ def read_conversations(path: Path, max_samples: int | None = None) -> list[dict[
                 raise FidelError(f"{path}:{number}: not JSON: {error}") from error
             if not isinstance(record, dict):
                 raise FidelError(f"{path}:{number}: not a JSON object")
+            surrogate = lone_surrogate(record)  # JSON can escape one; the tokenizer cannot take it
+            if surrogate:
+                raise FidelError(f"{path}:{number}: {surrogate}, which UTF-8 cannot encode")
             record.setdefault("id", f"{path.name}:{number}")
             conversation = Conversation(
                 str(record["id"]), str(record.get("source")), record.get("messages"), record.get("tools")
