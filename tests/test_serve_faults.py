@@ -4,6 +4,7 @@ others decode; each gets an OpenAI-shaped error and the rest of the server goes 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Any
 
@@ -213,3 +214,39 @@ def test_the_request_held_for_a_free_slot_counts_as_waiting(inner, tokenizer) ->
     first, second, third = run(app, body)
     assert third.status_code == 503 and error_of(third)["type"] == "server_error"
     assert first.status_code == 200 and second.status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("path", "fields"),
+    [
+        ("/v1/completions", {"prompt": "ሰላም " * 2000}),
+        (CHAT, {"messages": [{"role": "user", "content": "ሰላም " * 2000}]}),
+    ],
+)
+def test_a_huge_prompt_is_tokenized_off_the_event_loop(
+    inner, tokenizer, monkeypatch: pytest.MonkeyPatch, path: str, fields: dict[str, Any]
+) -> None:
+    """Tokenizing a prompt of megabytes takes seconds (a slow tokenizer stands in for one): it runs in a
+    worker thread, so /health answers while it goes on instead of after it."""
+    encode, started, finished = tokenizer.encode, threading.Event(), []
+
+    def slow_encode(text: str, add_bos: bool = False) -> list[int]:
+        if len(text) > 5000:
+            started.set()
+            time.sleep(1.5)
+            finished.append(time.monotonic())
+        return encode(text, add_bos)
+
+    monkeypatch.setattr(tokenizer, "encode", slow_encode)
+
+    async def body(_: Any, raw: httpx2.AsyncClient) -> tuple[httpx2.Response, httpx2.Response, float]:
+        pending = asyncio.ensure_future(raw.post(path, json={"model": "tiny", "max_tokens": 3, **fields}))
+        while not started.is_set():  # with tokenization on the loop, this runs only after it ends
+            await asyncio.sleep(0.005)
+        health = await raw.get("/health")
+        answered = time.monotonic()
+        return await asyncio.wait_for(pending, 20), health, answered
+
+    refused, health, answered = run(app_for(inner, tokenizer), body)
+    assert health.status_code == 200 and answered < finished[0], "/health waited for the tokenizer"
+    assert refused.status_code == 400 and error_of(refused)["code"] == "context_length_exceeded"

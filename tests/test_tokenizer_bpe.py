@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -233,3 +234,22 @@ def test_a_tokenizer_without_the_chat_tokens_is_named(tmp_path: Path) -> None:
     assert str(error.value).startswith(
         f"{tmp_path / 'tokenizer.json'}: id 2 should be '<|im_start|>' (special=True), found no added token"
     )
+
+
+def test_encoding_a_long_text_lets_other_threads_run(trained: BPETokenizer) -> None:
+    """`encode` releases the GIL while it works (`tokenizers`' single-sequence encode holds it for the
+    whole call): the server tokenizes a prompt of megabytes in a worker thread while its event loop goes
+    on answering. Here the loop ticks all along the encoding, not just before and after it."""
+    text = "\n".join(flores_raw_lines()) * 3
+
+    async def ticks_while_encoding() -> tuple[int, list[int]]:
+        encoding = asyncio.ensure_future(asyncio.to_thread(trained.encode, text))
+        ticks = 0
+        while not encoding.done():
+            await asyncio.sleep(0.005)
+            ticks += 1
+        return ticks, await encoding
+
+    ticks, ids = asyncio.run(ticks_while_encoding())
+    assert trained.decode(ids) == text
+    assert ticks >= 10, ticks

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -70,7 +71,8 @@ def check_tools(request: ChatCompletionRequest) -> bool:
 
 
 def chat_prompt(state: ServerState, request: ChatCompletionRequest) -> tuple[str, list[int]]:
-    """(forced prefix, prompt token ids) of the rendered chat."""
+    """(forced prefix, prompt token ids) of the rendered chat. Runs in a worker thread: rendering and
+    tokenizing a body of megabytes takes seconds, during which the event loop keeps serving."""
     messages = [message.model_dump(exclude_none=True) for message in request.messages]
     tools = [tool.model_dump(exclude_none=True) for tool in request.tools or []]
     try:
@@ -124,7 +126,7 @@ async def chat_completion(state: ServerState, request: ChatCompletionRequest, ht
     tools_active = check_tools(request)
     if request.stream and request.logprobs:
         raise APIError(400, "logprobs are not supported with stream on this server.", param="logprobs")
-    prefix, ids = chat_prompt(state, request)
+    prefix, ids = await asyncio.to_thread(chat_prompt, state, request)
     if request.max_completion_tokens is not None:
         requested, param = request.max_completion_tokens, "max_completion_tokens"
     else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import codecs
 from collections.abc import AsyncIterator
 from typing import Any
@@ -32,7 +33,8 @@ from fidellm.serve.schemas import (
 
 def prompt_rows(state: ServerState, request: CompletionRequest) -> tuple[list[list[int]], list[str]]:
     """(token ids, echo text) per prompt. Text prompts get BOS, as the tokenizer's post-processor adds
-    it for other servers; token-id prompts are used as given."""
+    it for other servers; token-id prompts are used as given. Runs in a worker thread: tokenizing a
+    body of megabytes takes seconds, during which the event loop keeps serving."""
     prompt = request.prompt
     if isinstance(prompt, str):
         prompt = [prompt]
@@ -82,7 +84,7 @@ async def completion(state: ServerState, request: CompletionRequest, http: Reque
     state.check_model(request.model)
     if request.stream and request.logprobs is not None:
         raise APIError(400, "logprobs are not supported with stream on this server.", param="logprobs")
-    ids, texts = prompt_rows(state, request)
+    ids, texts = await asyncio.to_thread(prompt_rows, state, request)
     requested = request.max_tokens
     if "max_tokens" not in request.model_fields_set and requested is not None:
         requested = min(requested, state.settings.max_tokens_cap)  # OpenAI's default 16, within our cap
