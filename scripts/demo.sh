@@ -27,7 +27,7 @@ fidellm data tokenize "$RUN" --workers "$WORKERS"
 stage "5/10 train: the tiny preset for a couple of minutes on CPU -> $RUN/train"
 rm -rf "$RUN/train"  # a fresh smoke run each time
 fidellm train "$RUN" --preset tiny --steps "${TRAIN_STEPS:-120}" --seq-len 256 --batch-size 8 \
-  --lr 1.5e-3 --warmup 20 --eval-every 40 --log-every 20
+  --optimizer muon --lr 3e-3 --warmup 20 --eval-every 40 --log-every 20
 
 stage "6/10 generate: the probe prompts of evaluation.md, sampled with a fixed seed"
 fidellm generate "$RUN" ይፈልጋሉ አማርኛ ኢትዮጵያ ቡና ሰላም --max-new-tokens 24 --seed 0 --device cpu

@@ -129,9 +129,9 @@ def optimizer_options(command: Callable[..., Any]) -> Callable[..., Any]:
     "--lr",
     default=3e-3,
     show_default=True,
-    help="Peak learning rate. Measured (benchmarks/RESULTS.md): tiny trains best at 1.5e-3 of 7.5e-4, 1.5e-3"
-    " and 3e-3 on CPU (the demo's value); the H100 quality runs used 2e-3 for 25m and 1e-3 for 125m, with no"
-    " sweep yet.",
+    help="Peak learning rate. Measured (benchmarks/RESULTS.md): with AdamW, tiny trains best at 1.5e-3 of"
+    " 7.5e-4, 1.5e-3 and 3e-3 on CPU; with --optimizer muon at 3e-3 or 6e-3 (equal; the demo's 3e-3); the"
+    " H100 quality runs used AdamW at 2e-3 for 25m and 1e-3 for 125m, with no sweep yet.",
 )
 @click.option("--schedule", type=click.Choice(["cosine", "wsd"]), default="cosine", show_default=True)
 @click.option(
