@@ -44,6 +44,9 @@ throughput)
 muon-throughput)  # the Muon step's cost at the throughput shapes (compare with `throughput`'s adamw rows)
     "$PYTHON" benchmarks/bench_train.py "$CARRY/run" --presets 25m,125m --seq-len 1024 --batch-size 64 \
         --steps 150 --log-every 10 --optimizers muon --out /tmp/bench_train 2>&1 | tee "$OUT/muon_throughput.log"
+    for preset in 25m 125m; do
+        "$PYTHON" benchmarks/bench_muon.py --preset $preset --device cuda 2>&1 | tee -a "$OUT/muon_throughput.log"
+    done
     ;;
 compile-modes)
     "$PYTHON" benchmarks/bench_train.py "$CARRY/run" --presets 25m --seq-len 1024 --batch-size 64 \
