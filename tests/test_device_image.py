@@ -36,7 +36,8 @@ SCRIPT = textwrap.dedent(
                 raise ModuleNotFoundError(f"No module named {{name!r}} (not on the device image)")
 
     sys.meta_path.insert(0, DeviceImage())
-    import bench_train, cuda_checks, ema_decays, minimal_gpt, quality_run, source_contribution  # noqa: F401
+    import bench_muon, bench_train, cuda_checks, ema_decays, minimal_gpt  # noqa: F401
+    import quality_run, source_contribution  # noqa: F401
     from fidellm.eval.lm import score_lines
     from fidellm.models.load import load_checkpoint_model
     from fidellm.paths import resolve_data_dir
@@ -74,6 +75,6 @@ def test_training_and_flores_scoring_need_nothing_the_device_image_lacks(tmp_pat
 
 def test_the_device_image_stand_in_refuses_what_it_lists() -> None:
     """The check above can fail: the stand-in makes importing a listed package an error."""
-    script = SCRIPT.split("import bench_train")[0] + "import datatrove\n"
+    script = SCRIPT.split("import bench_muon")[0] + "import datatrove\n"
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode != 0 and "not on the device image" in done.stderr
