@@ -60,7 +60,7 @@ fidellm tokenizer train "$RUN-bytes" --kind bytes
 fidellm data tokenize "$RUN-bytes" --workers "$WORKERS"
 rm -rf "$RUN-bytes/train"
 fidellm train "$RUN-bytes" --arch hnet --preset hnet-tiny --steps "${HNET_STEPS:-150}" --seq-len 512 \
-  --batch-size 4 --lr 4e-3 --warmup 10 --eval-every 50 --log-every 20 --stage-lr-multipliers 2,1
+  --batch-size 4 --optimizer muon --lr 4e-3 --warmup 10 --eval-every 50 --log-every 20 --stage-lr-multipliers 2,1
 
 stage "9/10 eval + report card: both runs -> $RUN/eval, $RUN-bytes/eval, $RUN/report"
 # FLORES and the baselines use every line; held-out and downstream sets a sample of EVAL_LIMIT items
