@@ -11,27 +11,11 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 
 import torch
-from common import markdown_row
+from common import markdown_row, timed_calls
 
 from fidellm.models.hnet.mamba2 import Mamba2
-
-
-def timings(run, repeats: int, device: torch.device) -> list[float]:
-    """Seconds of each of `repeats` calls of `run`, after two warm-up calls."""
-    out = []
-    for index in range(repeats + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        run()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if index >= 2:
-            out.append(time.perf_counter() - started)
-    return out
 
 
 def main() -> None:
@@ -72,7 +56,7 @@ def main() -> None:
     )
     command = "python " + " ".join(sys.argv)
     for what, run in (("forward", forward), ("forward + backward", train_step)):
-        seconds = timings(run, args.repeats, device)
+        seconds = timed_calls(run, args.repeats, device)
         print(markdown_row(f"{shape}: {what}", command, [s * 1000 for s in seconds], "ms"))
 
 

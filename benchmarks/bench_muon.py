@@ -10,30 +10,13 @@ On CUDA ours runs the iteration in bf16 like torch's; on CPU in fp32, and is als
 from __future__ import annotations
 
 import argparse
-import time
-from collections.abc import Callable
 
 import torch
-from common import markdown_row
+from common import markdown_row, timed_calls
 
 from fidellm.models.factory import build_model, preset_config
 from fidellm.train.muon import Muon
 from fidellm.train.optim import param_groups
-
-
-def seconds_per_call(step: Callable[[], None], repeats: int, device: torch.device) -> list[float]:
-    """Wall seconds of each of `repeats` calls, after two warm-up calls."""
-    times = []
-    for index in range(repeats + 2):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        started = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if index >= 2:
-            times.append(time.perf_counter() - started)
-    return times
 
 
 def main() -> None:
@@ -67,7 +50,7 @@ def main() -> None:
         torch_muon = torch.optim.Muon(matrices, lr=1e-3, adjust_lr_fn="match_rms_adamw")
         variants.append(("Muon step, torch.optim.Muon (bf16, one matrix at a time)", torch_muon))
     for name, optimizer in variants:
-        times = seconds_per_call(optimizer.step, args.repeats, device)
+        times = timed_calls(optimizer.step, args.repeats, device)
         print(markdown_row(f"{name}, {where}", command, [1000 * t for t in times], "ms"), flush=True)
 
 

@@ -7,6 +7,7 @@ import os
 import platform
 import shutil
 import statistics
+import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -53,3 +54,21 @@ def in_fresh_process(function: Callable[..., Any], *args: Any) -> Any:
     """`function(*args)` in a new (spawned) process: its own peak memory, no compiled code carried over."""
     with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
         return pool.submit(function, *args).result()
+
+
+def timed_calls(run: Callable[[], Any], repeats: int, device: Any) -> list[float]:
+    """Wall seconds of each of `repeats` calls of `run` (a torch.device `device`: CUDA is synchronized
+    around each call), after two warm-up calls."""
+    import torch
+
+    seconds = []
+    for index in range(repeats + 2):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if index >= 2:
+            seconds.append(time.perf_counter() - started)
+    return seconds
