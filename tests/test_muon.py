@@ -125,7 +125,7 @@ def test_grad_scaler_steps_the_chain_like_unscaled_gradients() -> None:
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(plain, scaled, strict=True))
 
 
-def test_muon_learns_and_resumes_bit_for_bit(flores_run: Path, tmp_path: Path) -> None:
+def test_muon_resumes_bit_for_bit_and_refuses_a_switch(flores_run: Path, tmp_path: Path) -> None:
     config = small_config(model_overrides=SMALL, optimizer="muon", lr=1e-2, max_steps=8)
     straight = train(fresh_run(flores_run, tmp_path / "a"), config)
     run = fresh_run(flores_run, tmp_path / "b")
@@ -160,7 +160,7 @@ def test_bad_optimizer_settings_are_refused(tmp_path: Path, bad: dict, message: 
         train(tmp_path, small_config(**bad))
 
 
-def test_cli_takes_the_optimizer(flores_run: Path, tmp_path: Path, capsys) -> None:
+def test_cli_takes_the_optimizer(flores_run: Path, tmp_path: Path) -> None:
     from fidellm.cli import main
 
     run = fresh_run(flores_run, tmp_path)
