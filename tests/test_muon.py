@@ -4,6 +4,7 @@ learning rates and state, GradScaler through the chain, learning, exact resume, 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from pathlib import Path
 
@@ -13,11 +14,13 @@ import torch
 from fidellm.errors import FidelError
 from fidellm.models.factory import build_model, preset_config
 from fidellm.models.llama import LlamaForCausalLM, preset
+from fidellm.train import loop
+from fidellm.train.checkpoint import latest_checkpoint
 from fidellm.train.loop import train
 from fidellm.train.muon import Muon, orthogonalize
 from fidellm.train.optim import OptimizerChain, build_optimizer
 from fidellm.train.step import optimizer_update
-from test_train import SMALL, fresh_run, small_config
+from test_train import SMALL, assert_same_weights, fresh_run, poison_fourth_step, small_config
 
 
 @pytest.fixture(autouse=True)
@@ -77,7 +80,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest(tied: bool) -> None:
     assert all(n.endswith("norm.weight") for n in rest - {"model.embed_tokens.weight", "lm_head.weight"})
     assert len(matrices) + len(rest) == len(list(model.parameters()))  # every parameter once
     assert all(g["weight_decay"] == 0.1 for g in muon.param_groups)
-    assert muon.defaults["momentum"] == 0.95 and not chain.defaults["fused"]
+    assert muon.defaults["momentum"] == 0.95 and not chain.skips_on_device  # CPU: AdamW is not fused
 
 
 def test_hnet_convolutions_and_dynamics_stay_with_adamw() -> None:
@@ -168,3 +171,26 @@ def test_cli_takes_the_optimizer(flores_run: Path, tmp_path: Path) -> None:
           "--eval-every", "2", "--warmup", "1", "--device", "cpu"])  # fmt: skip
     saved = (run / "train" / "config.json").read_text()
     assert '"optimizer": "muon"' in saved
+
+
+def test_sync_free_muon_trains_like_the_checked_loop_and_skips_a_nan_step(
+    flores_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA the loop never waits for a loss: Muon (and the fused AdamW beside it) skip a non-finite
+    step on the device. Here the CPU plays CUDA, as in test_train's sync-free tests."""
+    monkeypatch.setattr(loop, "build_optimizer", functools.partial(build_optimizer, fused=True))
+    config = small_config(optimizer="muon")
+    checked = train(fresh_run(flores_run, tmp_path / "checked"), config)
+    monkeypatch.setattr(loop, "SYNC_FREE_DEVICES", ("cuda", "cpu"))
+    late = train(fresh_run(flores_run, tmp_path / "late"), config)
+    assert late["losses"] == checked["losses"] and late["val_loss"] == checked["val_loss"]
+    assert_same_weights(Path(late["checkpoint"]), Path(checked["checkpoint"]))
+    clean = fresh_run(flores_run, tmp_path / "clean")
+    train(clean, dataclasses.replace(config, save_every=0, stop_at_step=3))
+    poisoned = fresh_run(flores_run, tmp_path / "poisoned")
+    poison_fourth_step(monkeypatch)
+    with pytest.raises(FidelError, match=r"non-finite loss .* at step 4"):
+        train(poisoned, dataclasses.replace(config, save_every=0))
+    saved = latest_checkpoint(poisoned / "train/checkpoints")
+    assert saved is not None and saved.name == "step_00000003"
+    assert_same_weights(saved, clean / "train/checkpoints/step_00000003")  # the NaN step changed nothing

@@ -46,7 +46,14 @@ def orthogonalize(
 
 
 class Muon(torch.optim.Optimizer):
-    """Muon over 2-D parameters (module docstring); `ns_dtype` None: bf16 on CUDA, fp32 elsewhere."""
+    """Muon over 2-D parameters (module docstring); `ns_dtype` None: bf16 on CUDA, fp32 elsewhere.
+
+    Like fused AdamW it can skip a step on the device: with a `found_inf` tensor set (1.0: the step's
+    loss or gradient was not finite; `fidellm.train.step`) the weights and momentum stay as they were,
+    chosen by `torch.where`, so the loop need not wait for the loss before updating.
+    """
+
+    skips_on_device = True
 
     def __init__(
         self,
@@ -77,6 +84,7 @@ class Muon(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
+        found_inf = getattr(self, "found_inf", None)
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
             if not params:
@@ -88,6 +96,7 @@ class Muon(torch.optim.Optimizer):
                     )
             grads = [p.grad for p in params]
             buffers = [self.state[p]["momentum_buffer"] for p in params]
+            before = None if found_inf is None else [t.clone() for t in (*params, *buffers)]
             momentum, lr = group["momentum"], group["lr"]
             torch._foreach_lerp_(buffers, grads, 1 - momentum)
             updates = torch._foreach_lerp(grads, buffers, momentum)  # Nesterov
@@ -102,3 +111,7 @@ class Muon(torch.optim.Optimizer):
                 ortho = orthogonalize(stacked, group["ns_steps"], group["eps"], ns_dtype).to(dtype)
                 scale = lr * 0.2 * math.sqrt(max(shape))  # Muon's update at AdamW's RMS
                 torch._foreach_add_([params[i] for i in indices], list(ortho.unbind(0)), alpha=-scale)
+            if before is not None:  # a non-finite step: every tensor back to what it was, bit for bit
+                skip = found_inf.bool()
+                for tensor, kept in zip((*params, *buffers), before, strict=True):
+                    tensor.copy_(torch.where(skip, kept, tensor))

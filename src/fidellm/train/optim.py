@@ -25,6 +25,7 @@ from torch import nn
 
 from fidellm.errors import FidelError
 from fidellm.train.muon import Muon
+from fidellm.train.step import updates_skip_on_device
 
 SCHEDULES = ("cosine", "wsd")
 OPTIMIZERS = ("adamw", "muon")
@@ -94,7 +95,8 @@ class OptimizerChain:
 
     def __init__(self, *optimizers: torch.optim.Optimizer):
         self.optimizers = optimizers
-        self.defaults = {"fused": False}  # no skipping an update on the device: Muon takes no found_inf
+        self.defaults: dict[str, Any] = {}
+        self.skips_on_device = all(updates_skip_on_device(optimizer) for optimizer in optimizers)
 
     @property
     def param_groups(self) -> list[dict[str, Any]]:
@@ -102,8 +104,17 @@ class OptimizerChain:
         return [group for optimizer in self.optimizers for group in optimizer.param_groups]
 
     def step(self) -> None:
+        """Step every member, handing on the sync-free loop's `found_inf` (skip on the device)."""
+        found_inf, grad_scale = getattr(self, "found_inf", None), getattr(self, "grad_scale", None)
         for optimizer in self.optimizers:
-            optimizer.step()
+            if found_inf is None:
+                optimizer.step()
+                continue
+            optimizer.found_inf, optimizer.grad_scale = found_inf, grad_scale  # type: ignore[attr-defined]
+            try:
+                optimizer.step()
+            finally:
+                del optimizer.found_inf, optimizer.grad_scale  # type: ignore[attr-defined]
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         for optimizer in self.optimizers:

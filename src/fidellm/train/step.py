@@ -21,9 +21,10 @@ from torch import Tensor, nn
 from fidellm.train.distributed import full_value
 
 
-def updates_skip_on_device(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether `optimizer` can skip an update on the device (fused AdamW takes a `found_inf` flag)."""
-    return bool(optimizer.defaults.get("fused"))
+def updates_skip_on_device(optimizer: Any) -> bool:
+    """Whether `optimizer` can skip an update on the device: it takes a `found_inf` flag (fused AdamW,
+    `fidellm.train.muon.Muon`, an `OptimizerChain` of such)."""
+    return bool(getattr(optimizer, "skips_on_device", False) or optimizer.defaults.get("fused"))
 
 
 def optimizer_update(
