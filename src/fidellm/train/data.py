@@ -21,6 +21,7 @@ from torch import Tensor
 
 from fidellm.errors import FidelError
 from fidellm.tokenizer.base import TextTokenizer
+from fidellm.tokenizer.bpe import BYTE_OF_CHAR
 from fidellm.tokenizer.shards import TokenShards
 from fidellm.train.curriculum import (
     StagedBatches,
@@ -192,19 +193,6 @@ def validation_batches(shards: TokenShards, seq_len: int, batch_size: int, max_b
     )
 
 
-def _byte_level_decoder() -> dict[str, int]:
-    """GPT-2's printable-character alphabet for bytes, inverted: character -> byte value."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
-    chars = list(printable)
-    extra = 0
-    for byte in range(256):
-        if byte not in printable:
-            printable.append(byte)
-            chars.append(256 + extra)
-            extra += 1
-    return {chr(c): b for b, c in zip(printable, chars, strict=True)}
-
-
 def token_byte_lengths(tokenizer: TextTokenizer) -> np.ndarray:
     """UTF-8 bytes each id stands for (int64, one per id); control tokens (BOS, pad, chat markers) are 0.
 
@@ -217,7 +205,6 @@ def token_byte_lengths(tokenizer: TextTokenizer) -> np.ndarray:
         lengths[[tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id]] = 0
         return lengths
     hf = tokenizer.hf  # type: ignore[attr-defined]
-    alphabet = _byte_level_decoder()
     added = hf.get_added_tokens_decoder()
     lengths = np.zeros(tokenizer.vocab_size, dtype=np.int64)
     for index in range(tokenizer.vocab_size):
@@ -226,7 +213,7 @@ def token_byte_lengths(tokenizer: TextTokenizer) -> np.ndarray:
             lengths[index] = 0 if token.special else len(token.content.encode("utf-8"))
             continue
         piece = hf.id_to_token(index)
-        if piece is None or any(ch not in alphabet for ch in piece):
+        if piece is None or any(ch not in BYTE_OF_CHAR for ch in piece):
             raise FidelError(f"tokenizer id {index} ({piece!r}) is not a byte-level BPE token")
         lengths[index] = len(piece)
     return lengths
