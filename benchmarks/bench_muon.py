@@ -5,6 +5,7 @@ repeats in milliseconds.
 
 Usage: python benchmarks/bench_muon.py [--preset tiny] [--vocab 32000] [--repeats 20] [--device cpu]
 On CUDA ours runs the iteration in bf16 like torch's; on CPU in fp32, and is also timed in bf16 there.
+Ours is also timed as the CUDA training loop steps it: with a `found_inf` flag, ready to skip the step.
 """
 
 from __future__ import annotations
@@ -42,6 +43,9 @@ def main() -> None:
         (f"Muon step, ours ({'bf16' if device.type == 'cuda' else 'fp32'} Newton-Schulz, batched by shape)",
          Muon(matrices, lr=1e-3)),
     ]  # fmt: skip
+    skipping = Muon(matrices, lr=1e-3)
+    skipping.found_inf = torch.zeros((), device=device)  # type: ignore[attr-defined]
+    variants.append(("Muon step, ours with the sync-free loop's skip flag (found_inf = 0)", skipping))
     if device.type != "cuda":
         variants.append(
             ("Muon step, ours in bf16 (batched by shape)", Muon(matrices, lr=1e-3, ns_dtype=torch.bfloat16))

@@ -48,6 +48,34 @@ def test_muon_steps_like_torch_muon() -> None:
         assert not torch.equal(a, torch.zeros_like(a))
 
 
+def test_the_skip_flag_keeps_a_bad_step_out_and_changes_no_good_one() -> None:
+    """With `found_inf` set (the sync-free loop) a step whose gradients hold NaN, ±inf or a huge finite
+    value leaves weights and momentum bit for bit; with it clear, the step equals one without the flag."""
+    torch.manual_seed(0)
+    shapes = [(48, 16), (48, 16), (32, 32)]
+    flagged = [torch.nn.Parameter(torch.randn(shape)) for shape in shapes]
+    plain = [torch.nn.Parameter(p.detach().clone()) for p in flagged]
+    with_flag, without = Muon(flagged, lr=0.02), Muon(plain, lr=0.02)
+    for step in range(4):
+        grads = [torch.randn(shape) for shape in shapes]
+        bad = step == 2
+        if bad:
+            grads[0][0, 0], grads[1][3, 2], grads[2][1, 1] = math.nan, -math.inf, 3e38
+            before = [(p.detach().clone(), with_flag.state[p]["momentum_buffer"].clone()) for p in flagged]
+        for params in (flagged, plain):
+            for param, grad in zip(params, grads, strict=True):
+                param.grad = grad.clone()
+        with_flag.found_inf = torch.tensor(float(bad))  # type: ignore[attr-defined]
+        with_flag.step()
+        if bad:
+            for p, (weight, momentum) in zip(flagged, before, strict=True):
+                assert torch.equal(p, weight) and torch.equal(with_flag.state[p]["momentum_buffer"], momentum)
+        else:
+            without.step()
+            for a, b in zip(flagged, plain, strict=True):
+                assert torch.equal(a, b)
+
+
 def test_orthogonalize_flattens_the_singular_values() -> None:
     torch.manual_seed(0)
     matrices = torch.randn(3, 64, 24) * torch.logspace(-1.5, 1, 24)  # condition numbers of about 470

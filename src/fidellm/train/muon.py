@@ -50,7 +50,8 @@ class Muon(torch.optim.Optimizer):
 
     Like fused AdamW it can skip a step on the device: with a `found_inf` tensor set (1.0: the step's
     loss or gradient was not finite; `fidellm.train.step`) the weights and momentum stay as they were,
-    chosen by `torch.where`, so the loop need not wait for the loss before updating.
+    bit for bit, by arithmetic masks rather than saved copies, so the loop need not wait for the loss
+    before updating.
     """
 
     skips_on_device = True
@@ -96,12 +97,16 @@ class Muon(torch.optim.Optimizer):
                     )
             grads = [p.grad for p in params]
             buffers = [self.state[p]["momentum_buffer"] for p in params]
-            before = None if found_inf is None else [t.clone() for t in (*params, *buffers)]
-            momentum, lr = group["momentum"], group["lr"]
+            momentum, lr, decay = group["momentum"], group["lr"], 1 - group["lr"] * group["weight_decay"]
+            keep = None
+            if found_inf is not None:  # a non-finite step leaves weights and momentum as they were
+                keep = 1 - found_inf
+                decay = torch.where(found_inf.bool(), 1.0, decay)  # type: ignore[assignment]
+                skip_gradients(grads, buffers, found_inf, keep)
             torch._foreach_lerp_(buffers, grads, 1 - momentum)
             updates = torch._foreach_lerp(grads, buffers, momentum)  # Nesterov
             if group["weight_decay"]:
-                torch._foreach_mul_(params, 1 - lr * group["weight_decay"])
+                torch._foreach_mul_(params, decay)
             by_shape: dict[tuple[Any, ...], list[int]] = {}
             for i, p in enumerate(params):
                 by_shape.setdefault((tuple(p.shape), p.device, p.dtype), []).append(i)
@@ -109,9 +114,18 @@ class Muon(torch.optim.Optimizer):
                 ns_dtype = self.ns_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
                 stacked = torch.stack([updates[i] for i in indices])
                 ortho = orthogonalize(stacked, group["ns_steps"], group["eps"], ns_dtype).to(dtype)
+                if keep is not None:
+                    ortho.mul_(keep)
                 scale = lr * 0.2 * math.sqrt(max(shape))  # Muon's update at AdamW's RMS
                 torch._foreach_add_([params[i] for i in indices], list(ortho.unbind(0)), alpha=-scale)
-            if before is not None:  # a non-finite step: every tensor back to what it was, bit for bit
-                skip = found_inf.bool()
-                for tensor, kept in zip((*params, *buffers), before, strict=True):
-                    tensor.copy_(torch.where(skip, kept, tensor))
+
+
+def skip_gradients(grads: list[Tensor], buffers: list[Tensor], found_inf: Tensor, keep: Tensor) -> None:
+    """Where `found_inf` is 1, each gradient becomes its momentum buffer, so the momentum step
+    M + (1 − μ)(G − M) leaves M exactly as it was and the update is finite (then scaled by `keep` = 0);
+    where it is 0, the gradients stay bit for bit. In place, no copies: the sync-free loop's skip costs
+    three passes over the gradients (nan_to_num, ×keep, +M·found_inf)."""
+    for grad in grads:
+        torch.nan_to_num_(grad, nan=0.0, posinf=0.0, neginf=0.0)  # inf · 0 would be NaN
+    torch._foreach_mul_(grads, keep)
+    torch._foreach_addcmul_(grads, buffers, [found_inf] * len(grads))
