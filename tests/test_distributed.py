@@ -5,7 +5,7 @@ PackedBatches), and DDP averages their gradients, so losses and weights must agr
 summation order. FSDP2 (parameters sharded per block) must agree too, and a 2-process run must
 resume from its own checkpoint (and a 1-process run from a 2-process checkpoint). Every run keeps a
 weight average (`--ema-decay`), so the averaged weights and their validation are compared as well as
-the trained ones. DDP also trains with Muon (`--optimizer muon`).
+the trained ones. DDP and FSDP2 also train with Muon (`--optimizer muon`).
 """
 
 from __future__ import annotations
@@ -106,17 +106,23 @@ def test_ddp_two_processes_equal_one_and_resume(flores_run: Path, single: Path, 
     assert logged(run, "train", "tok_per_s")[0] > 0
 
 
-@pytest.mark.slow
-def test_ddp_with_muon_equals_one_process(flores_run: Path, tmp_path: Path) -> None:
-    reference = copy_run(flores_run, tmp_path / "single")
+@pytest.fixture(scope="module")
+def single_muon(flores_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The reference of the Muon runs: one process, batch 8."""
+    run = copy_run(flores_run, tmp_path_factory.mktemp("single_muon") / "run")
     config = TrainConfig(
         preset="tiny", seq_len=64, batch_size=8, grad_accum=2, max_steps=STEPS, warmup_steps=2, lr=3e-3,
         eval_every=3, log_every=1, save_every=3, device="cpu", echo=False, ema_decay=0.9, optimizer="muon",
     )  # fmt: skip
-    train(reference, config)
+    train(run, config)
+    return run
+
+
+@pytest.mark.slow
+def test_ddp_with_muon_equals_one_process(flores_run: Path, single_muon: Path, tmp_path: Path) -> None:
     run = copy_run(flores_run, tmp_path / "ddp")
     torchrun(run, "--batch-size", "4", "--optimizer", "muon")
-    assert_same_training(run, reference)
+    assert_same_training(run, single_muon)
 
 
 needs_cpu_fsdp = pytest.mark.skipif(
@@ -143,6 +149,31 @@ def test_one_process_resumes_a_two_process_checkpoint(flores_run: Path, single: 
     )  # fmt: skip
     assert train(run, config)["resumed_from"] == 3
     assert_same_training(run, single)
+
+
+@pytest.mark.slow
+@needs_cpu_fsdp
+def test_fsdp_with_muon_equals_one_process_and_resumes(
+    flores_run: Path, single_muon: Path, tmp_path: Path
+) -> None:
+    """Muon on FSDP2 shards: each process gathers a matrix's whole update and keeps its own rows; the
+    chained optimizer's sharded state is saved whole and sharded again on resume."""
+    run = copy_run(flores_run, tmp_path / "fsdp")
+    torchrun(run, "--batch-size", "4", "--strategy", "fsdp", "--optimizer", "muon", "--stop-at-step", "3")
+    saved, alone = (
+        torch.load(r / "train/checkpoints/step_00000003/optimizer.pt", weights_only=True)["optimizer"]
+        for r in (run, single_muon)
+    )
+    shapes = [
+        [{k: tuple(v.shape) for k, v in entry.items()} for _, entry in sorted(member["state"].items())]
+        for member in saved["optimizers"]
+    ]
+    assert len(shapes) == 2 and shapes == [  # Muon's state and AdamW's, whole, as one process saves them
+        [{k: tuple(v.shape) for k, v in entry.items()} for _, entry in sorted(member["state"].items())]
+        for member in alone["optimizers"]
+    ]
+    torchrun(run, "--batch-size", "4", "--strategy", "fsdp", "--optimizer", "muon")
+    assert_same_training(run, single_muon)
 
 
 def test_optimizer_state_renaming_round_trips() -> None:

@@ -179,16 +179,9 @@ def test_muon_trains_the_small_model_further_than_adamw(flores_run: Path, tmp_pa
     assert losses["muon"] < losses["adamw"] - 0.4 and losses["adamw"] < math.log(512) - 0.6, losses
 
 
-@pytest.mark.parametrize(
-    ("bad", "message"),
-    [
-        ({"optimizer": "sgd"}, "optimizer 'sgd' is not one of adamw, muon"),
-        ({"optimizer": "muon", "strategy": "fsdp"}, "optimizer muon with strategy fsdp is not supported"),
-    ],
-)
-def test_bad_optimizer_settings_are_refused(tmp_path: Path, bad: dict, message: str) -> None:
-    with pytest.raises(FidelError, match=message):
-        train(tmp_path, small_config(**bad))
+def test_an_unknown_optimizer_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(FidelError, match="optimizer 'sgd' is not one of adamw, muon"):
+        train(tmp_path, small_config(optimizer="sgd"))
 
 
 def test_cli_takes_the_optimizer(flores_run: Path, tmp_path: Path) -> None:

@@ -116,11 +116,6 @@ class TrainConfig:
             raise FidelError(
                 f"train config: optimizer {self.optimizer!r} is not one of {', '.join(OPTIMIZERS)}"
             )
-        if self.optimizer == "muon" and self.strategy == "fsdp":
-            raise FidelError(
-                "train config: optimizer muon with strategy fsdp is not supported (Muon orthogonalizes whole"
-                " matrices, FSDP2 shards them); use strategy ddp"
-            )
         if self.compile_mode not in COMPILE_MODES:
             raise FidelError(
                 f"train config: compile_mode {self.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}"

@@ -249,6 +249,10 @@ def full_optimizer_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> 
     empty off rank 0)."""
     if not sharded(model):
         return optimizer.state_dict()
+    members = getattr(optimizer, "optimizers", None)  # an OptimizerChain: its own state_dict form
+    if members is not None:
+        states = [full_optimizer_state(model, member) for member in members]
+        return {"optimizers": states} if all(states) else {}
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
     named = get_optimizer_state_dict(
@@ -282,9 +286,17 @@ def load_full_states(
 
     options = StateDictOptions(full_state_dict=True)
     set_model_state_dict(model, weights, options=options)
-    if optimizer is not None and optimizer_state is not None:
-        named = _by_name(_optimizer_names(model, optimizer), optimizer_state)
-        set_optimizer_state_dict(model, optimizer, named, options=options)
+    if optimizer is None or optimizer_state is None:
+        return
+    members = getattr(optimizer, "optimizers", None)  # an OptimizerChain, state as its state_dict's
+    pairs = (
+        zip(members, optimizer_state["optimizers"], strict=True)
+        if members
+        else [(optimizer, optimizer_state)]
+    )
+    for member, state in pairs:
+        named = _by_name(_optimizer_names(model, member), state)
+        set_optimizer_state_dict(model, member, named, options=options)
 
 
 def _optimizer_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[str]:

@@ -95,8 +95,9 @@ class Muon(torch.optim.Optimizer):
                     self.state[p]["momentum_buffer"] = torch.zeros_like(
                         p, memory_format=torch.preserve_format
                     )
-            grads = [p.grad for p in params]
-            buffers = [self.state[p]["momentum_buffer"] for p in params]
+            weights = [local_part(p) for p in params]
+            grads = [local_part(p.grad) for p in params]
+            buffers = [local_part(self.state[p]["momentum_buffer"]) for p in params]
             momentum, lr, decay = group["momentum"], group["lr"], 1 - group["lr"] * group["weight_decay"]
             keep = None
             if found_inf is not None:  # a non-finite step leaves weights and momentum as they were
@@ -106,18 +107,61 @@ class Muon(torch.optim.Optimizer):
             torch._foreach_lerp_(buffers, grads, 1 - momentum)
             updates = torch._foreach_lerp(grads, buffers, momentum)  # Nesterov
             if group["weight_decay"]:
-                torch._foreach_mul_(params, decay)
+                torch._foreach_mul_(weights, decay)
             by_shape: dict[tuple[Any, ...], list[int]] = {}
             for i, p in enumerate(params):
                 by_shape.setdefault((tuple(p.shape), p.device, p.dtype), []).append(i)
             for (shape, device, dtype), indices in by_shape.items():
                 ns_dtype = self.ns_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-                stacked = torch.stack([updates[i] for i in indices])
+                stacked = torch.stack([whole_matrix(updates[i], params[i]) for i in indices])
                 ortho = orthogonalize(stacked, group["ns_steps"], group["eps"], ns_dtype).to(dtype)
                 if keep is not None:
                     ortho.mul_(keep)
                 scale = lr * 0.2 * math.sqrt(max(shape))  # Muon's update at AdamW's RMS
-                torch._foreach_add_([params[i] for i in indices], list(ortho.unbind(0)), alpha=-scale)
+                own = [own_rows(o, params[i]) for o, i in zip(ortho.unbind(0), indices, strict=True)]
+                torch._foreach_add_([weights[i] for i in indices], own, alpha=-scale)
+
+
+def local_part(tensor: Tensor) -> Tensor:
+    """This process's part of `tensor`: the shard of an FSDP2 DTensor (a view: in-place changes reach
+    the DTensor), else the tensor itself."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def is_dtensor(tensor: Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor"
+
+
+def whole_matrix(part: Tensor, like: Tensor) -> Tensor:
+    """The whole matrix of which `part` is this process's shard laid out as parameter `like` (an FSDP2
+    DTensor; gathered from every process: Newton-Schulz needs the whole matrix), else `part`."""
+    if not is_dtensor(like):
+        return part
+    dtensor, _ = _dtensor_types()
+    return dtensor.from_local(
+        part, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
+    ).full_tensor()
+
+
+def own_rows(matrix: Tensor, like: Tensor) -> Tensor:
+    """This process's shard of a whole `matrix` laid out as parameter `like` (no communication), or the
+    matrix itself when `like` is not a DTensor."""
+    if not is_dtensor(like):
+        return matrix
+    dtensor, replicate = _dtensor_types()
+    mesh = like.device_mesh
+    replicated = dtensor.from_local(matrix, mesh, [replicate()] * mesh.ndim, run_check=False)
+    return replicated.redistribute(mesh, like.placements).to_local()
+
+
+def _dtensor_types() -> tuple[Any, Any]:
+    """DTensor and its Replicate placement: public from torch 2.5, under `torch.distributed._tensor`
+    in 2.4."""
+    try:
+        from torch.distributed.tensor import DTensor, Replicate
+    except ImportError:  # torch 2.4
+        from torch.distributed._tensor import DTensor, Replicate  # type: ignore[no-redef]
+    return DTensor, Replicate
 
 
 def skip_gradients(grads: list[Tensor], buffers: list[Tensor], found_inf: Tensor, keep: Tensor) -> None:
