@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import reprlib
 import sys
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -152,8 +153,24 @@ def load_run(path: Path) -> RunSummary:
         if config_path is not None and config_path.is_file()
         else None
     )
-    label = path.name if path.is_dir() else path.parent.name
-    return RunSummary(label, results_path, results, records, config)
+    return RunSummary(run_label(path), results_path, results, records, config)
+
+
+def run_label(path: Path) -> str:
+    """A run's name in the report: the directory named, or for RUN/eval (or a results.json in it) RUN."""
+    folder = (path if path.is_dir() else path.parent).resolve()
+    return folder.parent.name if folder.name == "eval" and folder.parent.name else folder.name
+
+
+def distinct_labels(runs: list[RunSummary]) -> None:
+    """Number the labels that several runs share ("demo (1)", "demo (2)"): report.json keys each metric's
+    values by label, so runs of the same name would otherwise keep only the last one's figure."""
+    counts = Counter(run.label for run in runs)
+    seen: Counter[str] = Counter()
+    for run in runs:
+        if counts[run.label] > 1:
+            seen[run.label] += 1
+            run.label = f"{run.label} ({seen[run.label]})"
 
 
 def metric_rows(runs: list[RunSummary]) -> list[tuple[str, str, bool, list[float | None]]]:
@@ -339,6 +356,7 @@ def build_report(paths: list[Path], out_dir: Path) -> Path:
     if not paths:
         raise FidelError("report: name at least one run directory or results.json")
     runs = [load_run(Path(p)) for p in paths]
+    distinct_labels(runs)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = plot(runs, out_dir)
     (out_dir / "report.md").write_text(render_markdown(runs, plots), encoding="utf-8")

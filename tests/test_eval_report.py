@@ -1,0 +1,33 @@
+"""The report card (`fidellm report`): run labels, paths `fidellm eval` records, damaged training files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from fidellm.eval.report import build_report
+
+
+def write_results(path: Path, value: float, **changes: Any) -> Path:
+    """A minimal valid results.json at `path` with one FLORES figure `value`."""
+    entry = {"task": "flores", "metric": "bits_per_char", "value": value, "n": 3, "split": "dev",
+             "higher_is_better": False, "details": {}}  # fmt: skip
+    results = {"model": "m", "run": None, "parameters": 10, "results": [entry],
+               "tokenizer": {"kind": "bpe", "vocab_size": 512, "flores": None}, **changes}  # fmt: skip
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results))
+    return path
+
+
+def test_runs_of_the_same_name_keep_their_own_columns(tmp_path: Path) -> None:
+    first = write_results(tmp_path / "x" / "demo" / "eval" / "results.json", 1.0)
+    second = write_results(tmp_path / "y" / "demo" / "eval" / "results.json", 2.0)
+    build_report([first, second], tmp_path / "card")
+    record = json.loads((tmp_path / "card" / "report.json").read_text())
+    values = record["metrics"][0]["values"]
+    assert sorted(values.values()) == [1.0, 2.0]  # one run's figure silently dropped before
+    assert [run["label"] for run in record["runs"]] == list(values)
+    assert all(label.startswith("demo") for label in values)  # RUN/eval/results.json is RUN, not "eval"
+    card = (tmp_path / "card" / "report.md").read_text()
+    assert "| flores | bits_per_char | lower | 1.0000 | 2.0000 |" in card
