@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -72,7 +73,10 @@ def train(run_dir: Path, vocab_size: int, sample_mb: float, kind: str, out: Path
 
 
 def _check_sample_mb(sample_mb: float | None) -> None:
-    """--sample-mb is a size: a negative one is an error (train and report alike), not a silent default."""
+    """--sample-mb is a size: a negative or non-finite one is an error (train and report alike), not a
+    silent default or a traceback."""
+    if sample_mb is not None and not math.isfinite(sample_mb):
+        raise FidelError(f"--sample-mb must be a finite number of MB (0 = all of it), got {sample_mb}")
     if sample_mb is not None and sample_mb < 0:
         raise FidelError(f"--sample-mb must be >= 0, got {sample_mb}")
 

@@ -1,0 +1,49 @@
+"""Bad input to `fidellm tokenizer train|report` is one clear error line (exit code 2), never a traceback,
+and is refused before minutes of training are spent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fidellm.cli import main
+from fidellm.paths import resolve_data_dir
+from fixtures.tokenizer.build_run import write_split
+
+
+def fails_with(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The one stderr line `fidellm ARGS` prints when it exits with code 2."""
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err
+    assert err.count("\n") == 1, err
+    return err
+
+
+@pytest.fixture
+def small_run(tmp_path: Path) -> Path:
+    """A run with a tiny train split of real FLORES Amharic lines."""
+    lines = (resolve_data_dir() / "flores200" / "amh_Ethi.dev").read_text(encoding="utf-8").splitlines()
+    docs = [
+        {"text": line, "id": f"flores/{i}", "metadata": {"source": "flores200", "weight": 1.0}}
+        for i, line in enumerate(lines[:200])
+    ]
+    write_split(tmp_path / "run", "train", docs, files=1)
+    return tmp_path / "run"
+
+
+@pytest.mark.parametrize("command", ["train", "report"])
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_a_sample_size_that_is_no_number_of_mb_is_refused(
+    small_run: Path, capsys: pytest.CaptureFixture[str], command: str, value: str
+) -> None:
+    args = ["tokenizer", command, str(small_run), "--sample-mb", value, "--quiet"]
+    if command == "train":
+        args += ["--vocab-size", "512"]
+    else:
+        args += ["--vocab-sizes", "512"]
+    assert fails_with(args, capsys).startswith(
+        f"error: --sample-mb must be a finite number of MB (0 = all of it), got {value}"
+    )
