@@ -47,3 +47,30 @@ def test_a_sample_size_that_is_no_number_of_mb_is_refused(
     assert fails_with(args, capsys).startswith(
         f"error: --sample-mb must be a finite number of MB (0 = all of it), got {value}"
     )
+
+
+def test_an_output_directory_that_cannot_be_made_is_refused_before_training(
+    small_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "a file").write_text("not a directory\n", encoding="utf-8")
+    out = tmp_path / "a file" / "tokenizer"
+    for kind in ("bpe", "bytes"):
+        args = [
+            "tokenizer",
+            "train",
+            str(small_run),
+            "--kind",
+            kind,
+            "--vocab-size",
+            "512",
+            "--out",
+            str(out),
+        ]
+        err = fails_with([*args, "--quiet"], capsys)
+        assert (
+            err
+            == f"error: {out}: cannot write the tokenizer there: {out.parent} is a file, not a directory\n"
+        )
+    (small_run / "tokenizer").write_text("", encoding="utf-8")  # the default RUN/tokenizer
+    err = fails_with(["tokenizer", "train", str(small_run), "--vocab-size", "512", "--quiet"], capsys)
+    assert err.endswith(f"{small_run / 'tokenizer'} is a file, not a directory\n")

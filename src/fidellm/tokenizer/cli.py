@@ -53,6 +53,7 @@ def train(run_dir: Path, vocab_size: int, sample_mb: float, kind: str, out: Path
     """Train a tokenizer on RUN/data/splits/train/*.jsonl.gz and save it (loads with transformers'
     AutoTokenizer). Deterministic: the same splits give the same tokenizer.json."""
     out = out or RunLayout(run_dir).tokenizer
+    _check_out(out)  # before training: a path that cannot be a directory fails now, not after minutes
     if kind == "bytes":
         from fidellm.tokenizer.bytes import ByteTokenizer
 
@@ -79,6 +80,13 @@ def _check_sample_mb(sample_mb: float | None) -> None:
         raise FidelError(f"--sample-mb must be a finite number of MB (0 = all of it), got {sample_mb}")
     if sample_mb is not None and sample_mb < 0:
         raise FidelError(f"--sample-mb must be >= 0, got {sample_mb}")
+
+
+def _check_out(out: Path) -> None:
+    """FidelError when `out` cannot become a directory because it, or a folder above it, is a file."""
+    existing = next((path for path in (out, *out.parents) if path.exists()), None)
+    if existing is not None and not existing.is_dir():
+        raise FidelError(f"{out}: cannot write the tokenizer there: {existing} is a file, not a directory")
 
 
 def _remove_stale(out: Path) -> None:
