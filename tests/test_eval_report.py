@@ -6,7 +6,12 @@ import json
 from pathlib import Path
 from typing import Any
 
-from fidellm.eval.report import build_report
+import pytest
+import torch
+
+from fidellm.eval.report import build_report, load_run
+from fidellm.eval.suite import TASKS, EvalContext, run_suite
+from fidellm.tokenizer.bytes import ByteTokenizer
 
 
 def write_results(path: Path, value: float, **changes: Any) -> Path:
@@ -31,3 +36,22 @@ def test_runs_of_the_same_name_keep_their_own_columns(tmp_path: Path) -> None:
     assert all(label.startswith("demo") for label in values)  # RUN/eval/results.json is RUN, not "eval"
     card = (tmp_path / "card" / "report.md").read_text()
     assert "| flores | bits_per_char | lower | 1.0000 | 2.0000 |" in card
+
+
+def test_a_relative_run_path_finds_the_training_metrics_from_any_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "runs" / "demo"
+    (run / "train").mkdir(parents=True)
+    (run / "train" / "metrics.jsonl").write_text('{"kind": "val", "step": 1, "val_loss": 2.0}\n')
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(TASKS, "nothing", lambda ctx: [])
+    context = EvalContext(
+        torch.nn.Linear(2, 2), ByteTokenizer(), torch.device("cpu"), tmp_path, Path("runs/demo")
+    )
+    run_suite(context, ["nothing"], Path("runs/demo"), run / "eval", echo=lambda _: None)
+    assert json.loads((run / "eval" / "results.json").read_text())["run"] == str(run)
+    # a results.json of an older eval that recorded "runs/demo", read from elsewhere
+    write_results(run / "eval" / "results.json", 1.0, run="runs/demo")
+    monkeypatch.chdir(run)
+    assert load_run(Path("eval")).train_records == [{"kind": "val", "step": 1, "val_loss": 2.0}]

@@ -136,7 +136,7 @@ def load_run(path: Path) -> RunSummary:
     results_path = locate_results(path)
     results = _json(results_path.read_bytes(), f"{results_path}: not a fidellm results file")
     check_results(results, results_path)
-    run = Path(results["run"]) if results.get("run") else None
+    run = run_directory(results.get("run"), results_path)
     metrics = run / "train" / "metrics.jsonl" if run else None
     records = (
         [
@@ -154,6 +154,19 @@ def load_run(path: Path) -> RunSummary:
         else None
     )
     return RunSummary(run_label(path), results_path, results, records, config)
+
+
+def run_directory(recorded: str | None, results_path: Path) -> Path | None:
+    """The run directory a results.json names. A relative one (an older `fidellm eval` recorded it as
+    given, relative to its working directory) is the folder holding RUN/eval/results.json when that
+    folder's path ends with it, so the training metrics are found from any directory."""
+    if not recorded:
+        return None
+    run = Path(recorded)
+    above = results_path.resolve().parent.parent
+    if not run.is_absolute() and run.parts and above.parts[-len(run.parts) :] == run.parts:
+        return above
+    return run
 
 
 def run_label(path: Path) -> str:

@@ -188,7 +188,7 @@ def run_suite(
     fertility = measure("model tokenizer", ctx.tokenizer, ctx.flores()).to_dict() if measured else None
     report: dict[str, Any] = {
         "model": str(model_path),
-        "run": None if ctx.run_dir is None else str(ctx.run_dir),
+        "run": None if ctx.run_dir is None else str(ctx.run_dir.resolve()),  # read by `fidellm report`
         "parameters": sum(p.numel() for p in {id(p): p for p in ctx.model.parameters()}.values()),
         "tokenizer": {
             "kind": ctx.tokenizer.kind,
