@@ -74,3 +74,21 @@ def test_an_output_directory_that_cannot_be_made_is_refused_before_training(
     (small_run / "tokenizer").write_text("", encoding="utf-8")  # the default RUN/tokenizer
     err = fails_with(["tokenizer", "train", str(small_run), "--vocab-size", "512", "--quiet"], capsys)
     assert err.endswith(f"{small_run / 'tokenizer'} is a file, not a directory\n")
+
+
+def test_a_flores_file_that_is_not_utf8_is_named_with_its_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    flores = resolve_data_dir() / "flores200"
+    data = tmp_path / "data"
+    (data / "flores200").mkdir(parents=True)
+    (data / "flores200" / "amh_Ethi.dev").write_bytes((flores / "amh_Ethi.dev").read_bytes())
+    (data / "flores200" / "amh_Ethi.devtest").write_bytes("ሰላም\nዓለም\xa0\n".encode() + b"\xff\xfe bad\n")
+    (tmp_path / "bytes").mkdir()
+    (tmp_path / "bytes" / "fidellm_tokenizer.json").write_text(
+        '{"kind": "bytes", "vocab_size": 256, "bos_id": 254, "eos_id": 255, "pad_id": 255}', encoding="utf-8"
+    )
+    args = ["tokenizer", "report", str(tmp_path / "bytes"), "--vocab-sizes", "none", "--data-dir", str(data)]
+    assert fails_with(args, capsys) == (
+        f"error: {data / 'flores200' / 'amh_Ethi.devtest'}:3: not UTF-8 (invalid start byte at byte 22)\n"
+    )

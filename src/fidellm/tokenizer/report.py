@@ -145,7 +145,12 @@ def flores_lines(data_dir: Path, fold_homophones: bool = False, fold_labialized:
             raise FidelError(
                 f"{path} does not exist (the FLORES-200 Amharic files are needed for the report)"
             )
-        raw = path.read_text(encoding="utf-8").split("\n")
+        data = path.read_bytes()
+        try:
+            raw = data.decode("utf-8").split("\n")
+        except UnicodeDecodeError as error:
+            line = data.count(b"\n", 0, error.start) + 1
+            raise FidelError(f"{path}:{line}: not UTF-8 ({error.reason} at byte {error.start})") from error
         if raw and raw[-1] == "":
             raw.pop()
         lines += [
