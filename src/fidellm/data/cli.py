@@ -190,9 +190,12 @@ def chat(
     and writes report.json (counts per source and reason, licence per source).
     """
     from fidellm.chat.data import build_chat_data
+    from fidellm.errors import FidelError
     from fidellm.paths import resolve_data_dir
 
-    names = [s.strip() for s in sources.split(",") if s.strip()] if sources else None
+    names = [s.strip() for s in sources.split(",") if s.strip()] if sources is not None else None
+    if names == []:
+        raise FidelError(f"--sources {sources!r} names no source; leave it out for the default sources")
     report = build_chat_data(
         run_dir, resolve_data_dir(data_dir), names, max_samples, eval_split, overwrite=overwrite
     )

@@ -1,0 +1,29 @@
+"""Bad input to `fidellm data chat`, `fidellm sft` and `fidellm chat` is one clear error line (exit code
+2) that says what to change, never a traceback, a silent no-op or an option quietly ignored."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fidellm.cli import main
+
+
+def fails_with(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The one stderr line `fidellm ARGS` prints when it exits with code 2."""
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err
+    assert err.count("\n") == 1, err
+    return err
+
+
+@pytest.mark.parametrize("sources", [",", " , ", ""])
+def test_data_chat_sources_naming_no_source_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], sources: str
+) -> None:
+    err = fails_with(["data", "chat", str(tmp_path / "run"), "--sources", sources], capsys)
+    assert err == f"error: --sources {sources!r} names no source; leave it out for the default sources\n"
+    assert not (tmp_path / "run" / "chat").exists()
