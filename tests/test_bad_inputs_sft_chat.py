@@ -27,3 +27,16 @@ def test_data_chat_sources_naming_no_source_is_refused(
     err = fails_with(["data", "chat", str(tmp_path / "run"), "--sources", sources], capsys)
     assert err == f"error: --sources {sources!r} names no source; leave it out for the default sources\n"
     assert not (tmp_path / "run" / "chat").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("--lora-alpha", "nan"), ("--lora-alpha", "inf"), ("--lora-alpha", "0"), ("--lora-rank", "0")],
+)
+def test_sft_lora_settings_out_of_range_are_refused_by_name(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], option: str, value: str
+) -> None:
+    args = ["sft", str(tmp_path), "--base", str(tmp_path / "none"), "--use-lora", option, value]
+    err = fails_with(args, capsys)
+    assert err.startswith("error: LoRA: rank must be >= 1, alpha a finite number > 0 and dropout in [0, 1)")
+    assert f"{option.removeprefix('--lora-')} {float(value) if 'alpha' in option else value}" in err

@@ -15,6 +15,7 @@ Linear layers into frozen 4-bit NF4 ones (`fidellm.sft.qlora`); merging dequanti
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -45,8 +46,11 @@ def lora_spec(
     names = [t.strip() for t in targets.split(",") if t.strip()] if isinstance(targets, str) else targets
     if names is not None and (not names or not all(name.isidentifier() for name in names)):
         raise FidelError(f"--lora-targets: expected comma-separated Linear layer names, got {targets!r}")
-    if rank < 1 or alpha <= 0 or not 0 <= dropout < 1:
-        raise FidelError("LoRA: rank must be >= 1, alpha > 0 and dropout in [0, 1)")
+    if rank < 1 or not (math.isfinite(alpha) and alpha > 0) or not 0 <= dropout < 1:
+        raise FidelError(
+            "LoRA: rank must be >= 1, alpha a finite number > 0 and dropout in [0, 1);"
+            f" got rank {rank}, alpha {alpha}, dropout {dropout}"
+        )
     if quantize is not None and quantize not in QUANTIZATIONS:
         raise FidelError(f"LoRA: quantize must be one of {QUANTIZATIONS}, got {quantize!r}")
     spec: dict[str, Any] = {"rank": rank, "alpha": alpha, "targets": names, "dropout": dropout}
