@@ -40,3 +40,19 @@ def test_sft_lora_settings_out_of_range_are_refused_by_name(
     err = fails_with(args, capsys)
     assert err.startswith("error: LoRA: rank must be >= 1, alpha a finite number > 0 and dropout in [0, 1)")
     assert f"{option.removeprefix('--lora-')} {float(value) if 'alpha' in option else value}" in err
+
+
+@pytest.mark.parametrize(
+    "options",
+    [["--lora-rank", "4"], ["--lora-targets", "q_proj"], ["--full", "--lora-alpha", "8", "--no-merge"]],
+)
+def test_sft_lora_options_without_lora_are_refused_not_ignored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str]
+) -> None:
+    err = fails_with(["sft", str(tmp_path), "--base", str(tmp_path / "none"), *options], capsys)
+    named = ", ".join(option for option in options if option.startswith(("--lora", "--no-merge")))
+    assert err == (
+        f"error: {named} apply to LoRA only, and this is full fine-tuning: add --use-lora (or --qlora),"
+        " or leave them out\n"
+    )
+    assert not (tmp_path / "sft").exists()

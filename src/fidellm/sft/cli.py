@@ -29,6 +29,24 @@ def prepare_output(output: Path, base: str) -> None:
     tokenizer.save(target)
 
 
+def _refuse_lora_options(merge: bool) -> None:
+    """FidelError naming the LoRA-only options given on the command line of a full fine-tuning, which
+    would otherwise be silently ignored."""
+    from fidellm.errors import FidelError
+
+    context = click.get_current_context()
+    given = [
+        ("--merge" if merge else "--no-merge") if name == "merge" else "--" + name.replace("_", "-")
+        for name in ("lora_rank", "lora_alpha", "lora_dropout", "lora_targets", "merge")
+        if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+    ]
+    if given:
+        raise FidelError(
+            f"{', '.join(given)} apply to LoRA only, and this is full fine-tuning: add --use-lora (or"
+            " --qlora), or leave them out"
+        )
+
+
 @click.command("sft")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--base", required=True, help="Model to fine-tune: exported dir, checkpoint or run dir.")
@@ -110,6 +128,8 @@ def sft_command(
     from fidellm.train.config import TrainConfig
     from fidellm.train.loop import train
 
+    if not (use_lora or qlora):
+        _refuse_lora_options(merge)
     output = output_dir or run_dir / "sft"
     quantize = "nf4" if qlora else None
     spec = (
