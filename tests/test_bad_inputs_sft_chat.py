@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from fidellm.cli import main
+from fidellm.errors import FidelError
+from fidellm.sft.data import chat_data
+from fidellm.tokenizer.bytes import ByteTokenizer
 
 
 def fails_with(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
@@ -56,3 +60,22 @@ def test_sft_lora_options_without_lora_are_refused_not_ignored(
         " or leave them out\n"
     )
     assert not (tmp_path / "sft").exists()
+
+
+def test_sft_with_an_empty_eval_file_says_so(tmp_path: Path) -> None:
+    """`data chat --eval-split 0` writes an empty eval.jsonl: the error names it, instead of telling the
+    user to raise --seq-len."""
+    chat = tmp_path / "chat"
+    chat.mkdir()
+    record = {
+        "id": "c1",
+        "messages": [{"role": "user", "content": "ሰላም"}, {"role": "assistant", "content": "ሰላም ነው።"}],
+    }
+    (chat / "train.jsonl").write_text(json.dumps(record, ensure_ascii=False) + "\n", encoding="utf-8")
+    (chat / "eval.jsonl").write_text("\n", encoding="utf-8")
+    with pytest.raises(FidelError) as error:
+        chat_data(chat, ByteTokenizer(), seq_len=256, batch_size=1, seed=0, eval_batches=1)
+    assert str(error.value) == (
+        f"{chat / 'eval.jsonl'}: no conversations to validate on (`fidellm data chat --eval-split 0`"
+        " writes none); make the chat data again with --eval-split > 0"
+    )

@@ -332,6 +332,11 @@ def chat_data(
         read_conversations(train_path, max_samples), tokenizer, seq_len, score=curriculum
     )
     eval_examples, eval_stats = tokenize_conversations(read_conversations(eval_path), tokenizer, seq_len)
+    if eval_stats.conversations == 0:
+        raise FidelError(
+            f"{eval_path}: no conversations to validate on (`fidellm data chat --eval-split 0` writes"
+            " none); make the chat data again with --eval-split > 0"
+        )
     batches = (CurriculumConversations if curriculum else ConversationBatches)(
         train_examples,
         seq_len,
