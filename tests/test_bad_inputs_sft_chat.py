@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from torch import nn
 
+from fidellm.chat.session import ChatSession
+from fidellm.chat.template import encode_chat, render_chat
 from fidellm.cli import main
 from fidellm.errors import FidelError
+from fidellm.generate.config import GenerationConfig
 from fidellm.sft.data import chat_data
 from fidellm.tokenizer.bytes import ByteTokenizer
 
@@ -79,3 +84,29 @@ def test_sft_with_an_empty_eval_file_says_so(tmp_path: Path) -> None:
         f"{chat / 'eval.jsonl'}: no conversations to validate on (`fidellm data chat --eval-split 0`"
         " writes none); make the chat data again with --eval-split > 0"
     )
+
+
+class ContextOnly(nn.Module):
+    """A model as far as ChatSession looks before generating: a config with its context length."""
+
+    def __init__(self, context: int):
+        super().__init__()
+        self.config = SimpleNamespace(vocab_size=256, max_position_embeddings=context, eos_token_id=None)
+
+
+def test_chat_max_new_tokens_that_leave_no_room_are_refused_at_start() -> None:
+    """Not at every message, with advice to shorten a message that is not the problem."""
+    tokenizer = ByteTokenizer()
+    empty = [{"role": "user", "content": ""}]
+    floor = len(encode_chat(tokenizer, render_chat(empty, add_generation_prompt=True)))
+    fits = GenerationConfig(max_new_tokens=64 - floor)
+    assert ChatSession(ContextOnly(64), tokenizer, fits).context == 64
+    with pytest.raises(FidelError) as error:
+        ChatSession(ContextOnly(64), tokenizer, GenerationConfig(max_new_tokens=64))
+    assert str(error.value) == (
+        f"--max-new-tokens 64 leaves no room for a message: the chat prompt takes {floor} tokens before"
+        f" any message is typed, and the model's context is 64 tokens; use --max-new-tokens {64 - floor}"
+        " or less"
+    )
+    with pytest.raises(FidelError, match=r"; shorten the system prompt or the tools$"):
+        ChatSession(ContextOnly(64), tokenizer, fits, system="ሰላም" * 30)

@@ -277,7 +277,7 @@ def test_chat_in_a_pseudo_terminal(tokenizer_dir: Path, tmp_path: Path) -> None:
         {"role": "assistant", "content": answer},
     ]
 
-    child = spawn_chat(model_dir, tmp_path)
+    child = spawn_chat(model_dir, tmp_path, "--max-new-tokens", "16")  # the default 256 exceeds 128
     child.sendline("/load saved.json")
     child.expect_exact("(loaded 2 messages from saved.json)")
     child.expect_exact("you> ")  # a Ctrl-D typed ahead, before readline has the terminal, is lost

@@ -97,6 +97,25 @@ class ChatSession:
         self.system = system or None
         self.tools = [dict(tool) for tool in tools] if tools else None
         self.messages: list[dict[str, Any]] = []
+        self._check_room()
+
+    def _check_room(self) -> None:
+        """FidelError unless the system prompt, the tools and an empty message leave room for
+        `max_new_tokens` in the context: else no message could ever be answered."""
+        floor = len(self._render([{"role": "user", "content": ""}]))
+        new_tokens = self.config.max_new_tokens
+        if floor + new_tokens > self.context:
+            room = self.context - floor
+            advice = (
+                f"use --max-new-tokens {room} or less"
+                if room > 0
+                else "shorten the system prompt or the tools"
+            )
+            raise FidelError(
+                f"--max-new-tokens {new_tokens} leaves no room for a message: the chat prompt takes {floor}"
+                f" tokens before any message is typed, and the model's context is {self.context} tokens;"
+                f" {advice}"
+            )
 
     def reset(self) -> None:
         """Forget the conversation; the system prompt and the tools stay."""
