@@ -29,7 +29,7 @@ def generate_command(
     directory. One prompt streams as it is generated; several run as one batch."""
     import torch
 
-    from fidellm.generate.engine import GenerationConfig, generate, stream_generate
+    from fidellm.generate.engine import BatchDecoder, GenerationConfig, generate
     from fidellm.models.load import load_model
     from fidellm.tokenizer.base import load_tokenizer
 
@@ -38,9 +38,10 @@ def generate_command(
     network, tokenizer_dir = load_model(model, device)
     tokenizer = load_tokenizer(tokenizer_dir)
     if len(prompts) == 1:
+        decoder = BatchDecoder(network, tokenizer, prompts, config)  # a bad prompt fails before any output
         click.echo(prompts[0], nl=False)
-        for chunk in stream_generate(network, tokenizer, prompts[0], config):
-            click.echo(chunk, nl=False)
+        while not decoder.done:
+            click.echo(decoder.step()[0], nl=False)
         click.echo()
         return
     for prompt, result in zip(prompts, generate(network, tokenizer, list(prompts), config), strict=True):

@@ -1,0 +1,39 @@
+"""`fidellm generate` as the user sees it: stdout and stderr of the command on a tiny exported model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fidellm.cli import main
+from fidellm.export.hf import export_hf
+from fixtures.bpe import flores_bpe
+from fixtures.models import gqa_config, random_llama
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random Llama with a 32-token context and a 512-id FLORES BPE, exported as a HF directory."""
+    root = tmp_path_factory.mktemp("generate_cli")
+    flores_bpe(root / "tokenizer", 512, lines=100)
+    config = gqa_config(vocab_size=512, max_position_embeddings=32, num_hidden_layers=1)
+    export_hf(random_llama(config), config, root / "tokenizer", root / "model", dtype="float32")
+    return root / "model"
+
+
+def test_a_prompt_too_long_prints_only_the_error(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """The prompt is not echoed to stdout before the error (which then ran into it on one line)."""
+    prompt = "ኢትዮጵያ በምሥራቅ አፍሪካ የምትገኝ አገር ናት፤ ዋና ከተማዋ አዲስ አበባ ነው።"
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", str(model_dir), prompt, "--device", "cpu", "--max-new-tokens", "30"])
+    captured = capsys.readouterr()
+    assert exited.value.code == 2 and captured.out == ""
+    assert captured.err.startswith("error: generation: prompt 0 has ") and captured.err.count("\n") == 1
+
+
+def test_one_prompt_streams_after_the_prompt(model_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    main(["generate", str(model_dir), "ሰላም", "--device", "cpu", "--max-new-tokens", "5", "--seed", "0"])
+    first = capsys.readouterr().out
+    main(["generate", str(model_dir), "ሰላም", "--device", "cpu", "--max-new-tokens", "5", "--seed", "0"])
+    assert capsys.readouterr().out == first and first.startswith("ሰላም") and first.endswith("\n")
