@@ -92,3 +92,18 @@ def test_a_flores_file_that_is_not_utf8_is_named_with_its_line(
     assert fails_with(args, capsys) == (
         f"error: {data / 'flores200' / 'amh_Ethi.devtest'}:3: not UTF-8 (invalid start byte at byte 22)\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("options", "named"),
+    [
+        (["--vocab-size", "512"], "--vocab-size"),
+        (["--sample-mb", "1", "--vocab-size", "512"], "--vocab-size, --sample-mb"),
+    ],
+)
+def test_bpe_options_with_the_byte_tokenizer_are_refused_not_ignored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], options: list[str], named: str
+) -> None:
+    err = fails_with(["tokenizer", "train", str(tmp_path), "--kind", "bytes", *options], capsys)
+    assert err == f"error: {named} apply to --kind bpe only: the byte tokenizer always has 256 ids\n"
+    assert not (tmp_path / "tokenizer").exists()

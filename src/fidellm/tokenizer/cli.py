@@ -57,6 +57,17 @@ def train(run_dir: Path, vocab_size: int, sample_mb: float, kind: str, out: Path
     if kind == "bytes":
         from fidellm.tokenizer.bytes import ByteTokenizer
 
+        context = click.get_current_context()
+        given = [
+            "--" + name.replace("_", "-")
+            for name in ("vocab_size", "sample_mb")
+            if context.get_parameter_source(name) is not click.core.ParameterSource.DEFAULT
+        ]
+        if given:
+            raise FidelError(
+                f"{', '.join(given)} apply to --kind bpe only: the byte tokenizer always has 256 ids"
+            )
+
         _remove_stale(out)
         ByteTokenizer().save(out)
         click.echo(f"byte tokenizer (256 ids, BOS 254, EOS/pad 255) written to {out}")
