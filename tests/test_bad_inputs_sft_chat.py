@@ -110,3 +110,19 @@ def test_chat_max_new_tokens_that_leave_no_room_are_refused_at_start() -> None:
     )
     with pytest.raises(FidelError, match=r"; shorten the system prompt or the tools$"):
         ChatSession(ContextOnly(64), tokenizer, fits, system="ሰላም" * 30)
+
+
+def test_sft_rerun_with_nothing_to_train_prints_no_nan_loss(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A finished run resumed at its last step evaluates nothing: no "val loss nan" is printed."""
+    import fidellm.sft.cli
+    import fidellm.train.loop
+
+    checkpoint = str(tmp_path / "sft" / "train" / "checkpoints" / "step_00000002")
+    monkeypatch.setattr(fidellm.sft.cli, "prepare_output", lambda output, base: None)
+    monkeypatch.setattr(
+        fidellm.train.loop, "train", lambda output, config: {"step": 2, "checkpoint": checkpoint}
+    )
+    main(["sft", str(tmp_path), "--base", str(tmp_path), "--device", "cpu"])
+    assert capsys.readouterr().out == f"step 2: checkpoint {checkpoint}\n"

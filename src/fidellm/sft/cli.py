@@ -145,9 +145,11 @@ def sft_command(
         **options,  # type: ignore[arg-type]
     )
     summary = train(output, config)
+    val = summary.get("val_loss")  # none when a finished run is resumed with nothing left to train
     click.echo(
-        f"step {summary['step']}: val loss {summary.get('val_loss', float('nan')):.4f} (assistant tokens);"
-        f" checkpoint {summary['checkpoint']}"
+        f"step {summary['step']}: "
+        + (f"val loss {val:.4f} (assistant tokens); " if val is not None else "")
+        + f"checkpoint {summary['checkpoint']}"
     )
     if spec is not None and merge:
         click.echo(f"merged LoRA model: {merge_run(output)}")
