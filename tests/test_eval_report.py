@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from fidellm.errors import FidelError
 from fidellm.eval.report import build_report, load_run
 from fidellm.eval.suite import TASKS, EvalContext, run_suite
 from fidellm.tokenizer.bytes import ByteTokenizer
@@ -55,3 +56,25 @@ def test_a_relative_run_path_finds_the_training_metrics_from_any_directory(
     write_results(run / "eval" / "results.json", 1.0, run="runs/demo")
     monkeypatch.chdir(run)
     assert load_run(Path("eval")).train_records == [{"kind": "val", "step": 1, "val_loss": 2.0}]
+
+
+@pytest.mark.parametrize(
+    ("file", "text", "message"),
+    [
+        ("metrics.jsonl", '{"kind": "val", "step": 1, "val_loss": 2.0}\n{"step": 2}\n',
+         r"metrics\.jsonl:2: missing field 'kind'"),
+        ("metrics.jsonl", "[1, 2]\n", r"metrics\.jsonl:1: expected an object, got \[1, 2\]"),
+        ("metrics.jsonl", '{"kind": "val", "step": 3}\n', r"metrics\.jsonl:1: missing field 'val_loss'"),
+        ("config.json", '{"train": {"seq_len": 8}}', r"config\.json: train: missing field 'batch_size'"),
+        ("config.json", '{"train": {}, "world_size": "2"}', r"config\.json: field 'world_size' must be an"),
+    ],
+)  # fmt: skip
+def test_damaged_training_files_are_named_not_a_traceback(
+    tmp_path: Path, file: str, text: str, message: str
+) -> None:
+    run = tmp_path / "run"
+    (run / "train").mkdir(parents=True)
+    (run / "train" / file).write_text(text)
+    write_results(run / "eval" / "results.json", 1.0, run=str(run))
+    with pytest.raises(FidelError, match=message):
+        build_report([run], tmp_path / "card")

@@ -92,6 +92,10 @@ ENTRY_FIELDS = {
 TOKENIZER_FIELDS = {"kind": "a string", "vocab_size": "an integer"}
 FERTILITY_FIELDS = {"tokens_per_word": "a number", "bytes_per_token": "a number"}
 ANCHOR_FIELDS = {"model": "a string", "value": "a number", "source": "a string"}
+RECORD_FIELDS = {"kind": "a string", "step": "an integer"}
+VAL_RECORD_FIELDS = {"val_loss": "a number"}
+TRAIN_CONFIG_FIELDS = {"batch_size": "an integer", "grad_accum": "an integer", "seq_len": "an integer"}
+"""What the report reads of a run's train/metrics.jsonl records (val ones: the loss) and train/config.json."""
 
 
 def _check_fields(record: Any, fields: dict[str, str], where: str, optional: bool = False) -> None:
@@ -136,24 +140,30 @@ def load_run(path: Path) -> RunSummary:
     results_path = locate_results(path)
     results = _json(results_path.read_bytes(), f"{results_path}: not a fidellm results file")
     check_results(results, results_path)
-    run = run_directory(results.get("run"), results_path)
-    metrics = run / "train" / "metrics.jsonl" if run else None
-    records = (
-        [
-            _json(line, f"{metrics}:{number}")
-            for number, line in enumerate(metrics.read_bytes().splitlines(), 1)
-            if line.strip()
-        ]
-        if metrics is not None and metrics.is_file()
-        else []
-    )
-    config_path = run / "train" / "config.json" if run else None
-    config = (
-        _json(config_path.read_bytes(), str(config_path))
-        if config_path is not None and config_path.is_file()
-        else None
-    )
+    records, config = training_files(run_directory(results.get("run"), results_path))
     return RunSummary(run_label(path), results_path, results, records, config)
+
+
+def training_files(run: Path | None) -> tuple[list[dict[str, Any]], dict[str, Any] | None]:
+    """RUN/train/metrics.jsonl's records and RUN/train/config.json, where present, with the fields the
+    report reads checked, so a damaged file is one FidelError naming file:line and field."""
+    if run is None:
+        return [], None
+    metrics, config_path = run / "train" / "metrics.jsonl", run / "train" / "config.json"
+    lines = enumerate(metrics.read_bytes().splitlines(), 1) if metrics.is_file() else []
+    numbered = [(number, _json(line, f"{metrics}:{number}")) for number, line in lines if line.strip()]
+    for number, record in numbered:  # a cut line is named first, wherever it is
+        _check_fields(record, RECORD_FIELDS, f"{metrics}:{number}")
+        if record["kind"] == "val":
+            _check_fields(record, VAL_RECORD_FIELDS, f"{metrics}:{number}")
+    records = [record for _, record in numbered]
+    if not config_path.is_file():
+        return records, None
+    config = _json(config_path.read_bytes(), str(config_path))
+    _check_fields(config, {"train": "an object"}, str(config_path))
+    _check_fields(config, {"world_size": "an integer"}, str(config_path), optional=True)
+    _check_fields(config["train"], TRAIN_CONFIG_FIELDS, f"{config_path}: train")
+    return records, config
 
 
 def run_directory(recorded: str | None, results_path: Path) -> Path | None:
