@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -37,3 +38,24 @@ def test_one_prompt_streams_after_the_prompt(model_dir: Path, capsys: pytest.Cap
     first = capsys.readouterr().out
     main(["generate", str(model_dir), "ሰላም", "--device", "cpu", "--max-new-tokens", "5", "--seed", "0"])
     assert capsys.readouterr().out == first and first.startswith("ሰላም") and first.endswith("\n")
+
+
+def test_a_tokenizer_larger_than_the_model_is_named_not_an_index_error(
+    model_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run whose tokenizer was retrained after its checkpoint: ids beyond the model's embedding."""
+    mixed = tmp_path / "mixed"
+    shutil.copytree(model_dir, mixed)
+    for name in ("tokenizer.json", "fidellm_tokenizer.json"):
+        (mixed / name).unlink()
+    larger = flores_bpe(tmp_path / "larger", 1024)
+    assert larger.vocab_size > 512
+    larger.save(mixed)
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", str(mixed), "ኢትዮጵያ በምሥራቅ አፍሪካ", "--device", "cpu", "--max-new-tokens", "3"])
+    captured = capsys.readouterr()
+    assert exited.value.code == 2 and captured.out == ""
+    assert captured.err == (
+        f"error: generation: the tokenizer has {larger.vocab_size:,} ids and the model only 512: it is not"
+        " the tokenizer this model was trained with\n"
+    )

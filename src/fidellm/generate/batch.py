@@ -73,7 +73,13 @@ def new_rows(
     owner: Any = None,
 ) -> list[DecodeRow]:
     """Rows for already-encoded prompts, row i drawing from a generator seeded `seed + i` (the seed
-    drawn from torch's global RNG when the config has none). Checks stop ids, context length and seeds."""
+    drawn from torch's global RNG when the config has none). Checks the tokenizer's vocabulary against
+    the model's, stop ids, context length and seeds."""
+    if tokenizer.vocab_size > model.config.vocab_size:  # its ids would index past the embedding
+        raise FidelError(
+            f"generation: the tokenizer has {tokenizer.vocab_size:,} ids and the model only"
+            f" {model.config.vocab_size:,}: it is not the tokenizer this model was trained with"
+        )
     stop_ids = frozenset(config.stop_token_ids or default_stop_ids(model, tokenizer))
     bad = sorted(i for i in stop_ids if not 0 <= i < model.config.vocab_size)
     if bad:
