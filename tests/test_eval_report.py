@@ -78,3 +78,35 @@ def test_damaged_training_files_are_named_not_a_traceback(
     write_results(run / "eval" / "results.json", 1.0, run=str(run))
     with pytest.raises(FidelError, match=message):
         build_report([run], tmp_path / "card")
+
+
+PROBES = {"task": "probes", "metric": "distinct_1", "value": 0.5, "n": 1, "split": "prompts",
+          "higher_is_better": True}  # fmt: skip
+VALIDITY = {"task": "tool-calls", "metric": "validity", "value": 0.5, "n": 2, "split": "eval",
+            "higher_is_better": True}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"results": [{**PROBES, "details": {}}]}, r"results\[0\]: details: missing field 'probes'"),
+        ({"results": [{**PROBES, "details": {"probes": [{"prompt": "ቡና", "seeds": [0], "samples": []}]}}]},
+         r"details\.probes\[0\]: 'samples' must be one string per seed \(1 seeds\)"),
+        ({"results": [{**VALIDITY, "details": {"valid": 1}}]}, r"details: missing field 'total'"),
+        ({"results": [{**VALIDITY, "details": {"valid": 1, "total": 2, "generations": 3}}]},
+         r"details: field 'generations' must be a string"),
+        ({"command": [1, 2]}, r"field 'command' must be a list of strings"),
+    ],
+)  # fmt: skip
+def test_details_the_card_shows_are_checked(tmp_path: Path, changes: dict, message: str) -> None:
+    path = write_results(tmp_path / "run" / "eval" / "results.json", 1.0, **changes)
+    with pytest.raises(FidelError, match=message):
+        build_report([path], tmp_path / "card")
+
+
+def test_optional_fields_may_be_null(tmp_path: Path) -> None:
+    nulls = {"anchors": None, "command": None, "provenance": None, "limit": None}
+    path = write_results(tmp_path / "run" / "eval" / "results.json", 1.0, **nulls)
+    assert (
+        "| flores | bits_per_char | lower | 1.0000 |" in build_report([path], tmp_path / "card").read_text()
+    )

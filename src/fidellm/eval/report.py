@@ -92,6 +92,10 @@ ENTRY_FIELDS = {
 TOKENIZER_FIELDS = {"kind": "a string", "vocab_size": "an integer"}
 FERTILITY_FIELDS = {"tokens_per_word": "a number", "bytes_per_token": "a number"}
 ANCHOR_FIELDS = {"model": "a string", "value": "a number", "source": "a string"}
+PROBE_FIELDS = {"prompt": "a string", "seeds": "a list", "samples": "a list"}
+VALIDITY_FIELDS = {"valid": "an integer", "total": "an integer"}
+CHAT_DETAIL_FIELDS = {"signature": "a string", "generations": "a string"}
+"""Details of probe, tool-call validity and chat results the report reads (the chat ones where present)."""
 RECORD_FIELDS = {"kind": "a string", "step": "an integer"}
 VAL_RECORD_FIELDS = {"val_loss": "a number"}
 TRAIN_CONFIG_FIELDS = {"batch_size": "an integer", "grad_accum": "an integer", "seq_len": "an integer"}
@@ -122,8 +126,35 @@ def check_results(results: Any, path: Path) -> None:
         _check_fields(results["tokenizer"]["flores"], FERTILITY_FIELDS, f"{path}: tokenizer.flores")
     for index, anchor in enumerate(results.get("anchors") or []):
         _check_fields(anchor, ANCHOR_FIELDS, f"{path}: anchors[{index}]")
+    if not all(isinstance(word, str) for word in results.get("command") or []):
+        raise FidelError(
+            f"{path}: field 'command' must be a list of strings, got {reprlib.repr(results['command'])}"
+        )
     for index, entry in enumerate(results["results"]):
-        _check_fields(entry, ENTRY_FIELDS, f"{path}: results[{index}]")
+        where = f"{path}: results[{index}]"
+        _check_fields(entry, ENTRY_FIELDS, where)
+        _check_details(entry, where)
+
+
+def _check_details(entry: dict[str, Any], where: str) -> None:
+    """The details the report card shows: each probe's prompt, seeds and samples (as many), tool-call
+    validity's valid/total, and the chat results' sacrebleu signature and generations path."""
+    details = entry["details"]
+    if entry["task"] == "probes":
+        _check_fields(details, {"probes": "a list"}, f"{where}: details")
+        for number, probe in enumerate(details["probes"]):
+            here = f"{where}: details.probes[{number}]"
+            _check_fields(probe, PROBE_FIELDS, here)
+            if len(probe["seeds"]) != len(probe["samples"]) or not all(
+                isinstance(t, str) for t in probe["samples"]
+            ):
+                raise FidelError(
+                    f"{here}: 'samples' must be one string per seed ({len(probe['seeds'])} seeds)"
+                )
+    if entry["task"].startswith(CHAT_TASK_PREFIXES):
+        _check_fields(details, CHAT_DETAIL_FIELDS, f"{where}: details", optional=True)
+        if entry["metric"] == "validity":
+            _check_fields(details, VALIDITY_FIELDS, f"{where}: details")
 
 
 def _json(text: bytes, where: str) -> Any:
@@ -239,7 +270,7 @@ def render_markdown(runs: list[RunSummary], plots: list[str]) -> str:
     lines += ["", "## Published anchors (FLORES amh second-half bits; published, not recomputed)", ""]
     lines += ["| model | bits | source |", "|---|---|---|"]
     lines += [
-        f"| {a['model']} | {a['value']:.2f} | {a['source']} |" for a in first.results.get("anchors", [])
+        f"| {a['model']} | {a['value']:.2f} | {a['source']} |" for a in first.results.get("anchors") or []
     ]
     lines += ["", "## Tokenizers (FLORES amh dev + devtest)", ""]
     lines += ["| run | kind | vocab | tokens/word | bytes/token |", "|---|---|---|---|---|"]
@@ -255,9 +286,9 @@ def render_markdown(runs: list[RunSummary], plots: list[str]) -> str:
     lines += ["", "## Plots", ""] + [f"![{p}]({p})" for p in plots]
     lines += ["", "## Provenance", ""]
     for run in runs:
-        prov = run.results.get("provenance", {})
+        prov = run.results.get("provenance") or {}
         lines.append(
-            f"- `{run.label}`: `{' '.join(run.results.get('command', []))}` at commit {prov.get('commit')},"
+            f"- `{run.label}`: `{' '.join(run.results.get('command') or [])}` at commit {prov.get('commit')},"
             f" {prov.get('hardware')}, {prov.get('wall_seconds')} s; {run.results_path}"
         )
     return "\n".join(lines) + "\n"
@@ -363,7 +394,7 @@ def plot(runs: list[RunSummary], out_dir: Path) -> list[str]:
         for flops, bits, label in points:
             ax.scatter(flops, bits)
             ax.annotate(label, (flops, bits))
-        for anchor in runs[0].results.get("anchors", []):
+        for anchor in runs[0].results.get("anchors") or []:
             ax.axhline(anchor["value"], linestyle=":", linewidth=0.8, color="gray")
             ax.annotate(f"{anchor['model']} (published)", (points[0][0], anchor["value"]), fontsize=7)
         ax.set(xscale="log", xlabel="training compute ≈ 6·N·D (FLOPs)", ylabel="FLORES second-half bits")
