@@ -126,3 +126,29 @@ def test_sft_rerun_with_nothing_to_train_prints_no_nan_loss(
     )
     main(["sft", str(tmp_path), "--base", str(tmp_path), "--device", "cpu"])
     assert capsys.readouterr().out == f"step 2: checkpoint {checkpoint}\n"
+
+
+def test_a_lora_checkpoint_points_to_the_merged_model(tmp_path: Path) -> None:
+    """`fidellm chat|generate|export OUTPUT` on a LoRA SFT run: its checkpoints hold adapters, not plain
+    weights; the error says where the merged model is instead of listing mismatched weight names."""
+    from fidellm.models.factory import config_to_dict
+    from fidellm.models.load import load_model
+    from fidellm.sft.lora import lora_spec
+    from fixtures.models import gqa_config
+
+    step = tmp_path / "sft" / "train" / "checkpoints" / "step_00000001"
+    step.mkdir(parents=True)
+    state = {
+        "step": 1,
+        "model_config": config_to_dict(gqa_config()),
+        "train_config": {"lora": lora_spec(4, 8.0)},
+    }
+    (step / "state.json").write_text(json.dumps(state), encoding="utf-8")
+    ByteTokenizer().save(tmp_path / "sft" / "tokenizer")
+    for path in (tmp_path / "sft", step):
+        with pytest.raises(FidelError) as error:
+            load_model(path)
+        assert str(error.value) == (
+            f"{step}: LoRA adapters, not a whole model: use the merged model {tmp_path / 'sft' / 'merged'}"
+            " (`fidellm sft` writes it unless --no-merge)"
+        )

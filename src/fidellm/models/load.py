@@ -36,6 +36,12 @@ def load_checkpoint_model(path: Path, device: torch.device | str = "cpu", averag
     checkpoint = read_checkpoint(Path(path))
     if "model_config" not in checkpoint.state:
         raise FidelError(f"{Path(path) / STATE_FILE}: no model_config (not a model checkpoint)")
+    if (checkpoint.state.get("train_config") or {}).get("lora"):  # an SFT run's adapters and frozen base
+        run = next((p.parent for p in Path(path).absolute().parents if p.name == "train"), Path("OUTPUT"))
+        raise FidelError(
+            f"{path}: LoRA adapters, not a whole model: use the merged model {run / 'merged'}"
+            " (`fidellm sft` writes it unless --no-merge)"
+        )
     model = build_model(config_from_dict(checkpoint.state["model_config"])).to(device)
     averaged = averaged and (checkpoint.path / AVERAGE_FILE).is_file()
     restore_checkpoint(
