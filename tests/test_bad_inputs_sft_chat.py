@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -152,3 +153,17 @@ def test_a_lora_checkpoint_points_to_the_merged_model(tmp_path: Path) -> None:
             f"{step}: LoRA adapters, not a whole model: use the merged model {tmp_path / 'sft' / 'merged'}"
             " (`fidellm sft` writes it unless --no-merge)"
         )
+
+
+def test_data_chat_summary_lines_add_up_for_translation_pairs(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A pair gives two conversations: the line shows them, so read = accepted + rejected and
+    conversations = dropped + kept can both be checked on it (dropped alone exceeded read)."""
+    main(["data", "chat", str(tmp_path), "--sources", "marspanther_am_en_parallel", "--max-samples", "3"])
+    line = next(row for row in capsys.readouterr().out.splitlines() if row.startswith("marspanther"))
+    numbers = dict(re.findall(r"(read|rejected|accepted|conversations|dropped|kept) +([\d,]+)", line))
+    count = {key: int(value.replace(",", "")) for key, value in numbers.items()}
+    assert count["read"] == count["accepted"] + count["rejected"]
+    assert count["conversations"] == 2 * count["accepted"] == count["dropped"] + count["kept"]
+    assert count["kept"] == 3

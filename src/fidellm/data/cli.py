@@ -200,9 +200,10 @@ def chat(
         run_dir, resolve_data_dir(data_dir), names, max_samples, eval_split, overwrite=overwrite
     )
     for name, info in report["sources"].items():
-        click.echo(
-            f"{name:30s} read {info['records_read']:>6,}  rejected {sum(info['rejected'].values()):>4,}  "
-            f"dropped {sum(info['dropped'].values()):>5,}  kept {info['kept']:>6,} ({info['license_family']})"
+        click.echo(  # records: read = accepted + rejected; their conversations = dropped + kept
+            f"{name:30s} read {info['records_read']:>6,}  accepted {info['records_accepted']:>6,}  rejected"
+            f" {sum(info['rejected'].values()):>4,}  conversations {info['conversations']:>6,}  dropped"
+            f" {sum(info['dropped'].values()):>6,}  kept {info['kept']:>6,} ({info['license_family']})"
         )
     totals = report["totals"]
     click.echo(f"train {totals['train']:,}, eval {totals['eval']:,}: {Path(run_dir) / 'chat'}")
