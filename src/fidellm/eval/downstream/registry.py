@@ -48,6 +48,10 @@ def _head(task: str, mode: str) -> Callable[[EvalContext], list[TaskResult]]:
     return run
 
 
+LMEVAL_METRICS = {"acc": "acc", "acc_norm": "acc_norm", "f1": "macro_f1"}
+"""lm-eval's metric (as the task YAMLs name it; AfriSenti's macro-F1 is "f1") -> our metric name."""
+
+
 def _lmeval(ctx: EvalContext) -> list[TaskResult]:
     from fidellm.eval.downstream.lmeval import run_lm_eval, write_lmeval_tasks
     from fidellm.eval.downstream.sib import TASK_NAMES
@@ -64,10 +68,10 @@ def _lmeval(ctx: EvalContext) -> list[TaskResult]:
         found = run_lm_eval(hf_dir, tasks_dir, TASK_NAMES, limit=ctx.limit, seed=ctx.seed, device=device)
     results = []
     for name, scores in found["results"].items():
-        for metric in ("acc", "acc_norm", "macro_f1"):
+        for metric, ours in LMEVAL_METRICS.items():
             if f"{metric},none" in scores:
                 n = found.get("n-samples", {}).get(name, {}).get("effective", 0)
-                results.append(TaskResult(f"lmeval/{name}", metric, float(scores[f"{metric},none"]), n))
+                results.append(TaskResult(f"lmeval/{name}", ours, float(scores[f"{metric},none"]), n))
     return results
 
 

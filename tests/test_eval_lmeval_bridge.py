@@ -1,0 +1,39 @@
+"""The `lmeval` task of `fidellm eval`: every metric lm-eval reports for our task YAMLs is kept."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from fidellm.eval.downstream import lmeval
+from fidellm.eval.downstream.registry import DOWNSTREAM_TASKS
+from fidellm.eval.suite import EvalContext
+from fidellm.export import hf
+from fidellm.tokenizer.bytes import ByteTokenizer
+
+
+def test_lmeval_keeps_afrisenti_macro_f1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    found: dict[str, Any] = {
+        "results": {
+            "fidel_sib200_amh": {"alias": "x", "acc,none": 0.5, "acc_norm,none": 0.25},
+            "fidel_afrisenti_amh": {"acc,none": 0.6, "acc_norm,none": 0.4, "f1,none": 0.3},
+        },
+        "n-samples": {"fidel_sib200_amh": {"effective": 4}, "fidel_afrisenti_amh": {"effective": 5}},
+    }
+    monkeypatch.setattr(hf, "export_hf", lambda model, config, tokenizer_dir, out, dtype: out)
+    monkeypatch.setattr(lmeval, "write_lmeval_tasks", lambda data_dir, out: out)
+    monkeypatch.setattr(lmeval, "run_lm_eval", lambda *args, **kwargs: found)
+    model = torch.nn.Module()
+    model.lm_head, model.config = torch.nn.Linear(1, 1), None
+    ctx = EvalContext(model, ByteTokenizer(), torch.device("cpu"), tmp_path, None, tokenizer_dir=tmp_path)
+    results = {(r.task, r.metric): (r.value, r.n) for r in DOWNSTREAM_TASKS["lmeval"](ctx)}
+    assert results == {
+        ("lmeval/fidel_sib200_amh", "acc"): (0.5, 4),
+        ("lmeval/fidel_sib200_amh", "acc_norm"): (0.25, 4),
+        ("lmeval/fidel_afrisenti_amh", "acc"): (0.6, 5),
+        ("lmeval/fidel_afrisenti_amh", "acc_norm"): (0.4, 5),
+        ("lmeval/fidel_afrisenti_amh", "macro_f1"): (0.3, 5),  # lm-eval's "f1" was dropped
+    }
