@@ -82,8 +82,8 @@ def test_sft_with_an_empty_eval_file_says_so(tmp_path: Path) -> None:
     with pytest.raises(FidelError) as error:
         chat_data(chat, ByteTokenizer(), seq_len=256, batch_size=1, seed=0, eval_batches=1)
     assert str(error.value) == (
-        f"{chat / 'eval.jsonl'}: no conversations to validate on (`fidellm data chat --eval-split 0`"
-        " writes none); make the chat data again with --eval-split > 0"
+        f"{chat / 'eval.jsonl'}: no conversations to validate on; make the chat data again with a larger"
+        " `fidellm data chat --eval-split` (0 puts none there)"
     )
 
 

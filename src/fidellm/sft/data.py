@@ -334,8 +334,8 @@ def chat_data(
     eval_examples, eval_stats = tokenize_conversations(read_conversations(eval_path), tokenizer, seq_len)
     if eval_stats.conversations == 0:
         raise FidelError(
-            f"{eval_path}: no conversations to validate on (`fidellm data chat --eval-split 0` writes"
-            " none); make the chat data again with --eval-split > 0"
+            f"{eval_path}: no conversations to validate on; make the chat data again with a larger"
+            " `fidellm data chat --eval-split` (0 puts none there)"
         )
     batches = (CurriculumConversations if curriculum else ConversationBatches)(
         train_examples,
