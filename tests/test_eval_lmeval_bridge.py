@@ -8,11 +8,13 @@ from typing import Any
 import pytest
 import torch
 
+from fidellm.errors import FidelError
 from fidellm.eval.downstream import lmeval
 from fidellm.eval.downstream.registry import DOWNSTREAM_TASKS
 from fidellm.eval.suite import EvalContext
 from fidellm.export import hf
 from fidellm.tokenizer.bytes import ByteTokenizer
+from fixtures.models import gqa_config, random_llama
 
 
 def test_lmeval_keeps_afrisenti_macro_f1(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -26,8 +28,7 @@ def test_lmeval_keeps_afrisenti_macro_f1(tmp_path: Path, monkeypatch: pytest.Mon
     monkeypatch.setattr(hf, "export_hf", lambda model, config, tokenizer_dir, out, dtype: out)
     monkeypatch.setattr(lmeval, "write_lmeval_tasks", lambda data_dir, out: out)
     monkeypatch.setattr(lmeval, "run_lm_eval", lambda *args, **kwargs: found)
-    model = torch.nn.Module()
-    model.lm_head, model.config = torch.nn.Linear(1, 1), None
+    model = random_llama(gqa_config(vocab_size=256, num_hidden_layers=1))
     ctx = EvalContext(model, ByteTokenizer(), torch.device("cpu"), tmp_path, None, tokenizer_dir=tmp_path)
     results = {(r.task, r.metric): (r.value, r.n) for r in DOWNSTREAM_TASKS["lmeval"](ctx)}
     assert results == {
@@ -37,3 +38,11 @@ def test_lmeval_keeps_afrisenti_macro_f1(tmp_path: Path, monkeypatch: pytest.Mon
         ("lmeval/fidel_afrisenti_amh", "acc_norm"): (0.4, 5),
         ("lmeval/fidel_afrisenti_amh", "macro_f1"): (0.3, 5),  # lm-eval's "f1" was dropped
     }
+
+
+def test_lmeval_names_a_model_it_cannot_export(tmp_path: Path) -> None:
+    model = torch.nn.Module()
+    model.lm_head = torch.nn.Linear(1, 1)  # as an H-Net has: not a Llama all the same
+    ctx = EvalContext(model, ByteTokenizer(), torch.device("cpu"), tmp_path, None, tokenizer_dir=tmp_path)
+    with pytest.raises(FidelError, match=r"lmeval needs a Llama model .*; got Module"):
+        DOWNSTREAM_TASKS["lmeval"](ctx)

@@ -56,9 +56,13 @@ def _lmeval(ctx: EvalContext) -> list[TaskResult]:
     from fidellm.eval.downstream.lmeval import run_lm_eval, write_lmeval_tasks
     from fidellm.eval.downstream.sib import TASK_NAMES
     from fidellm.export.hf import export_hf
+    from fidellm.models.llama import LlamaForCausalLM
 
-    if not hasattr(ctx.model, "lm_head") or ctx.tokenizer_dir is None:
-        raise FidelError("lmeval needs a Llama model and its tokenizer directory (it runs on an HF export)")
+    if not isinstance(ctx.model, LlamaForCausalLM) or ctx.tokenizer_dir is None:  # an H-Net has lm_head too
+        name = type(ctx.model).__name__
+        raise FidelError(
+            f"lmeval needs a Llama model and its tokenizer directory (it runs on an HF export); got {name}"
+        )
     with tempfile.TemporaryDirectory() as scratch:
         scratch_dir = Path(scratch)
         model, config = ctx.model, ctx.model.config
