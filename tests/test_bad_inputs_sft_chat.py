@@ -167,3 +167,12 @@ def test_data_chat_summary_lines_add_up_for_translation_pairs(
     assert count["read"] == count["accepted"] + count["rejected"]
     assert count["conversations"] == 2 * count["accepted"] == count["dropped"] + count["kept"]
     assert count["kept"] == 3
+
+
+def test_chat_system_prompt_that_is_not_utf8_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A --system argument with a byte that is not UTF-8 (a lone surrogate in argv): refused before the
+    model loads, not a TypeError from `tokenizers` at the first message."""
+    err = fails_with(["chat", str(tmp_path), "--system", "አንተ\udcff"], capsys)
+    assert err.startswith("error: --system is not valid UTF-8 (byte 0xff at character 4); check the encoding")

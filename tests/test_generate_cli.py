@@ -59,3 +59,23 @@ def test_a_tokenizer_larger_than_the_model_is_named_not_an_index_error(
         f"error: generation: the tokenizer has {larger.vocab_size:,} ids and the model only 512: it is not"
         " the tokenizer this model was trained with\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("args", "named"),
+    [
+        (["ሰላም\udcff"], "prompt 1"),
+        (["ሰላም", "\udce1\udc88"], "prompt 2"),
+        (["ሰላም", "--stop", "x\udcff"], "--stop"),
+    ],
+)
+def test_command_line_text_that_is_not_utf8_is_named(
+    model_dir: Path, capsys: pytest.CaptureFixture[str], args: list[str], named: str
+) -> None:
+    """Bytes that are not UTF-8 reach Python's argv as lone surrogates (surrogateescape), which the
+    tokenizer cannot encode: one line naming the argument, not a TypeError from `tokenizers`."""
+    with pytest.raises(SystemExit) as exited:
+        main(["generate", str(model_dir), *args, "--device", "cpu", "--max-new-tokens", "3"])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err.startswith(f"error: {named} is not valid UTF-8 (byte 0x")
+    assert err.count("\n") == 1

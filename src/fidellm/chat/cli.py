@@ -164,10 +164,13 @@ def chat_command(
     import torch
 
     from fidellm.chat.session import ChatSession, read_tools
+    from fidellm.generate.cli import check_utf8
     from fidellm.generate.engine import GenerationConfig
     from fidellm.models.load import load_model
     from fidellm.tokenizer.base import load_tokenizer
 
+    if system is not None:
+        check_utf8("--system", system)
     tools = read_tools(tools_file) if tools_file else None
     config = GenerationConfig(**options)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")

@@ -6,6 +6,21 @@ from pathlib import Path
 
 import click
 
+from fidellm.errors import FidelError
+
+
+def check_utf8(name: str, text: str) -> None:
+    """FidelError naming the command-line argument `name` when `text` holds bytes that are not UTF-8:
+    Python passes them on as lone surrogates (surrogateescape), which no tokenizer can encode."""
+    bad = next((index for index, char in enumerate(text) if "\ud800" <= char <= "\udfff"), None)
+    if bad is not None:
+        code = ord(text[bad])
+        what = f"byte 0x{code - 0xDC00:02x}" if code >= 0xDC80 else f"lone surrogate U+{code:04X}"
+        raise FidelError(
+            f"{name} is not valid UTF-8 ({what} at character {bad + 1}); check the encoding of the"
+            " terminal or of the file it came from"
+        )
+
 
 @click.command("generate")
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
@@ -33,6 +48,10 @@ def generate_command(
     from fidellm.models.load import load_model
     from fidellm.tokenizer.base import load_tokenizer
 
+    for index, prompt in enumerate(prompts, 1):
+        check_utf8(f"prompt {index}", prompt)
+    for stop in stop_strings:
+        check_utf8("--stop", stop)
     config = GenerationConfig(stop_strings=stop_strings, **options)  # bad settings fail before loading
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     network, tokenizer_dir = load_model(model, device)
