@@ -11,7 +11,7 @@ import torch
 
 from fidellm.errors import FidelError
 from fidellm.eval.report import build_report, load_run
-from fidellm.eval.suite import TASKS, EvalContext, run_suite
+from fidellm.eval.suite import TASKS, EvalContext, default_out_dir, run_suite
 from fidellm.tokenizer.bytes import ByteTokenizer
 
 
@@ -110,3 +110,14 @@ def test_optional_fields_may_be_null(tmp_path: Path) -> None:
     assert (
         "| flores | bits_per_char | lower | 1.0000 |" in build_report([path], tmp_path / "card").read_text()
     )
+
+
+def test_an_export_inside_a_run_is_evaluated_into_its_own_directory(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    for folder in ("train/checkpoints/step_00000002", "train/best", "tokenizer", "export/hf"):
+        (run / folder).mkdir(parents=True)
+    for name in ("config.json", "model.safetensors"):
+        (run / "export" / "hf" / name).write_text("{}")
+    assert default_out_dir(run / "export" / "hf") == run / "export" / "hf" / "eval"  # was RUN/eval
+    assert default_out_dir(run) == default_out_dir(run / "train" / "best") == run / "eval"
+    assert default_out_dir(run / "train" / "checkpoints" / "step_00000002") == run / "eval"

@@ -30,6 +30,7 @@ from fidellm.eval.lm import score_documents, score_lines
 from fidellm.eval.probes import probe_task_results, run_probes
 from fidellm.eval.results import TaskResult, provenance
 from fidellm.eval.sampling import limited
+from fidellm.export.hf import WEIGHTS_FILE
 from fidellm.hashing import file_sha256
 from fidellm.paths import RunLayout
 from fidellm.tokenizer.base import TextTokenizer
@@ -217,7 +218,10 @@ def run_suite(
 
 
 def default_out_dir(model_path: Path) -> Path:
-    """RUN/eval for a run directory (or a checkpoint inside one), else MODEL/eval."""
+    """RUN/eval for a run directory (or a checkpoint inside one), else MODEL/eval: also for an exported
+    directory inside a run (RUN/export/hf), whose results must not replace the run's own."""
+    if (model_path / "config.json").is_file() and (model_path / WEIGHTS_FILE).is_file():
+        return model_path / "eval"
     for candidate in (model_path, *model_path.parents):
         if (candidate / "train").is_dir() and RunLayout(candidate).tokenizer.is_dir():
             return candidate / "eval"
