@@ -27,6 +27,7 @@ import torch
 
 from fidellm.chat.template import CHAT_TEMPLATE
 from fidellm.errors import FidelError
+from fidellm.export.hf import load_bpe
 from fidellm.models.llama import LlamaConfig, LlamaForCausalLM
 from fidellm.tokenizer.bpe import GGUF_PRE, BPETokenizer
 from fidellm.tokenizer.special import IM_END_ID, RESERVED_TOKENS
@@ -196,7 +197,7 @@ def export_gguf(
     if qtype not in QTYPES:
         raise FidelError(f"GGUF type {qtype!r} is not one of {', '.join(QTYPES)}")
     tensor_type, file_type = QTYPES[qtype]
-    tokenizer = BPETokenizer.load(tokenizer_dir)
+    tokenizer = load_bpe(tokenizer_dir, "GGUF")
     tokens, types = _vocab(tokenizer, config.vocab_size, tokenizer_dir)
     state = model.state_dict()
     _check_shapes(state, config)

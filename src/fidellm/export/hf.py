@@ -23,6 +23,7 @@ from fidellm.chat.template import CHAT_TEMPLATE
 from fidellm.errors import FidelError
 from fidellm.jsonfile import read_json_object
 from fidellm.models.llama import LlamaConfig, LlamaForCausalLM
+from fidellm.tokenizer.base import read_meta
 from fidellm.tokenizer.bpe import BPETokenizer
 
 WEIGHTS_FILE = "model.safetensors"
@@ -81,6 +82,17 @@ def _write_json(path: Path, content: dict[str, Any]) -> None:
     path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def load_bpe(tokenizer_dir: str | os.PathLike, target: str) -> BPETokenizer:
+    """The BPE tokenizer an HF or GGUF export writes; a byte tokenizer (a Llama trained on bytes) is
+    refused by name rather than as a missing tokenizer.json."""
+    kind = read_meta(Path(tokenizer_dir)).get("kind")
+    if kind != "bpe":
+        raise FidelError(
+            f"{tokenizer_dir}: {target} export writes a BPE tokenizer, but this is a {kind} tokenizer"
+        )
+    return BPETokenizer.load(tokenizer_dir)
+
+
 def export_hf(
     model: LlamaForCausalLM,
     config: LlamaConfig,
@@ -95,7 +107,7 @@ def export_hf(
     """
     if dtype not in DTYPES:
         raise FidelError(f"export dtype {dtype!r} is not one of {', '.join(DTYPES)}")
-    tokenizer = BPETokenizer.load(tokenizer_dir)
+    tokenizer = load_bpe(tokenizer_dir, "HF")
     if tokenizer.vocab_size > config.vocab_size:
         raise FidelError(
             f"tokenizer in {tokenizer_dir} has {tokenizer.vocab_size} ids, more than the model's"
