@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 from torch import nn
 
-from fidellm.chat.session import ChatSession
+from fidellm.chat.session import ChatSession, read_tools
 from fidellm.chat.template import encode_chat, render_chat
 from fidellm.cli import main
 from fidellm.errors import FidelError
@@ -176,3 +176,23 @@ def test_chat_system_prompt_that_is_not_utf8_is_named(
     model loads, not a TypeError from `tokenizers` at the first message."""
     err = fails_with(["chat", str(tmp_path), "--system", "አንተ\udcff"], capsys)
     assert err.startswith("error: --system is not valid UTF-8 (byte 0xff at character 4); check the encoding")
+
+
+def test_chat_files_with_a_lone_surrogate_are_refused_not_a_crash_at_the_next_reply(tmp_path: Path) -> None:
+    """JSON can escape a lone surrogate; /load and --tools refuse it (naming the file and field) instead of
+    the tokenizer raising TypeError at the next reply, which ended the chat with a traceback."""
+    session = ChatSession(ContextOnly(2048), ByteTokenizer(), GenerationConfig(max_new_tokens=8))
+    saved = tmp_path / "saved.json"
+    for state, field in [
+        ({"system": "\udcff", "messages": []}, "system"),
+        ({"messages": [{"role": "user", "content": "ሰላም \ud83d"}]}, "messages[0].content"),
+    ]:
+        saved.write_text(json.dumps({"format": "fidellm-chat", "version": 1, **state}), encoding="utf-8")
+        with pytest.raises(FidelError) as error:
+            session.load(saved)
+        assert str(error.value).startswith(f"{saved}: field '{field}' holds the lone surrogate \\u")
+        assert session.messages == [] and session.system is None
+    tools = tmp_path / "tools.json"
+    tools.write_text(json.dumps([{"type": "function", "function": {"name": "f\ud83d"}}]), encoding="utf-8")
+    with pytest.raises(FidelError, match=r"field '\[0\]\.function\.name' holds the lone surrogate \\ud83d"):
+        read_tools(tools)

@@ -20,6 +20,7 @@ from typing import Any
 from torch import nn
 
 from fidellm.chat.template import encode_chat, render_chat
+from fidellm.data.readers import lone_surrogate
 from fidellm.errors import FidelError
 from fidellm.generate.engine import BatchDecoder, FinishReason, GenerationConfig, default_stop_ids
 from fidellm.serve.tools import ParsedCall, ToolCallFilter, parse_tool_calls
@@ -64,7 +65,16 @@ def read_tools(path: Path) -> list[dict[str, Any]]:
         tools = json.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
         raise FidelError(f"{path}: cannot read the tools file: {error}") from error
+    _refuse_lone_surrogates(tools, path)
     return check_tools(tools, str(path))
+
+
+def _refuse_lone_surrogates(value: Any, path: Path) -> None:
+    """FidelError naming the file and field when parsed JSON holds a lone surrogate (JSON can escape one),
+    which no tokenizer can encode: the chat would crash at its next reply."""
+    surrogate = lone_surrogate(value)
+    if surrogate:
+        raise FidelError(f"{path}: {surrogate}, which UTF-8 cannot encode")
 
 
 def check_tools(tools: Any, where: str) -> list[dict[str, Any]]:
@@ -209,6 +219,7 @@ class ChatSession:
             state = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
             raise FidelError(f"{path}: cannot read the chat file: {error}") from error
+        _refuse_lone_surrogates(state, path)
         if not isinstance(state, dict) or state.get("format") != SAVE_FORMAT:
             raise FidelError(f'{path}: not a saved chat (expected "format": "{SAVE_FORMAT}")')
         if state.get("version") != SAVE_VERSION:
