@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 
+from fidellm.cli import main
 from fidellm.errors import FidelError
 from fidellm.eval.report import build_report, load_run
 from fidellm.eval.suite import TASKS, EvalContext, default_out_dir, run_suite
@@ -121,3 +122,11 @@ def test_an_export_inside_a_run_is_evaluated_into_its_own_directory(tmp_path: Pa
     assert default_out_dir(run / "export" / "hf") == run / "export" / "hf" / "eval"  # was RUN/eval
     assert default_out_dir(run) == default_out_dir(run / "train" / "best") == run / "eval"
     assert default_out_dir(run / "train" / "checkpoints" / "step_00000002") == run / "eval"
+
+
+def test_the_default_card_lies_beside_the_first_runs_eval(tmp_path: Path) -> None:
+    results = write_results(tmp_path / "run" / "eval" / "results.json", 1.0)
+    for given in (results, results.parent, tmp_path / "run"):
+        main(["report", str(given)])
+        assert (tmp_path / "run" / "report" / "report.md").is_file(), given  # was RUN/eval/report
+        assert not (tmp_path / "run" / "eval" / "report").exists()

@@ -115,8 +115,7 @@ def report_command(runs: tuple[Path, ...], out: Path | None) -> None:
     """Report card of RUNS (run directories or results.json files from `fidellm eval`): report.md with
     every metric side by side, the compressor baselines and published anchors, tokenizer fertility,
     curves.png and compute.png, and report.json tracing each number to its command and commit."""
-    from fidellm.eval.report import build_report
+    from fidellm.eval.report import build_report, run_folder
 
-    first = runs[0] if runs[0].is_dir() else runs[0].parent
-    path = build_report(list(runs), out or first / "report")
+    path = build_report(list(runs), out or run_folder(runs[0]) / "report")
     click.echo(f"report card: {path}")

@@ -210,10 +210,16 @@ def run_directory(recorded: str | None, results_path: Path) -> Path | None:
     return run
 
 
-def run_label(path: Path) -> str:
-    """A run's name in the report: the directory named, or for RUN/eval (or a results.json in it) RUN."""
+def run_folder(path: Path) -> Path:
+    """The run a report input stands for (resolved): the directory named, or for RUN/eval (or a
+    results.json in it) RUN."""
     folder = (path if path.is_dir() else path.parent).resolve()
-    return folder.parent.name if folder.name == "eval" and folder.parent.name else folder.name
+    return folder.parent if folder.name == "eval" and folder.parent.name else folder
+
+
+def run_label(path: Path) -> str:
+    """A run's name in the report: its run folder's name (`run_folder`)."""
+    return run_folder(path).name
 
 
 def distinct_labels(runs: list[RunSummary]) -> None:
