@@ -107,3 +107,29 @@ def test_bpe_options_with_the_byte_tokenizer_are_refused_not_ignored(
     err = fails_with(["tokenizer", "train", str(tmp_path), "--kind", "bytes", *options], capsys)
     assert err == f"error: {named} apply to --kind bpe only: the byte tokenizer always has 256 ids\n"
     assert not (tmp_path / "tokenizer").exists()
+
+
+def test_report_says_when_the_asked_sweep_cannot_run(
+    small_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A tokenizer directory outside a run has no train split to train the sweep on: the command says
+    so, instead of printing the other rows as if --vocab-sizes had been honoured."""
+    main(
+        [
+            "tokenizer",
+            "train",
+            str(small_run),
+            "--vocab-size",
+            "512",
+            "--out",
+            str(tmp_path / "alone"),
+            "--quiet",
+        ]
+    )
+    capsys.readouterr()
+    main(["tokenizer", "report", str(tmp_path / "alone"), "--vocab-sizes", "512", "--quiet"])
+    out = capsys.readouterr().out
+    assert (
+        f"vocabulary sweep skipped: no run directory with data/splits/train next to {tmp_path / 'alone'}"
+        in out
+    )

@@ -162,4 +162,6 @@ def report(
             f"{row['name']:<40} vocab {row['vocab_size']:>6,}  tokens/word {row['tokens_per_word']:.3f}  "
             f"bytes/token {row['bytes_per_token']:.2f}  round-trip {100 * row['roundtrip_rate']:.2f}%"
         )
+    if "skipped" in result["sweep"]:
+        click.echo(f"vocabulary sweep skipped: {result['sweep']['skipped']}")
     click.echo(f"report written to {md_path} and report.json")
