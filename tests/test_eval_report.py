@@ -11,7 +11,7 @@ import torch
 
 from fidellm.cli import main
 from fidellm.errors import FidelError
-from fidellm.eval.report import build_report, load_run
+from fidellm.eval.report import build_report, load_run, validation_curves
 from fidellm.eval.suite import TASKS, EvalContext, default_out_dir, run_suite
 from fidellm.tokenizer.bytes import ByteTokenizer
 
@@ -130,3 +130,22 @@ def test_the_default_card_lies_beside_the_first_runs_eval(tmp_path: Path) -> Non
         main(["report", str(given)])
         assert (tmp_path / "run" / "report" / "report.md").is_file(), given  # was RUN/eval/report
         assert not (tmp_path / "run" / "eval" / "report").exists()
+
+
+def test_runs_of_different_tokenizers_are_compared_per_byte(tmp_path: Path) -> None:
+    runs = {}
+    for name, kind, vocab, loss in (("bpe", "bpe", 32000, 8.0), ("bytes", "bytes", 256, 1.3)):
+        run = tmp_path / name
+        (run / "train").mkdir(parents=True)
+        (run / "train" / "metrics.jsonl").write_text(
+            json.dumps({"kind": "val", "step": 10, "val_loss": loss, "val_bpb": loss / 4}) + "\n"
+        )
+        tokenizer = {"kind": kind, "vocab_size": vocab, "flores": None}
+        write_results(run / "eval" / "results.json", 1.0, run=str(run), tokenizer=tokenizer)
+        runs[name] = load_run(run)
+    # nats per BPE token and nats per byte on one axis made the byte model look six times better
+    assert validation_curves([runs["bpe"], runs["bytes"]]) == (
+        "validation bits/byte",
+        {"bpe": ([10], [2.0]), "bytes": ([10], [0.325])},
+    )
+    assert validation_curves([runs["bpe"]]) == ("validation loss (nats/token)", {"bpe": ([10], [8.0])})

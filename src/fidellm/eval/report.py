@@ -3,11 +3,11 @@
 Inputs are each run's eval/results.json (from `fidellm eval`) and, where present, its training metrics
 (train/metrics.jsonl, train/config.json). Output: OUT/report.md (a table of every metric per run, the
 compressor baselines and the published anchors labelled as published, tokenizer fertility),
-OUT/curves.png (validation loss per step), OUT/compute.png (FLORES second-half bits against training
-compute ≈ 6·N·D), for chat models a chat section (translation chrF++/BLEU per set and direction,
-tool-call validity, SFT held-out loss, where the answers were saved), and OUT/report.json (the same
-numbers, the sha256 of every results.json read, the commit and the command), so each figure traces back
-to the command that made it.
+OUT/curves.png (validation loss per step; bits per byte when the runs' tokenizers differ),
+OUT/compute.png (FLORES second-half bits against training compute ≈ 6·N·D), for chat models a chat
+section (translation chrF++/BLEU per set and direction, tool-call validity, SFT held-out loss, where the
+answers were saved), and OUT/report.json (the same numbers, the sha256 of every results.json read, the
+commit and the command), so each figure traces back to the command that made it.
 """
 
 from __future__ import annotations
@@ -370,6 +370,24 @@ def chat_section(runs: list[RunSummary]) -> list[str]:
     return lines
 
 
+def validation_curves(runs: list[RunSummary]) -> tuple[str, dict[str, tuple[list[int], list[float]]]]:
+    """(y-axis label, run label -> (steps, values)) of the trained runs' validation records: the loss in
+    nats per token, or, when the runs' tokenizers differ (a BPE model's token is not a byte model's),
+    the bits per byte `val_bpb` that every validation record also holds, which compares them."""
+    trained = [run for run in runs if run.train_records]
+    val = {run.label: [r for r in run.train_records if r["kind"] == "val"] for run in trained}
+    tokenizers = {
+        (run.results["tokenizer"]["kind"], run.results["tokenizer"]["vocab_size"]) for run in trained
+    }
+    per_byte = len(tokenizers) > 1 and all(
+        _KINDS["a number"](record.get("val_bpb")) for records in val.values() for record in records
+    )
+    key, ylabel = (
+        ("val_bpb", "validation bits/byte") if per_byte else ("val_loss", "validation loss (nats/token)")
+    )
+    return ylabel, {label: ([r["step"] for r in rs], [r[key] for r in rs]) for label, rs in val.items()}
+
+
 def plot(runs: list[RunSummary], out_dir: Path) -> list[str]:
     """curves.png (validation loss per step) and compute.png (FLORES bits vs training compute)."""
     import matplotlib
@@ -378,13 +396,12 @@ def plot(runs: list[RunSummary], out_dir: Path) -> list[str]:
     import matplotlib.pyplot as plt
 
     written = []
-    trained = [r for r in runs if r.train_records]
-    if trained:
+    ylabel, curves = validation_curves(runs)
+    if curves:
         fig, ax = plt.subplots(figsize=(7, 4))
-        for run in trained:
-            val = [r for r in run.train_records if r["kind"] == "val"]
-            ax.plot([r["step"] for r in val], [r["val_loss"] for r in val], "o-", label=run.label)
-        ax.set(xlabel="step", ylabel="validation loss (nats/token)", title="training curves")
+        for label, (steps, values) in curves.items():
+            ax.plot(steps, values, "o-", label=label)
+        ax.set(xlabel="step", ylabel=ylabel, title="training curves")
         ax.legend()
         fig.tight_layout()
         fig.savefig(out_dir / "curves.png", dpi=100)
