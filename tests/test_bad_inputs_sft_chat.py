@@ -196,3 +196,33 @@ def test_chat_files_with_a_lone_surrogate_are_refused_not_a_crash_at_the_next_re
     tools.write_text(json.dumps([{"type": "function", "function": {"name": "f\ud83d"}}]), encoding="utf-8")
     with pytest.raises(FidelError, match=r"field '\[0\]\.function\.name' holds the lone surrogate \\ud83d"):
         read_tools(tools)
+
+
+def test_output_directories_under_a_file_are_named_not_a_traceback(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`data chat RUN` and `sft --output-dir` where a folder on the way is a file: one line, no
+    NotADirectoryError traceback."""
+    (tmp_path / "a file").write_text("", encoding="utf-8")
+    run = tmp_path / "a file" / "run"
+    err = fails_with(["data", "chat", str(run), "--sources", "fastchat_dummy_conversation"], capsys)
+    assert err.startswith(f"error: {run / 'chat'}: cannot create {run / 'chat.partial'}: Not a directory")
+    assert prepare_output_error(tmp_path / "a file" / "sft") == (
+        f"--output-dir {tmp_path / 'a file' / 'sft'}: cannot create it: Not a directory"
+    )
+
+
+def prepare_output_error(output: Path) -> str:
+    """The FidelError `prepare_output` raises for `output`, with a random base model to read."""
+    from fidellm.export.hf import export_hf
+    from fidellm.sft.cli import prepare_output
+    from fixtures.bpe import flores_bpe
+    from fixtures.models import gqa_config, random_llama
+
+    tokenizer = output.parents[1] / "tokenizer"
+    flores_bpe(tokenizer, 512, lines=100)
+    config = gqa_config(vocab_size=512)
+    export_hf(random_llama(config), config, tokenizer, output.parents[1] / "base", dtype="float32")
+    with pytest.raises(FidelError) as error:
+        prepare_output(output, str(output.parents[1] / "base"))
+    return str(error.value)

@@ -81,7 +81,10 @@ def staged_output_dir(directory: Path, overwrite: bool) -> Iterator[Path]:
         raise FidelError(f"{directory} already exists; pass --overwrite to replace it")
     staging = directory.with_name(directory.name + ".partial")
     _remove(staging)
-    staging.mkdir(parents=True)
+    try:
+        staging.mkdir(parents=True)
+    except OSError as error:  # a file where a folder should be, no permission, ...
+        raise FidelError(f"{directory}: cannot create {staging}: {error.strerror}") from error
     yield staging
     replaced = directory.with_name(directory.name + ".replaced")
     _remove(replaced)

@@ -25,7 +25,10 @@ def prepare_output(output: Path, base: str) -> None:
                 f"{target}: another tokenizer than the base's ({tokenizer_dir}); use a new --output-dir"
             )
         return
-    output.mkdir(parents=True, exist_ok=True)
+    try:
+        output.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file where a folder should be, no permission, ...
+        raise FidelError(f"--output-dir {output}: cannot create it: {error.strerror}") from error
     tokenizer.save(target)
 
 
