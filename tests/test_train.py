@@ -400,6 +400,10 @@ def test_no_resume_refuses_a_dir_with_checkpoints(stopped_run: Path, tmp_path: P
         ({"stop_at_step": 0}, "stop_at_step must be positive, got 0"),
         ({"weight_decay": -1.0}, "weight_decay must be >= 0 and finite, got -1.0"),
         ({"weight_decay": math.nan}, "weight_decay must be >= 0 and finite, got nan"),
+        ({"grad_clip": math.nan}, r"grad_clip must be >= 0 \(0: no clipping\), got nan"),
+        ({"grad_clip": -1.0}, r"grad_clip must be >= 0 \(0: no clipping\), got -1.0"),
+        ({"lr": math.inf}, "lr must be positive and finite, got inf"),
+        ({"warmup_steps": -5}, "warmup_steps must be >= 0, got -5"),
     ],
 )
 def test_no_op_settings_are_refused(tmp_path: Path, bad: dict, message: str) -> None:

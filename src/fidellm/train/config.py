@@ -124,8 +124,12 @@ class TrainConfig:
             raise FidelError(f"train config: loss_chunk must be 0 (off) or positive, got {self.loss_chunk}")
         if self.dtype not in DTYPES:
             raise FidelError(f"train config: dtype {self.dtype!r} is not one of {', '.join(DTYPES)}")
-        if not (self.lr > 0 and math.isfinite(self.lr)) or self.warmup_steps < 0 or self.grad_clip < 0:
-            raise FidelError("train config: lr must be positive and finite, warmup_steps and grad_clip >= 0")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise FidelError(f"train config: lr must be positive and finite, got {self.lr}")
+        if self.warmup_steps < 0:
+            raise FidelError(f"train config: warmup_steps must be >= 0, got {self.warmup_steps}")
+        if not self.grad_clip >= 0:  # NaN too: it clipped every gradient to NaN
+            raise FidelError(f"train config: grad_clip must be >= 0 (0: no clipping), got {self.grad_clip}")
         if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
             raise FidelError(f"train config: weight_decay must be >= 0 and finite, got {self.weight_decay}")
         if self.stop_at_step is not None and self.stop_at_step < 1:  # 0 would silently mean "no stop"
