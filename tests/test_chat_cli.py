@@ -317,3 +317,27 @@ def test_chat_loop_shows_tool_calls_and_asks_for_results(
     assert "model> ልፈልግ።" in text and "model> ፀሐያማ ነው።" in text and TOOL_CALL_START not in text
     assert prompts == ["you> "] * 3 + ["result of get_weather> "] + ["you> "] * 2
     assert "(conversation cleared)" in text and session.messages == []
+
+
+def test_ctrl_c_at_a_tool_result_prompt_forgets_the_exchange(
+    tokenizer: BPETokenizer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C while asked for a tool's result abandons the exchange, as during a reply, instead of
+    sending the model an empty result and generating on."""
+    call = json.dumps({"name": "get_weather", "arguments": ARGUMENTS}, ensure_ascii=False)
+    model = ScriptedModel(turn(tokenizer, f"{TOOL_CALL_START}{call}</tool_call>"), context=2048)
+    config = GenerationConfig(max_new_tokens=200, temperature=0)
+    session = ChatSession(model, tokenizer, config, tools=[WEATHER_TOOL])
+    typed = iter(["የአየር ሁኔታ?", KeyboardInterrupt, EOFError])
+
+    def next_line(prompt: str = "") -> str:
+        line = next(typed)
+        if isinstance(line, str):
+            return line
+        raise line
+
+    monkeypatch.setattr("builtins.input", next_line)
+    output = io.StringIO()
+    chat_loop(Console(file=output, width=200, no_color=True), session)
+    assert "(interrupted; this exchange is forgotten)" in output.getvalue()
+    assert session.messages == [] and len(model.prompts) == 1  # no second reply was generated

@@ -2,7 +2,8 @@
 
 Lines starting with `/` are commands (/help lists them); anything else is a user message. When the
 model calls a tool, the call is shown and the user types its result. Ctrl-D (EOF) or /exit ends the
-chat; Ctrl-C stops a reply (that exchange is forgotten). Errors are printed and the chat goes on.
+chat; Ctrl-C stops a reply or a tool-result prompt (that exchange is forgotten). Errors are printed
+and the chat goes on.
 """
 
 from __future__ import annotations
@@ -72,9 +73,15 @@ def converse(console: Console, session: ChatSession) -> bool:
     while reply is not None and reply.calls:
         for call in reply.calls:
             console.print(f"[bold yellow]tool call>[/] {escape(call.name)}({escape(call.arguments)})")
-            result = read_line(console, f"result of {call.name}> ")
-            if result is None:
+            try:
+                result = input(f"result of {call.name}> ")
+            except EOFError:
+                console.print()
                 return False
+            except KeyboardInterrupt:  # as during a reply: not an empty result sent on to the model
+                console.print("\n[dim](interrupted; this exchange is forgotten)[/]")
+                session.discard_last_turn()
+                return True
             session.add_tool_result(call, result)
         reply = run_reply(console, session)
     return True
