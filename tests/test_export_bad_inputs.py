@@ -6,9 +6,12 @@ from pathlib import Path
 
 import pytest
 
+from fidellm.cli import main
 from fidellm.errors import FidelError
 from fidellm.export.gguf import export_gguf
 from fidellm.export.hf import export_hf
+from fidellm.paths import resolve_data_dir
+from fidellm.tokenizer.bpe import train_bpe
 from fidellm.tokenizer.bytes import ByteTokenizer
 from fixtures.models import gqa_config, random_llama
 
@@ -22,3 +25,36 @@ def test_a_llama_on_the_byte_tokenizer_is_refused_by_name(tmp_path: Path) -> Non
     with pytest.raises(FidelError, match=message.format("GGUF")):
         export_gguf(model, model.config, tmp_path / "tokenizer", tmp_path / "m.gguf")
     assert not (tmp_path / "hf").exists() and not (tmp_path / "m.gguf").exists()
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Llama exported with a BPE tokenizer trained on FLORES lines."""
+    root = tmp_path_factory.mktemp("export-bad")
+    lines = (resolve_data_dir() / "flores200" / "amh_Ethi.dev").read_text(encoding="utf-8").splitlines()
+    train_bpe(lines[:100], 512, show_progress=False).save(root / "tokenizer")
+    model = random_llama(gqa_config(vocab_size=512, num_hidden_layers=1))
+    return export_hf(model, model.config, root / "tokenizer", root / "hf", dtype="float32")
+
+
+def error_line(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
+    """The stderr of `fidellm ARGS`, which must exit with code 2 (a FidelError)."""
+    with pytest.raises(SystemExit) as exited:
+        main(args)
+    err = capsys.readouterr().err
+    assert exited.value.code == 2, err
+    return err
+
+
+def test_outputs_that_cannot_be_written_are_one_line_errors(
+    hf_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocker = tmp_path / "a file"
+    blocker.write_text("x")
+    for args in (["export", "hf", str(hf_dir), str(blocker / "hf")],
+                 ["export", "gguf", str(hf_dir), str(blocker / "m.gguf")],
+                 ["report", str(hf_dir), "--out", str(blocker / "card")],
+                 ["eval", str(hf_dir), "--tasks", "flores", "--out", str(blocker / "ev")]):  # fmt: skip
+        err = error_line(args, capsys)  # was a NotADirectoryError / FileExistsError traceback
+        assert err.startswith(f"error: {blocker}") and "cannot create the output directory" in err, err
+        assert err.count("\n") == 1

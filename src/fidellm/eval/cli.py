@@ -65,6 +65,7 @@ def eval_command(
     from fidellm.errors import FidelError
     from fidellm.eval.chat_data import sft_chat_dir
     from fidellm.eval.suite import EvalContext, default_out_dir, run_suite
+    from fidellm.export.cli import make_output_dir
     from fidellm.models.load import load_model
     from fidellm.paths import resolve_data_dir
     from fidellm.tokenizer.base import load_tokenizer
@@ -100,6 +101,7 @@ def eval_command(
         chat_dir=chat_dir,
     )
     out_dir = out or default_out_dir(model)
+    make_output_dir(out_dir)
     run_suite(context, names, model, out_dir, echo=click.echo)
     click.echo(f"results: {out_dir / 'results.json'}")
 
@@ -116,6 +118,9 @@ def report_command(runs: tuple[Path, ...], out: Path | None) -> None:
     every metric side by side, the compressor baselines and published anchors, tokenizer fertility,
     curves.png and compute.png, and report.json tracing each number to its command and commit."""
     from fidellm.eval.report import build_report, run_folder
+    from fidellm.export.cli import make_output_dir
 
-    path = build_report(list(runs), out or run_folder(runs[0]) / "report")
+    out_dir = out or run_folder(runs[0]) / "report"
+    make_output_dir(out_dir)
+    path = build_report(list(runs), out_dir)
     click.echo(f"report card: {path}")

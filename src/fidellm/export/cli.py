@@ -46,6 +46,16 @@ def _refuse_overwrite(model: Path, tokenizer_dir: Path, out: Path, is_file: bool
         raise FidelError(f"{out}: would overwrite the model being exported ({model}); write it elsewhere")
 
 
+def make_output_dir(directory: Path) -> None:
+    """Create `directory` (and its parents); a file in the way is a one-line error, not a traceback."""
+    from fidellm.errors import FidelError
+
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file where a folder should be, no permission, ...
+        raise FidelError(f"{directory}: cannot create the output directory: {error.strerror}") from None
+
+
 @export.command("hf")
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("out_dir", type=click.Path(file_okay=False, path_type=Path))
@@ -61,6 +71,7 @@ def export_hf_command(model: Path, out_dir: Path, dtype: str) -> None:
     network, tokenizer_dir = load_model(model)
     _require_llama(network, "HF")
     _refuse_overwrite(model, tokenizer_dir, out_dir)
+    make_output_dir(out_dir)
     export_hf(network, network.config, tokenizer_dir, out_dir, dtype=dtype)
     click.echo(f"wrote {out_dir} ({dtype}, {network.num_parameters():,} parameters)")
 
@@ -85,6 +96,7 @@ def export_gguf_command(model: Path, out_file: Path, qtype: str) -> None:
     network, tokenizer_dir = load_model(model)
     _require_llama(network, "GGUF")
     _refuse_overwrite(model, tokenizer_dir, out_file, is_file=True)
+    make_output_dir(out_file.parent)
     export_gguf(network, network.config, tokenizer_dir, out_file, qtype=qtype, name=model.resolve().name)
     size = out_file.stat().st_size
     click.echo(f"wrote {out_file} ({qtype}, {size / 1e6:.1f} MB, {network.num_parameters():,} parameters)")
@@ -104,5 +116,6 @@ def export_hnet_command(model: Path, out_dir: Path, dtype: str) -> None:
 
     network, tokenizer_dir = load_model(model)
     _refuse_overwrite(model, tokenizer_dir, out_dir)
+    make_output_dir(out_dir)
     export_hnet(network, tokenizer_dir, out_dir, dtype=dtype)
     click.echo(f"wrote {out_dir} ({dtype}, {network.num_parameters():,} parameters)")
