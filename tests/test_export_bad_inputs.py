@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -58,3 +60,13 @@ def test_outputs_that_cannot_be_written_are_one_line_errors(
         err = error_line(args, capsys)  # was a NotADirectoryError / FileExistsError traceback
         assert err.startswith(f"error: {blocker}") and "cannot create the output directory" in err, err
         assert err.count("\n") == 1
+
+
+def test_gguf_does_not_replace_a_file_that_is_not_regular(
+    hf_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pipe = tmp_path / "pipe.gguf"
+    os.mkfifo(pipe)  # as /dev/null: the export renamed its file over it (as root, /dev/null itself)
+    err = error_line(["export", "gguf", str(hf_dir), str(pipe)], capsys)
+    assert err == f"error: {pipe}: exists and is not a regular file; write the GGUF file elsewhere\n"
+    assert stat.S_ISFIFO(pipe.stat().st_mode)

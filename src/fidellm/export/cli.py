@@ -90,12 +90,15 @@ def export_hf_command(model: Path, out_dir: Path, dtype: str) -> None:
 def export_gguf_command(model: Path, out_file: Path, qtype: str) -> None:
     """Write MODEL (a run directory, checkpoint or exported HF directory) as one GGUF file that llama.cpp
     runs (`llama-cli -m OUT_FILE`), tokenizer and chat template included."""
+    from fidellm.errors import FidelError
     from fidellm.export.gguf import export_gguf
     from fidellm.models.load import load_model
 
     network, tokenizer_dir = load_model(model)
     _require_llama(network, "GGUF")
     _refuse_overwrite(model, tokenizer_dir, out_file, is_file=True)
+    if out_file.exists() and not out_file.is_file():  # replacing /dev/null or a pipe with the file
+        raise FidelError(f"{out_file}: exists and is not a regular file; write the GGUF file elsewhere")
     make_output_dir(out_file.parent)
     export_gguf(network, network.config, tokenizer_dir, out_file, qtype=qtype, name=model.resolve().name)
     size = out_file.stat().st_size
