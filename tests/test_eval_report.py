@@ -149,3 +149,15 @@ def test_runs_of_different_tokenizers_are_compared_per_byte(tmp_path: Path) -> N
         {"bpe": ([10], [2.0]), "bytes": ([10], [0.325])},
     )
     assert validation_curves([runs["bpe"]]) == ("validation loss (nats/token)", {"bpe": ([10], [8.0])})
+
+
+def test_a_relative_checkpoint_path_is_evaluated_into_its_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run = tmp_path / "run"
+    for folder in ("train/checkpoints/step_00000002", "train/best", "tokenizer"):
+        (run / folder).mkdir(parents=True)
+    monkeypatch.chdir(run / "train")
+    # was train/best/eval, and checkpoints/step_00000002/eval: deleted with the checkpoint by keep_last
+    assert default_out_dir(Path("best")) == run / "eval"
+    assert default_out_dir(Path("checkpoints/step_00000002")) == run / "eval"

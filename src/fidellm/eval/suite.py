@@ -222,7 +222,7 @@ def default_out_dir(model_path: Path) -> Path:
     directory inside a run (RUN/export/hf), whose results must not replace the run's own."""
     if (model_path / "config.json").is_file() and (model_path / WEIGHTS_FILE).is_file():
         return model_path / "eval"
-    for candidate in (model_path, *model_path.parents):
+    for candidate in (model_path, *model_path.resolve().parents):  # a relative `best` has no parents
         if (candidate / "train").is_dir() and RunLayout(candidate).tokenizer.is_dir():
             return candidate / "eval"
     return model_path / "eval"
