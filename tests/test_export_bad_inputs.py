@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
 
 import pytest
+import torch
+import transformers
 
 from fidellm.cli import main
 from fidellm.errors import FidelError
 from fidellm.export.gguf import export_gguf
-from fidellm.export.hf import export_hf
+from fidellm.export.hf import export_hf, load_hf_dir
 from fidellm.paths import resolve_data_dir
 from fidellm.tokenizer.bpe import train_bpe
 from fidellm.tokenizer.bytes import ByteTokenizer
@@ -70,3 +73,23 @@ def test_gguf_does_not_replace_a_file_that_is_not_regular(
     err = error_line(["export", "gguf", str(hf_dir), str(pipe)], capsys)
     assert err == f"error: {pipe}: exists and is not a regular file; write the GGUF file elsewhere\n"
     assert stat.S_ISFIFO(pipe.stat().st_mode)
+
+
+def test_a_transformers_llama_directory_with_a_null_pad_id_loads(tmp_path: Path) -> None:
+    config = transformers.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+        num_key_value_heads=1, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    theirs = transformers.LlamaForCausalLM(config).eval()
+    theirs.save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["pad_token_id"] is None
+    ours, loaded = load_hf_dir(tmp_path)  # was: TypeError '<=' not supported between int and NoneType
+    assert (loaded.bos_token_id, loaded.eos_token_id) == (1, (2,))
+    ids = torch.tensor([[1, 5, 9, 300]])
+    with torch.no_grad():
+        assert torch.allclose(ours(ids).logits, theirs(ids).logits, atol=1e-5)
+    data = json.loads((tmp_path / "config.json").read_text())
+    for field, value in (("eos_token_id", [2, "x"]), ("bos_token_id", 1.5), ("rope_theta", "big")):
+        (tmp_path / "config.json").write_text(json.dumps({**data, field: value}))
+        with pytest.raises(FidelError, match=rf"config\.json: {field} must be a"):
+            load_hf_dir(tmp_path)

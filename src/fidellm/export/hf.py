@@ -132,6 +132,24 @@ def export_hf(
     return out
 
 
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _special_ids(data: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The special token ids config.json sets, checked; null (a Llama checkpoint's usual pad_token_id)
+    is not set, so our default applies as for a missing field. eos may be one id or a list."""
+    found: dict[str, Any] = {}
+    for name in SPECIAL_IDS:
+        value = data.get(name)
+        if value is None:
+            continue
+        ids = value if name == "eos_token_id" and isinstance(value, list) else [value]
+        if not ids or not all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+            raise FidelError(f"{path}: {name} must be a token id (an integer), got {value!r}")
+        found[name] = tuple(ids) if name == "eos_token_id" else value
+    return found
+
+
 def _config_from_hf(data: dict[str, Any], path: Path) -> LlamaConfig:
     """Our config from a Llama config.json, refusing features our model does not implement."""
     if data.get("model_type") != "llama":
@@ -150,23 +168,25 @@ def _config_from_hf(data: dict[str, Any], path: Path) -> LlamaConfig:
     rope_theta = data.get("rope_theta", rope.get("rope_theta"))
     if rope_theta is None:
         raise FidelError(f"{path}: neither rope_theta nor rope_parameters.rope_theta is set")
+    if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)):
+        raise FidelError(f"{path}: rope_theta must be a number, got {rope_theta!r}")
     for name in ("vocab_size", "intermediate_size", "num_hidden_layers"):
         if name not in data:
             raise FidelError(f"{path}: missing field {name!r}")
     for name in ("hidden_size", "num_attention_heads"):  # head_dim is derived from them below
         if not isinstance(data.get(name), int) or isinstance(data[name], bool) or data[name] < 1:
             raise FidelError(f"{path}: {name} must be a positive integer, got {data.get(name)!r}")
-    eos = data.get("eos_token_id")
+    special = _special_ids(data, path)
     try:
         return LlamaConfig.from_dict(
             {
-                **data,
+                **{key: value for key, value in data.items() if key not in SPECIAL_IDS},
+                **special,
                 "num_key_value_heads": data.get("num_key_value_heads", data["num_attention_heads"]),
                 "head_dim": data.get("head_dim") or data["hidden_size"] // data["num_attention_heads"],
                 "rope_theta": float(rope_theta),
                 "tie_word_embeddings": data.get("tie_word_embeddings", True),
                 "dropout": data.get("attention_dropout", 0.0),
-                "eos_token_id": tuple(eos) if isinstance(eos, list) else (eos,),
             }
         )
     except KeyError as error:
