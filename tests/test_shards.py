@@ -174,8 +174,10 @@ def test_source_weight_overrides_reweight_train_only(
     assert all(train["sources"][s] == metas["train"]["sources"][s] for s in others)
     assert json.loads((run / "tokens/val/meta.json").read_text())["sources"] == metas["val"]["sources"]
 
+    shutil.rmtree(run / "tokens")
     with pytest.raises(FidelError, match=rf"\['nosuch'\], which the train split does not hold.*{left_out}"):
         tokenize_splits(run, workers=1, show_progress=False, source_weights={"nosuch": 1.0})
+    assert not (run / "tokens").exists()  # refused before any split was encoded
     bad = CliRunner().invoke(cli, ["data", "tokenize", str(run), "--source-weight", f"{left_out}=lots"])
     assert isinstance(bad.exception, FidelError) and "SOURCE=WEIGHT" in str(bad.exception)
     with pytest.raises(FidelError, match="finite numbers >= 0"):

@@ -244,12 +244,6 @@ def _write_split(
                 entry["docs_emitted"] += int(docs[source])
                 entry["tokens"] += int(tokens[source])
             bar.update(len(chunk.texts))
-    unknown = sorted(set(source_weights) - set(stats.names))
-    if reweight and unknown:
-        raise FidelError(
-            f"source weights name {unknown}, which the train split does not hold;"
-            f" its sources are {', '.join(stats.names)}"
-        )
     if len(stats.names) > 2**16:
         raise FidelError(f"split {split} has {len(stats.names)} sources; at most 65,536 are supported")
     all_lengths = np.concatenate([np.zeros(1, np.int64), *lengths])
@@ -285,6 +279,21 @@ def _write_split(
     return meta
 
 
+def _check_weighted_sources(weights: Mapping[str, float], files: list[Path]) -> None:
+    """Refuse, before anything is encoded, a source weight for a source the train split does not hold
+    (a typo would otherwise weight nothing); one pass over the documents' metadata."""
+    present: dict[str, None] = {}
+    for path in files:
+        for doc in read_split_file(path):
+            present.setdefault(doc.source)
+    unknown = sorted(set(weights) - set(present))
+    if unknown:
+        raise FidelError(
+            f"source weights name {unknown}, which the train split does not hold;"
+            f" its sources are {', '.join(present)}"
+        )
+
+
 def tokenize_splits(
     run_dir: str | os.PathLike,
     tokenizer_dir: str | os.PathLike | None = None,
@@ -317,6 +326,8 @@ def tokenize_splits(
     bad = {name: w for name, w in weights.items() if not (math.isfinite(w) and w >= 0)}
     if bad:
         raise FidelError(f"source weights must be finite numbers >= 0, got {bad}")
+    if weights and "train" in splits:
+        _check_weighted_sources(weights, split_files(run_dir, "train"))
     tokenizer = load_tokenizer(tokenizer_dir)
     run = RunLayout(run_dir)
     with _worker_pool(tokenizer_dir, workers) as pool:
