@@ -44,8 +44,7 @@ def optimizer_options(command: Callable[..., Any]) -> Callable[..., Any]:
             show_default=True,
             help="muon: Muon (fidellm.train.muon) on the hidden weight matrices, AdamW on the"
             " embeddings, output head, norms and vectors, at the same --lr and --weight-decay (Muon's update"
-            " is scaled to AdamW's size). With --strategy fsdp each process gathers a matrix's whole"
-            " update for Newton-Schulz and keeps its own rows.",
+            " is scaled to AdamW's size).",
         ),
         click.option(
             "--min-lr-ratio",
