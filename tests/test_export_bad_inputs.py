@@ -89,7 +89,14 @@ def test_a_transformers_llama_directory_with_a_null_pad_id_loads(tmp_path: Path)
     with torch.no_grad():
         assert torch.allclose(ours(ids).logits, theirs(ids).logits, atol=1e-5)
     data = json.loads((tmp_path / "config.json").read_text())
-    for field, value in (("eos_token_id", [2, "x"]), ("bos_token_id", 1.5), ("rope_theta", "big")):
+    for field, value, message in (
+        ("eos_token_id", [2, "x"], "eos_token_id must be a token id"),
+        ("bos_token_id", 1.5, "bos_token_id must be a token id"),
+        ("rope_theta", "big", "rope_theta must be a number"),
+        ("rms_norm_eps", "x", "rms_norm_eps must be a positive number"),  # was a struct.error in gguf
+        ("rope_parameters", "x", "rope_parameters must be an object or null"),  # was an AttributeError
+        ("rope_scaling", {"type": "linear", "factor": 2.0}, "rope_scaling rope_type 'linear' is not"),
+    ):  # the last was ignored beside a default rope_parameters: positions silently scaled otherwise
         (tmp_path / "config.json").write_text(json.dumps({**data, field: value}))
-        with pytest.raises(FidelError, match=rf"config\.json: {field} must be a"):
+        with pytest.raises(FidelError, match=rf"config\.json: {message}"):
             load_hf_dir(tmp_path)

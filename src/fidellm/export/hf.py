@@ -162,14 +162,22 @@ def _config_from_hf(data: dict[str, Any], path: Path) -> LlamaConfig:
     for field, (found, expected) in checks.items():
         if found != expected:
             raise FidelError(f"{path}: {field} is {found!r}; only {expected!r} is supported")
+    for key in ("rope_parameters", "rope_scaling"):  # transformers 5 reads the first, 4.x the second
+        rope = data.get(key) or {}
+        if not isinstance(rope, dict):
+            raise FidelError(f"{path}: {key} must be an object or null, got {rope!r}")
+        kind = rope.get("rope_type", rope.get("type", "default"))  # "type": older 4.x files
+        if kind != "default":
+            raise FidelError(f"{path}: {key} rope_type {kind!r} is not supported, only 'default'")
     rope = data.get("rope_parameters") or data.get("rope_scaling") or {}
-    if rope.get("rope_type", "default") != "default":
-        raise FidelError(f"{path}: rope_type {rope.get('rope_type')!r} is not supported, only 'default'")
     rope_theta = data.get("rope_theta", rope.get("rope_theta"))
     if rope_theta is None:
         raise FidelError(f"{path}: neither rope_theta nor rope_parameters.rope_theta is set")
     if isinstance(rope_theta, bool) or not isinstance(rope_theta, (int, float)):
         raise FidelError(f"{path}: rope_theta must be a number, got {rope_theta!r}")
+    eps = data.get("rms_norm_eps", 1e-5)
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not eps > 0:
+        raise FidelError(f"{path}: rms_norm_eps must be a positive number, got {eps!r}")
     for name in ("vocab_size", "intermediate_size", "num_hidden_layers"):
         if name not in data:
             raise FidelError(f"{path}: missing field {name!r}")
