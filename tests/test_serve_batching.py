@@ -184,6 +184,39 @@ def test_waiting_chunks_are_joined_into_one_event() -> None:
     assert asyncio.run(main()) == [("chunks", ["ሰላም", "ab"]), ("done", [], None)]
 
 
+def test_a_quiet_poll_is_not_an_error_on_python_3_10(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Before Python 3.11 `asyncio.wait_for` raises `asyncio.TimeoutError`, which is not the built-in
+    TimeoutError: a job quiet for one disconnect poll then failed its request with a 500. Emulated here
+    on any Python: a distinct asyncio.TimeoutError, raised by a poll that finds the queue empty."""
+    from fidellm.serve import common
+    from fidellm.serve.engine import Job
+
+    class LegacyTimeoutError(Exception):
+        pass
+
+    async def poll(awaitable: Any, timeout: float) -> Any:
+        task = asyncio.ensure_future(awaitable)
+        await asyncio.sleep(0)
+        if not task.done():
+            task.cancel()
+            raise LegacyTimeoutError
+        return task.result()
+
+    class Connected:
+        async def is_disconnected(self) -> bool:
+            return False
+
+    monkeypatch.setattr(common.asyncio, "TimeoutError", LegacyTimeoutError)
+    monkeypatch.setattr(common.asyncio, "wait_for", poll)
+
+    async def main() -> list[tuple[Any, ...]]:
+        job = Job(prompts=[[1]], config=None, timeout=10)
+        asyncio.get_running_loop().call_later(0.05, job.events.put_nowait, ("done", [], None))
+        return [event async for event in common.job_events(job, request=Connected())]  # type: ignore[arg-type]
+
+    assert asyncio.run(main()) == [("done", [], None)]
+
+
 class Calls(WrappedLM):
     """Wraps a model and records every call as (rows, new positions, cached positions); decode steps
     (one new position) sleep `delay` seconds so that requests overlap."""

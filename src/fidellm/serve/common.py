@@ -168,7 +168,7 @@ async def job_events(job: Job, request: Request) -> AsyncIterator[tuple[Any, ...
         while True:
             try:
                 event = await asyncio.wait_for(job.events.get(), timeout=DISCONNECT_POLL_S)
-            except TimeoutError:
+            except asyncio.TimeoutError:  # before Python 3.11 not the built-in TimeoutError
                 event = None
             if event is None or time.monotonic() - checked >= DISCONNECT_POLL_S:
                 checked = time.monotonic()
