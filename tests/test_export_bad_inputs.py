@@ -100,3 +100,18 @@ def test_a_transformers_llama_directory_with_a_null_pad_id_loads(tmp_path: Path)
         (tmp_path / "config.json").write_text(json.dumps({**data, field: value}))
         with pytest.raises(FidelError, match=rf"config\.json: {message}"):
             load_hf_dir(tmp_path)
+
+
+def test_an_export_into_the_run_it_comes_from_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run = tmp_path / "run"
+    lines = (resolve_data_dir() / "flores200" / "amh_Ethi.dev").read_text(encoding="utf-8").splitlines()
+    train_bpe(lines[:100], 512, show_progress=False).save(run / "tokenizer")
+    model = random_llama(gqa_config(vocab_size=512, num_hidden_layers=1))
+    export_hf(model, model.config, run / "tokenizer", run / "train" / "best", dtype="float32")
+    (run / "train" / "checkpoints").mkdir()
+    for target in (run, tmp_path):  # RUN/config.json + model.safetensors would make RUN load as the export
+        err = error_line(["export", "hf", str(run / "train" / "best"), str(target)], capsys)
+        assert err.startswith(f"error: {target}: holds the model being exported"), err
+    assert not (run / "config.json").exists()

@@ -28,8 +28,9 @@ def _require_llama(network: object, target: str) -> None:
 def _refuse_overwrite(model: Path, tokenizer_dir: Path, out: Path, is_file: bool = False) -> None:
     """Refuse an output that would overwrite what is being exported (silently replacing the source
     weights, e.g. with bf16 ones): MODEL or its tokenizer directory itself, anything inside a run's
-    train/ (checkpoints, best) and, for a file (GGUF), a file already in either directory that is not a
-    previous .gguf."""
+    train/ (checkpoints, best), a directory above either (RUN itself: its config.json and weights would
+    make RUN load as the export) and, for a file (GGUF), a file already in either directory that is not
+    a previous .gguf."""
     from fidellm.errors import FidelError
 
     target, sources = out.resolve(), (model.resolve(), tokenizer_dir.resolve())
@@ -44,6 +45,11 @@ def _refuse_overwrite(model: Path, tokenizer_dir: Path, out: Path, is_file: bool
         clobbers = target in sources
     if clobbers:
         raise FidelError(f"{out}: would overwrite the model being exported ({model}); write it elsewhere")
+    if not is_file and any(target in source.parents for source in sources):
+        raise FidelError(
+            f"{out}: holds the model being exported ({model}); an export there would shadow it (every"
+            " fidellm command would load the export instead of its run or checkpoint); write it elsewhere"
+        )
 
 
 def make_output_dir(directory: Path) -> None:
