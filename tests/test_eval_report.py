@@ -161,3 +161,11 @@ def test_a_relative_checkpoint_path_is_evaluated_into_its_run(
     # was train/best/eval, and checkpoints/step_00000002/eval: deleted with the checkpoint by keep_last
     assert default_out_dir(Path("best")) == run / "eval"
     assert default_out_dir(Path("checkpoints/step_00000002")) == run / "eval"
+
+
+def test_a_moved_run_still_finds_its_training_metrics(tmp_path: Path) -> None:
+    run = tmp_path / "moved" / "demo"
+    (run / "train").mkdir(parents=True)
+    (run / "train" / "metrics.jsonl").write_text('{"kind": "val", "step": 1, "val_loss": 2.0}\n')
+    write_results(run / "eval" / "results.json", 1.0, run=str(tmp_path / "old" / "demo"))  # gone
+    assert load_run(run).train_records == [{"kind": "val", "step": 1, "val_loss": 2.0}]

@@ -200,12 +200,15 @@ def training_files(run: Path | None) -> tuple[list[dict[str, Any]], dict[str, An
 def run_directory(recorded: str | None, results_path: Path) -> Path | None:
     """The run directory a results.json names. A relative one (an older `fidellm eval` recorded it as
     given, relative to its working directory) is the folder holding RUN/eval/results.json when that
-    folder's path ends with it, so the training metrics are found from any directory."""
+    folder's path ends with it, so the training metrics are found from any directory; so is a run no
+    longer where it was recorded (moved) when that folder has its name."""
     if not recorded:
         return None
     run = Path(recorded)
     above = results_path.resolve().parent.parent
     if not run.is_absolute() and run.parts and above.parts[-len(run.parts) :] == run.parts:
+        return above
+    if not run.is_dir() and run.name and above.name == run.name:  # the run was moved since
         return above
     return run
 
