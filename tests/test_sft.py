@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -272,6 +273,33 @@ def test_cli_lora_run_and_user_errors(sft_run: dict[str, Path], tmp_path: Path) 
     assert config["lora"]["rank"] == 2 and config["max_steps"] >= 1 and config["max_samples"] == 6
     result = CliRunner().invoke(cli, [*args, *common, "--use-lora", "--lora-targets", "qkv"])
     assert result.exit_code != 0 and "--lora-targets" in str(result.exception)
+
+
+def test_sft_keeps_a_weight_average_and_merges_it(sft_run: dict[str, Path], tmp_path: Path) -> None:
+    """`fidellm sft --ema-decay`: each checkpoint keeps the averaged weights, and LoRA merges the averaged
+    adapters, also from the latest checkpoint of a run that has no train/best (it never evaluated)."""
+    out = tmp_path / "ema_sft"
+    args = ["sft", str(sft_run["run"]), "--base", str(sft_run["base"]), "--output-dir", str(out), "--seq-len",
+            str(SEQ), "--batch-size", "2", "--device", "cpu", "--eval-batches", "1", "--use-lora",
+            "--lora-rank", "2", "--epochs", "2", "--lr", "1e-2", "--warmup", "0", "--ema-decay", "0.5",
+            "--no-merge"]  # fmt: skip
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert json.loads((out / "train" / "config.json").read_text())["train"]["ema_decay"] == 0.5
+    latest = read_checkpoint(latest_checkpoint(out / "train" / "checkpoints"))
+    trained, averaged = (
+        load_file(str(latest.path / name)) for name in ("model.safetensors", "average.safetensors")
+    )
+    adapters = [name for name in trained if ".lora_B" in name]
+    assert adapters and all(not torch.equal(trained[n], averaged[n]) for n in adapters)
+    for directory in (out / "train" / "best", out / "merged"):  # as if it had never evaluated
+        shutil.rmtree(directory, ignore_errors=True)
+    merged = load_file(str(merge_run(out) / "model.safetensors"))
+    spec = latest.state["train_config"]["lora"]
+    model = apply_lora(build_model(config_from_dict(latest.state["model_config"])), spec)
+    restore_checkpoint(latest, model, restore_rng=False, weights_file="average.safetensors")
+    expected = merge_lora(model).state_dict()
+    assert all(torch.equal(merged[name], expected[name]) for name in merged)
 
 
 @pytest.mark.parametrize("index", [0, 2])

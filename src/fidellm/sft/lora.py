@@ -124,12 +124,18 @@ def merge_lora(model: nn.Module) -> nn.Module:
 
 def merge_run(run_dir: Path) -> Path:
     """Merge the LoRA adapters of the run's best-validation weights (RUN/train/best; the latest
-    checkpoint when the run never evaluated) into RUN/merged: a plain weights directory
-    (model.safetensors + state.json) that load_model, generate and `fidellm export hf` read, with
-    RUN/tokenizer as its tokenizer."""
+    checkpoint, its average when it keeps one, when the run never evaluated) into RUN/merged: a plain
+    weights directory (model.safetensors + state.json) that load_model, generate and `fidellm export
+    hf` read, with RUN/tokenizer as its tokenizer."""
     from fidellm.models.factory import build_model, config_from_dict
     from fidellm.models.load import load_model
-    from fidellm.train.checkpoint import latest_checkpoint, read_checkpoint, restore_checkpoint, save_weights
+    from fidellm.train.checkpoint import (
+        AVERAGE_FILE,
+        latest_checkpoint,
+        read_checkpoint,
+        restore_checkpoint,
+        save_weights,
+    )
 
     latest = latest_checkpoint(run_dir / "train" / "checkpoints")
     if latest is None:
@@ -138,8 +144,9 @@ def merge_run(run_dir: Path) -> Path:
     spec = train_config.get("lora")
     if not spec:
         raise FidelError(f"{latest}: not a LoRA checkpoint (train_config.lora is empty)")
-    best = run_dir / "train" / "best"
+    best = run_dir / "train" / "best"  # with a weight average (ema_decay): the averaged weights
     source = read_checkpoint(best if (best / "state.json").is_file() else latest)
+    averaged = source.path == latest and (latest / AVERAGE_FILE).is_file()
     if spec.get("quantize"):  # 4-bit states depend on the weights: quantize the same base again
         if not train_config.get("base") or not Path(train_config["base"]).exists():
             raise FidelError(f"{run_dir}: merging QLoRA needs its base model, {train_config.get('base')}")
@@ -147,7 +154,9 @@ def merge_run(run_dir: Path) -> Path:
     else:
         model = build_model(config_from_dict(source.state["model_config"]))
     model = apply_lora(model, spec)
-    restore_checkpoint(source, model, restore_rng=False)
+    restore_checkpoint(
+        source, model, restore_rng=False, weights_file=AVERAGE_FILE if averaged else "model.safetensors"
+    )
     merged = merge_lora(model)
     state = {"model_config": source.state["model_config"], "lora": spec, "merged_from": str(source.path)}
     if "val_loss" in source.state:

@@ -34,8 +34,8 @@ def curriculum_options(what: str, note: str = "") -> Callable[[Callable[..., Any
 
 
 def optimizer_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """The optimizer, AdamW, clipping, schedule-floor and checkpoint-count options `fidellm train` and
-    `fidellm sft` share (TrainConfig's defaults)."""
+    """The optimizer, AdamW, clipping, schedule-floor, weight-average and checkpoint-count options
+    `fidellm train` and `fidellm sft` share (TrainConfig's defaults)."""
     options = [
         click.option(
             "--optimizer",
@@ -61,6 +61,13 @@ def optimizer_options(command: Callable[..., Any]) -> Callable[..., Any]:
             default=1.0,
             show_default=True,
             help="Clip the global gradient norm to this (0: no clipping).",
+        ),
+        click.option(
+            "--ema-decay",
+            type=float,
+            default=None,
+            help="Keep an exponential moving average of the weights with this decay (0.99: about the last"
+            " 100 steps, 0.999: 1,000); validation, train/best, generation and export then use the average.",
         ),
         click.option(
             "--keep-last",
@@ -205,13 +212,6 @@ def optimizer_options(command: Callable[..., Any]) -> Callable[..., Any]:
     default="",
     help="Keep as train/best the weights with the lowest val bits/byte over these comma-separated sources"
     " (e.g. the modern ones) instead of the lowest val loss. Every log records each source's bits/byte.",
-)
-@click.option(
-    "--ema-decay",
-    type=float,
-    default=None,
-    help="Keep an exponential moving average of the weights with this decay (0.99: about the last 100"
-    " steps, 0.999: 1,000); validation, train/best, generation and export then use the average.",
 )
 @click.option("--log-every", default=10, show_default=True)
 @click.option(
