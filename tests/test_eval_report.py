@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -169,3 +172,31 @@ def test_a_moved_run_still_finds_its_training_metrics(tmp_path: Path) -> None:
     (run / "train" / "metrics.jsonl").write_text('{"kind": "val", "step": 1, "val_loss": 2.0}\n')
     write_results(run / "eval" / "results.json", 1.0, run=str(tmp_path / "old" / "demo"))  # gone
     assert load_run(run).train_records == [{"kind": "val", "step": 1, "val_loss": 2.0}]
+
+
+SCRIPT = """
+import sys
+from pathlib import Path
+import torch
+from fidellm.eval.report import build_report
+from fidellm.eval.results import TaskResult
+from fidellm.eval.suite import TASKS, EvalContext, run_suite
+from fidellm.tokenizer.bytes import ByteTokenizer
+out = Path(sys.argv[1])
+sample = {"sample": "\\u1230 \\U0001f600"}
+TASKS["ethiopic"] = lambda ctx: [TaskResult("\\u1261\\u1293", "m", 1.0, 1, details=sample)]
+ctx = EvalContext(torch.nn.Linear(2, 2), ByteTokenizer(), torch.device("cpu"), out, None)
+run_suite(ctx, ["ethiopic"], Path("m"), out / "run" / "eval", echo=lambda _: None)
+build_report([out / "run"], out / "card")
+"""
+
+
+def test_results_and_report_are_utf8_whatever_the_locale(tmp_path: Path) -> None:
+    env = {**os.environ, "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0", "LC_ALL": "C"}  # ASCII locale
+    done = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path)], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-600:]  # was a UnicodeEncodeError writing results.json
+    results = json.loads((tmp_path / "run" / "eval" / "results.json").read_bytes())
+    assert results["results"][0]["details"]["sample"] == "ሰ 😀"
+    assert json.loads((tmp_path / "card" / "report.json").read_bytes())["metrics"][0]["task"] == "ቡና"

@@ -455,5 +455,6 @@ def build_report(paths: list[Path], out_dir: Path) -> Path:
         ],
         "plots": plots,
     }  # fmt: skip
-    (out_dir / "report.json").write_text(json.dumps(record, indent=1, ensure_ascii=False) + "\n")
+    text = json.dumps(record, indent=1, ensure_ascii=False) + "\n"
+    (out_dir / "report.json").write_text(text, encoding="utf-8")
     return out_dir / "report.md"

@@ -213,7 +213,8 @@ def run_suite(
         report["results"] += [r.to_dict() for r in results]
         report["data_files"] = dict(sorted(ctx.files_read.items()))
         report["provenance"] = provenance(started)
-        (out_dir / RESULTS_FILE).write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
+        text = json.dumps(report, indent=1, ensure_ascii=False) + "\n"
+        (out_dir / RESULTS_FILE).write_text(text, encoding="utf-8")  # not the locale's: Ethiopic samples
     return report
 
 
