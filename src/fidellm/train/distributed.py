@@ -231,7 +231,22 @@ def reshard(model: nn.Module) -> None:
 
 def sharded(model: nn.Module) -> bool:
     """Whether `model`'s parameters are FSDP2 shards (DTensors) rather than plain tensors."""
-    return any(type(p).__name__ == "DTensor" for p in model.parameters())
+    return any(is_dtensor(p) for p in model.parameters())
+
+
+def is_dtensor(tensor: torch.Tensor) -> bool:
+    """Whether `tensor` is a DTensor (an FSDP2 parameter, its gradient or optimizer state)."""
+    return type(tensor).__name__ == "DTensor"
+
+
+def dtensor_types() -> tuple[Any, Any]:
+    """DTensor and its Replicate placement: public from torch 2.5, under `torch.distributed._tensor`
+    in 2.4."""
+    try:
+        from torch.distributed.tensor import DTensor, Replicate
+    except ImportError:  # torch 2.4
+        from torch.distributed._tensor import DTensor, Replicate  # type: ignore[no-redef]
+    return DTensor, Replicate
 
 
 def full_model_state(model: nn.Module) -> dict[str, torch.Tensor]:

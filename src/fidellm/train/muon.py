@@ -10,7 +10,9 @@ torch's runs the iteration in bf16 always — on a CPU without bf16 matrix units
 fp32 (a 256 × 688 matrix on the 2-core AMD EPYC: 98 ms against 3.4 ms per iteration) — and one matrix
 at a time: here matrices of one shape are orthogonalized together in batched matmuls (a handful of
 kernels per step instead of 15 per matrix), in bf16 on CUDA and fp32 elsewhere, and torch 2.4 runs it.
-tests/test_muon.py checks it against torch.optim.Muon.
+tests/test_muon.py checks it against torch.optim.Muon. Under FSDP2 (parameters sharded by rows) each
+process gathers a matrix's whole update for the iteration and keeps its own rows of the result: one
+all-gather per matrix and step, the iteration repeated on every process.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import torch
 from torch import Tensor
 
 from fidellm.errors import FidelError
+from fidellm.train.distributed import dtensor_types, is_dtensor
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 """The quintic's (a, b, c): maximal slope at zero; singular values land in about [0.7, 1.2], not 1."""
@@ -128,16 +131,12 @@ def local_part(tensor: Tensor) -> Tensor:
     return tensor.to_local() if is_dtensor(tensor) else tensor
 
 
-def is_dtensor(tensor: Tensor) -> bool:
-    return type(tensor).__name__ == "DTensor"
-
-
 def whole_matrix(part: Tensor, like: Tensor) -> Tensor:
     """The whole matrix of which `part` is this process's shard laid out as parameter `like` (an FSDP2
     DTensor; gathered from every process: Newton-Schulz needs the whole matrix), else `part`."""
     if not is_dtensor(like):
         return part
-    dtensor, _ = _dtensor_types()
+    dtensor, _ = dtensor_types()
     return dtensor.from_local(
         part, like.device_mesh, like.placements, run_check=False, shape=like.shape, stride=like.stride()
     ).full_tensor()
@@ -148,20 +147,10 @@ def own_rows(matrix: Tensor, like: Tensor) -> Tensor:
     matrix itself when `like` is not a DTensor."""
     if not is_dtensor(like):
         return matrix
-    dtensor, replicate = _dtensor_types()
+    dtensor, replicate = dtensor_types()
     mesh = like.device_mesh
     replicated = dtensor.from_local(matrix, mesh, [replicate()] * mesh.ndim, run_check=False)
     return replicated.redistribute(mesh, like.placements).to_local()
-
-
-def _dtensor_types() -> tuple[Any, Any]:
-    """DTensor and its Replicate placement: public from torch 2.5, under `torch.distributed._tensor`
-    in 2.4."""
-    try:
-        from torch.distributed.tensor import DTensor, Replicate
-    except ImportError:  # torch 2.4
-        from torch.distributed._tensor import DTensor, Replicate  # type: ignore[no-redef]
-    return DTensor, Replicate
 
 
 def skip_gradients(grads: list[Tensor], buffers: list[Tensor], found_inf: Tensor, keep: Tensor) -> None:
