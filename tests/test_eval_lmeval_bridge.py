@@ -1,4 +1,4 @@
-"""The `lmeval` task of `fidellm eval`: every metric lm-eval reports for our task YAMLs is kept."""
+"""Tasks of `fidellm eval` bridged to other code: lm-eval's metrics kept, fine-tuned heads named apart."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ import torch
 from fidellm.errors import FidelError
 from fidellm.eval.downstream import lmeval
 from fidellm.eval.downstream.registry import DOWNSTREAM_TASKS
+from fidellm.eval.results import TaskResult
 from fidellm.eval.suite import EvalContext
 from fidellm.export import hf
 from fidellm.tokenizer.bytes import ByteTokenizer
@@ -46,3 +47,24 @@ def test_lmeval_names_a_model_it_cannot_export(tmp_path: Path) -> None:
     ctx = EvalContext(model, ByteTokenizer(), torch.device("cpu"), tmp_path, None, tokenizer_dir=tmp_path)
     with pytest.raises(FidelError, match=r"lmeval needs a Llama model .*; got Module"):
         DOWNSTREAM_TASKS["lmeval"](ctx)
+
+
+def test_a_fine_tuned_head_is_reported_under_its_own_task_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from fidellm.eval.downstream import finetuned
+
+    def evaluate(model, tokenizer, data_dir, mode, limit, settings) -> TaskResult:
+        return TaskResult(
+            "masakhanews", "macro_f1", 0.5 if mode == "probe" else 0.7, 3, details={"mode": mode}
+        )
+
+    monkeypatch.setattr(finetuned, "evaluate_masakhanews", evaluate)
+    ctx = EvalContext(torch.nn.Linear(1, 1), ByteTokenizer(), torch.device("cpu"), tmp_path, None)
+    found = [
+        (r.task, r.value)
+        for name in ("masakhanews", "masakhanews-finetune")
+        for r in DOWNSTREAM_TASKS[name](ctx)
+    ]
+    # both were "masakhanews": the report card and report.json kept the last one only
+    assert found == [("masakhanews", 0.5), ("masakhanews-finetune", 0.7)]

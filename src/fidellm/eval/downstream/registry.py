@@ -38,7 +38,10 @@ def _head(task: str, mode: str) -> Callable[[EvalContext], list[TaskResult]]:
         evaluate = getattr(finetuned, f"evaluate_{task}")
         settings = HeadSettings(seed=ctx.seed)
         model, tokenizer, data_dir, limit = ctx.model, ctx.tokenizer, ctx.data_dir, ctx.limit
-        results = [evaluate(model, tokenizer, data_dir, mode=mode, limit=limit, settings=settings)]
+        result = evaluate(model, tokenizer, data_dir, mode=mode, limit=limit, settings=settings)
+        if mode == "finetune":  # named as asked: beside the probe's figure, not in place of it
+            result.task = f"{result.task}-finetune"
+        results = [result]
         if task == "afrisenti" and mode == "probe":
             from fidellm.eval.downstream.sib import evaluate_afrisenti_likelihood
 
