@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from torch import nn
 
 from fidellm.chat.session import ChatSession, read_tools
@@ -153,6 +154,27 @@ def test_a_lora_checkpoint_points_to_the_merged_model(tmp_path: Path) -> None:
             f"{step}: LoRA adapters, not a whole model: use the merged model {tmp_path / 'sft' / 'merged'}"
             " (`fidellm sft` writes it unless --no-merge)"
         )
+
+
+def test_the_best_weights_of_a_lora_run_point_to_the_merged_model(tmp_path: Path) -> None:
+    """RUN/train/best of a LoRA SFT run keeps no train_config: its adapter weight names tell."""
+    from safetensors.torch import save_file
+
+    from fidellm.models.factory import config_to_dict
+    from fidellm.models.load import load_model
+    from fixtures.models import gqa_config
+
+    best = tmp_path / "sft" / "train" / "best"
+    best.mkdir(parents=True)
+    state = {"step": 1, "model_config": config_to_dict(gqa_config())}
+    (best / "state.json").write_text(json.dumps(state), encoding="utf-8")
+    save_file(
+        {"model.layers.0.self_attn.q_proj.lora_A.default.weight": torch.zeros(4, 8)},
+        best / "model.safetensors",
+    )
+    ByteTokenizer().save(tmp_path / "sft" / "tokenizer")
+    with pytest.raises(FidelError, match=rf"^{best}: LoRA adapters, not a whole model: use the merged model"):
+        load_model(best)
 
 
 def test_data_chat_summary_lines_add_up_for_translation_pairs(

@@ -36,7 +36,7 @@ def load_checkpoint_model(path: Path, device: torch.device | str = "cpu", averag
     checkpoint = read_checkpoint(Path(path))
     if "model_config" not in checkpoint.state:
         raise FidelError(f"{Path(path) / STATE_FILE}: no model_config (not a model checkpoint)")
-    if (checkpoint.state.get("train_config") or {}).get("lora"):  # an SFT run's adapters and frozen base
+    if _holds_adapters(checkpoint.state, checkpoint.path):  # an SFT run's adapters and frozen base
         run = next((p.parent for p in Path(path).absolute().parents if p.name == "train"), Path("OUTPUT"))
         raise FidelError(
             f"{path}: LoRA adapters, not a whole model: use the merged model {run / 'merged'}"
@@ -48,6 +48,20 @@ def load_checkpoint_model(path: Path, device: torch.device | str = "cpu", averag
         checkpoint, model, restore_rng=False, weights_file=AVERAGE_FILE if averaged else "model.safetensors"
     )
     return model.eval()
+
+
+def _holds_adapters(state: dict, directory: Path) -> bool:
+    """Whether a checkpoint holds LoRA adapters beside a frozen base: its train_config says so, or (as in
+    RUN/train/best, which keeps no train_config) its weights have peft's adapter names."""
+    if (state.get("train_config") or {}).get("lora"):
+        return True
+    weights = directory / "model.safetensors"
+    if not weights.is_file():
+        return False
+    from safetensors import safe_open
+
+    with safe_open(str(weights), framework="pt") as handle:
+        return any(".lora_A." in name for name in handle.keys())  # noqa: SIM118
 
 
 def checkpoint_tokenizer(checkpoint: Path) -> Path:
