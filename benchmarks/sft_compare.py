@@ -7,7 +7,8 @@ length and steps), so its peak memory is its own: peak RSS on CPU, `torch.cuda.m
 on CUDA. QLoRA needs bitsandbytes (`pip install 'fidel-lm[qlora]'`); without it the arm is skipped
 and the output says so.
 
-    python benchmarks/sft_compare.py RUN --base MODEL [--steps 60] [--device auto] [--eval-tasks ...]
+    python benchmarks/sft_compare.py RUN --base MODEL [--steps 60] [--device auto] [--optimizer adamw]
+        [--eval-tasks ...]
 
 RUN holds RUN/chat/{train,eval}.jsonl (`fidellm data chat RUN`); MODEL is any model `fidellm sft
 --base` takes. Writes OUT/sft_compare.json and prints a markdown table for benchmarks/RESULTS.md.
@@ -53,7 +54,7 @@ CHILD = textwrap.dedent(
         batch_size=args["batch_size"], seq_len=args["seq_len"], lr=args["lr"], warmup_steps=args["warmup"],
         eval_every=args["steps"], eval_batches=args["eval_batches"], log_every=max(1, args["steps"] // 5),
         save_every=0, device=args["device"], seed=args["seed"], resume=False, echo=False,
-        curriculum=bool(lora and lora.get("curriculum")),
+        curriculum=bool(lora and lora.get("curriculum")), optimizer=args["optimizer"],
     )
     shutil.rmtree(Path(args["out"]) / "train", ignore_errors=True)  # a fresh arm every time
     started = time.perf_counter()
@@ -85,6 +86,7 @@ def run_arm(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
         "eval_batches": args.eval_batches,
         "device": args.device,
         "seed": args.seed,
+        "optimizer": args.optimizer,
     }
     process = subprocess.run(
         [sys.executable, "-c", CHILD, json.dumps(payload)], capture_output=True, text=True, check=False
@@ -150,6 +152,7 @@ def main() -> None:
     parser.add_argument("--eval-batches", type=int, default=4)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "muon"], help="every arm's")
     parser.add_argument("--eval-tasks", default="", help="e.g. translation,tool-calls (slow on CPU)")
     parser.add_argument("--eval-limit", type=int, default=20)
     args = parser.parse_args()
