@@ -37,9 +37,19 @@ def window_count(n_tokens: int, seq_len: int) -> int:
     return max(0, (n_tokens - 1) // seq_len)
 
 
-def windows_to_tensors(tokens: np.ndarray, starts: np.ndarray, seq_len: int) -> tuple[Tensor, Tensor]:
-    """(inputs, targets), both int64 (len(starts), seq_len), from windows starting at `starts`."""
+def windows_to_tensors(
+    tokens: np.ndarray, starts: np.ndarray, seq_len: int, shards: TokenShards | None = None
+) -> tuple[Tensor, Tensor]:
+    """(inputs, targets), both int64 (len(starts), seq_len), from windows starting at `starts`; with
+    `shards` (those `tokens` are of) an id outside its vocabulary is an error naming tokens.bin."""
     rows = np.stack([np.asarray(tokens[s : s + seq_len + 1], dtype=np.int64) for s in starts])
+    if shards is not None and rows.size and int(rows.max()) >= shards.meta.get("vocab_size", np.inf):
+        row, column = np.unravel_index(int(rows.argmax()), rows.shape)
+        raise FidelError(
+            f"{shards.directory / 'tokens.bin'}: token {int(starts[row]) + int(column)} is id"
+            f" {int(rows.max())}, outside the vocabulary of {shards.meta['vocab_size']} (damaged);"
+            " rerun `fidellm data tokenize RUN`"
+        )
     batch = torch.from_numpy(rows)
     return batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
@@ -136,7 +146,7 @@ class PackedBatches(ShuffledBatches):
             )
 
     def rows(self, indices: np.ndarray) -> tuple[Tensor, Tensor]:
-        return windows_to_tensors(self.shards.tokens, indices * self.seq_len, self.seq_len)
+        return windows_to_tensors(self.shards.tokens, indices * self.seq_len, self.seq_len, self.shards)
 
 
 class CurriculumWindows(StagedBatches, PackedBatches):
@@ -180,11 +190,19 @@ def validation_batches(shards: TokenShards, seq_len: int, batch_size: int, max_b
     starts = np.linspace(0, n_windows - 1, wanted).round().astype(np.int64) * seq_len
     positions = starts[:, None] + np.arange(1, seq_len + 1)  # of every target token
     documents = np.searchsorted(shards.offsets, positions, side="right") - 1
-    sources = torch.from_numpy(np.asarray(shards.doc_source, dtype=np.int64)[documents])
+    doc_source = np.asarray(shards.doc_source, dtype=np.int64)
+    n_names = len(shards.meta.get("source_names", []))
+    in_range = not doc_source.size or 0 <= doc_source.min() <= doc_source.max() < n_names
+    if doc_source.shape != (len(shards),) or not in_range:
+        raise FidelError(
+            f"{shards.directory / 'doc_source.npy'}: does not match meta.json ({len(shards)} documents,"
+            f" {n_names} source_names); rerun `fidellm data tokenize RUN`"
+        )
+    sources = torch.from_numpy(doc_source[documents])
     return ValidationSet(
         [
             (
-                *windows_to_tensors(shards.tokens, starts[i : i + batch_size], seq_len),
+                *windows_to_tensors(shards.tokens, starts[i : i + batch_size], seq_len, shards),
                 sources[i : i + batch_size],
             )
             for i in range(0, len(starts), batch_size)
