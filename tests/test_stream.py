@@ -5,7 +5,7 @@ from __future__ import annotations
 import codecs
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fidellm.generate.stream import ByteDetokenizer, StopStringFilter, TextDetokenizer, TokenStream
@@ -112,6 +112,8 @@ def complete_part(data: bytes) -> str:
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=40))
+@example(b"\xed\xa0")  # held as incomplete by the decoder, two U+FFFD when decoded whole
+@example(b"a\xf0\x9f")
 def test_length_cut_drops_only_an_incomplete_last_character(data: bytes) -> None:
     """finish(drop_incomplete=True), as at a length limit: an only-started last character is left out
     instead of becoming U+FFFD; invalid bytes before it stay U+FFFD. Byte path and re-decoding path."""

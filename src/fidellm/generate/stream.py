@@ -73,17 +73,18 @@ class TextDetokenizer:
     def flush(self, drop_incomplete: bool = False) -> str:
         """The held-back rest: a truly incomplete ending comes out as U+FFFD, as `decode` gives it, or
         is left out when `drop_incomplete`."""
-        cut = drop_incomplete and self._ends_incomplete()
+        tail = self._incomplete_tail() if drop_incomplete else ""
         text = self._advance(final=True)
-        return text[:-1] if cut and text.endswith(REPLACEMENT) else text
+        return text[: len(text) - len(tail)] if tail and text.endswith(tail) else text
 
-    def _ends_incomplete(self) -> bool:
-        """Whether the bytes of the ids not yet emitted end inside a UTF-8 sequence, which `decode`
-        shows as one U+FFFD (the emitted ones end at a character boundary)."""
+    def _incomplete_tail(self) -> str:
+        """What `decode` makes of the bytes that end the ids not yet emitted inside a UTF-8 sequence (the
+        emitted ones end at a character boundary): one U+FFFD, or two for a start the decoder holds but
+        no character can complete (b"\xed\xa0", a surrogate's start); "" when they end cleanly."""
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         for token in self._ids[self._read :]:
             decoder.decode(self.tokenizer.token_bytes(token, self.skip_special_tokens))
-        return bool(decoder.getstate()[0])
+        return decoder.getstate()[0].decode("utf-8", errors="replace")
 
     def _advance(self, final: bool) -> str:
         emitted = self._decode(self._ids[self._prefix : self._read])
