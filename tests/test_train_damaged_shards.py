@@ -54,3 +54,19 @@ def test_a_doc_source_that_does_not_match_meta_is_named(tmp_path: Path, doc_sour
     message = r"val/doc_source.npy: does not match meta.json \(2 documents, 2 source_names\)"
     with pytest.raises(FidelError, match=message):
         validation_batches(shards, seq_len=8, batch_size=2, max_batches=10)
+
+
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        ("--stage-lr-multipliers", "error: --stage-lr-multipliers ' , ' names no factor (e.g. 2,1.5,1)\n"),
+        ("--best-by-sources", "error: --best-by-sources ' , ' names no source\n"),
+    ],
+)
+def test_a_list_option_naming_nothing_is_refused(tmp_path: Path, capsys, option: str, message: str) -> None:
+    """' , ' was taken as no list at all: the run trained without the factors or sources asked for."""
+    from fidellm.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["train", str(tmp_path), option, " , "])
+    assert exited.value.code == 2 and capsys.readouterr().err == message

@@ -245,12 +245,17 @@ def train_command(
         multipliers = [float(x) for x in stage_lr_multipliers.split(",") if x.strip()]
     except ValueError:
         raise FidelError(f"--stage-lr-multipliers {stage_lr_multipliers!r}: expected e.g. 2,1.5,1") from None
+    if stage_lr_multipliers.strip() and not multipliers:
+        raise FidelError(f"--stage-lr-multipliers {stage_lr_multipliers!r} names no factor (e.g. 2,1.5,1)")
     if base is not None and (preset is not None or dropout):
         raise FidelError("--base trains the base model's own config; leave out --preset and --dropout")
     default_preset = "hnet-tiny" if options["arch"] == "hnet" else "tiny"
     overrides = {"dropout": dropout} if dropout else {}
     chosen = preset or default_preset
-    sources = [name.strip() for name in str(options.pop("best_by_sources")).split(",") if name.strip()]
+    named = str(options.pop("best_by_sources"))
+    sources = [name.strip() for name in named.split(",") if name.strip()]
+    if named.strip() and not sources:
+        raise FidelError(f"--best-by-sources {named!r} names no source")
     config = TrainConfig(
         **options,
         preset=chosen,
