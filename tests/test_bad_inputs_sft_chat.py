@@ -19,16 +19,7 @@ from fidellm.errors import FidelError
 from fidellm.generate.config import GenerationConfig
 from fidellm.sft.data import chat_data
 from fidellm.tokenizer.bytes import ByteTokenizer
-
-
-def fails_with(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    """The one stderr line `fidellm ARGS` prints when it exits with code 2."""
-    with pytest.raises(SystemExit) as exited:
-        main(args)
-    err = capsys.readouterr().err
-    assert exited.value.code == 2, err
-    assert err.count("\n") == 1, err
-    return err
+from fixtures.cli import fails_with
 
 
 @pytest.mark.parametrize("sources", [",", " , ", ""])

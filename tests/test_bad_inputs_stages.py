@@ -30,16 +30,8 @@ from fidellm.tokenizer.base import META_FILE, load_tokenizer
 from fidellm.tokenizer.bpe import BPETokenizer, train_bpe
 from fidellm.tokenizer.bytes import ByteTokenizer
 from fidellm.train.checkpoint import save_checkpoint
+from fixtures.cli import fails_with
 from fixtures.models import gqa_config, random_llama
-
-
-def fails_with(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    """The one stderr line `fidellm ARGS` prints when it exits with code 2."""
-    with pytest.raises(SystemExit) as exited:
-        main(args)
-    err = capsys.readouterr().err
-    assert exited.value.code == 2, err
-    return err
 
 
 def usage_error(args: list[str]) -> str:

@@ -9,17 +9,8 @@ import pytest
 
 from fidellm.cli import main
 from fidellm.paths import resolve_data_dir
+from fixtures.cli import fails_with
 from fixtures.tokenizer.build_run import write_split
-
-
-def fails_with(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    """The one stderr line `fidellm ARGS` prints when it exits with code 2."""
-    with pytest.raises(SystemExit) as exited:
-        main(args)
-    err = capsys.readouterr().err
-    assert exited.value.code == 2, err
-    assert err.count("\n") == 1, err
-    return err
 
 
 @pytest.fixture

@@ -11,13 +11,13 @@ import pytest
 import torch
 import transformers
 
-from fidellm.cli import main
 from fidellm.errors import FidelError
 from fidellm.export.gguf import export_gguf
 from fidellm.export.hf import export_hf, load_hf_dir
 from fidellm.paths import resolve_data_dir
 from fidellm.tokenizer.bpe import train_bpe
 from fidellm.tokenizer.bytes import ByteTokenizer
+from fixtures.cli import fails_with
 from fixtures.models import gqa_config, random_llama
 
 
@@ -42,15 +42,6 @@ def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return export_hf(model, model.config, root / "tokenizer", root / "hf", dtype="float32")
 
 
-def error_line(args: list[str], capsys: pytest.CaptureFixture[str]) -> str:
-    """The stderr of `fidellm ARGS`, which must exit with code 2 (a FidelError)."""
-    with pytest.raises(SystemExit) as exited:
-        main(args)
-    err = capsys.readouterr().err
-    assert exited.value.code == 2, err
-    return err
-
-
 def test_outputs_that_cannot_be_written_are_one_line_errors(
     hf_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -60,7 +51,7 @@ def test_outputs_that_cannot_be_written_are_one_line_errors(
                  ["export", "gguf", str(hf_dir), str(blocker / "m.gguf")],
                  ["report", str(hf_dir), "--out", str(blocker / "card")],
                  ["eval", str(hf_dir), "--tasks", "flores", "--out", str(blocker / "ev")]):  # fmt: skip
-        err = error_line(args, capsys)  # was a NotADirectoryError / FileExistsError traceback
+        err = fails_with(args, capsys)  # was a NotADirectoryError / FileExistsError traceback
         assert err.startswith(f"error: {blocker}") and "cannot create the output directory" in err, err
         assert err.count("\n") == 1
 
@@ -70,7 +61,7 @@ def test_gguf_does_not_replace_a_file_that_is_not_regular(
 ) -> None:
     pipe = tmp_path / "pipe.gguf"
     os.mkfifo(pipe)  # as /dev/null: the export renamed its file over it (as root, /dev/null itself)
-    err = error_line(["export", "gguf", str(hf_dir), str(pipe)], capsys)
+    err = fails_with(["export", "gguf", str(hf_dir), str(pipe)], capsys)
     assert err == f"error: {pipe}: exists and is not a regular file; write the GGUF file elsewhere\n"
     assert stat.S_ISFIFO(pipe.stat().st_mode)
 
@@ -113,6 +104,6 @@ def test_an_export_into_the_run_it_comes_from_is_refused(
     export_hf(model, model.config, run / "tokenizer", run / "train" / "best", dtype="float32")
     (run / "train" / "checkpoints").mkdir()
     for target in (run, tmp_path):  # RUN/config.json + model.safetensors would make RUN load as the export
-        err = error_line(["export", "hf", str(run / "train" / "best"), str(target)], capsys)
+        err = fails_with(["export", "hf", str(run / "train" / "best"), str(target)], capsys)
         assert err.startswith(f"error: {target}: holds the model being exported"), err
     assert not (run / "config.json").exists()
