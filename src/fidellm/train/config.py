@@ -79,7 +79,7 @@ class TrainConfig:
     max_samples: int | None = None
     """Chat: train on the first N conversations of train.jsonl only."""
     epochs: int | None = None
-    """When set, max_steps becomes epochs × the data's steps per epoch."""
+    """When set, max_steps becomes epochs × the data's batches per epoch ÷ grad_accum."""
     best_by_sources: list[str] = field(default_factory=list)
     """Keep as RUN/train/best the weights with the lowest val bits/byte over these sources' text (e.g. the
     modern ones) instead of the lowest val loss over the whole split."""

@@ -168,8 +168,9 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
 
     batches, val_set = training_data(run, config, tokenizer, ctx)
     check_selected_sources(config.best_by_sources, val_set)
-    if config.epochs is not None:
-        config = dataclasses.replace(config, max_steps=config.epochs * batches.steps_per_epoch)
+    if config.epochs is not None:  # an optimizer step draws grad_accum batches (at least one step)
+        steps = config.epochs * batches.steps_per_epoch // config.grad_accum
+        config = dataclasses.replace(config, max_steps=max(1, steps))
     if isinstance(batches, StagedBatches):
         batches.start_schedule(config.max_steps * config.grad_accum, config.curriculum_span)
         if config.echo and ctx.main:
