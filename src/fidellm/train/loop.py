@@ -64,7 +64,13 @@ from fidellm.train.distributed import (
 from fidellm.train.evaluation import BestWeights, check_selected_sources, evaluate
 from fidellm.train.monitor import Monitor, flops_per_token
 from fidellm.train.optim import build_optimizer, learning_rate
-from fidellm.train.resume import check_last_step, check_model_config, resume_changes, resume_notice
+from fidellm.train.resume import (
+    check_data_rows,
+    check_last_step,
+    check_model_config,
+    resume_changes,
+    resume_notice,
+)
 from fidellm.train.step import StepRecord, optimizer_update, updates_skip_on_device
 from fidellm.train.unfreeze import UnfreezeSchedule, apply_unfreeze, preset_schedule, validate_schedule
 
@@ -219,6 +225,9 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
             dataclasses.asdict(config), ctx.world_size, run.root,
         )  # fmt: skip
         check_last_step(previous, loaded.step, config.max_steps, config.stop_at_step)
+        chat = Path(config.chat_dir) if config.chat_dir else run.root / "chat"
+        data_dir = chat if config.data == "chat" else run.tokens / "train"
+        check_data_rows(previous, loaded.state.get("data_rows"), batches.n_rows, data_dir, run.root)
         restore_checkpoint(loaded, model, optimizer, scaler, rank=ctx.rank)
         if average is not None and (previous / AVERAGE_FILE).is_file():
             average.load_full_state(read_weights(model, previous / AVERAGE_FILE))
@@ -257,6 +266,7 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
             "data": data_state if data_state is not None else data.state_dict(),
             "model_config": config_to_dict(mconfig),
             "train_config": dataclasses.asdict(config),
+            "data_rows": batches.n_rows,  # a resume on changed data is refused (check_data_rows)
         }
         averaged = average.full_state() if average is not None else None
         return save_checkpoint(ckpt_dir, at, model, optimizer, state, config.keep_last, scaler, ctx, averaged)

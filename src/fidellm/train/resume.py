@@ -120,6 +120,18 @@ def resume_changes(
     return trajectory
 
 
+def check_data_rows(checkpoint: Path, saved: Any, rows: int, data: Path, run_dir: Path) -> None:
+    """A FidelError when the training rows (windows or conversations) of `data` now number other than
+    when `checkpoint` was saved (re-tokenized or new data): its data position would index another order.
+    A checkpoint without the count (older) is not checked."""
+    if isinstance(saved, int) and saved != rows:
+        raise FidelError(
+            f"{checkpoint}: the training data changed since (it made {saved:,} rows, {data} now makes"
+            f" {rows:,}), so its data position no longer points where the run stopped. Restore that data,"
+            f" or start a new run dir from its weights with --base {run_dir}"
+        )
+
+
 def check_last_step(checkpoint: Path, step: int, max_steps: int, stop_at_step: int | None) -> None:
     """A FidelError when the checkpoint is already past this run's last step (nothing would happen)."""
     last = min(max_steps, stop_at_step or max_steps)
