@@ -1,5 +1,6 @@
 """--epochs counts passes over the data: with gradient accumulation each optimizer step draws grad_accum
-batches, so one epoch is fewer optimizer steps (it was grad_accum passes)."""
+batches, so one epoch is fewer optimizer steps (it was grad_accum passes). Also: options that only
+modify another one are refused without it."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import torch
 
 from fidellm.tokenizer.shards import TokenShards
@@ -31,3 +33,13 @@ def test_one_epoch_with_gradient_accumulation_is_one_pass(flores_run: Path, tmp_
     assert summary["step"] == batches // 2 and summary["step"] >= 2
     state = json.loads((Path(summary["checkpoint"]) / "state.json").read_text())
     assert state["data"] == {"epoch": 0, "step": batches // 2 * 2}  # not into a second pass
+
+
+def test_a_compile_mode_without_compile_is_refused(tmp_path: Path, capsys) -> None:
+    """--compile-mode max-autotune without --compile trained uncompiled, saying nothing."""
+    from fidellm.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["train", str(tmp_path), "--compile-mode", "max-autotune"])
+    err = "error: train config: compile_mode 'max-autotune' needs compile (--compile)\n"
+    assert exited.value.code == 2 and capsys.readouterr().err == err

@@ -120,6 +120,8 @@ class TrainConfig:
             raise FidelError(
                 f"train config: compile_mode {self.compile_mode!r} is not one of {', '.join(COMPILE_MODES)}"
             )
+        if self.compile_mode != "default" and not self.compile:  # it was silently ignored
+            raise FidelError(f"train config: compile_mode {self.compile_mode!r} needs compile (--compile)")
         if self.loss_chunk < 0:
             raise FidelError(f"train config: loss_chunk must be 0 (off) or positive, got {self.loss_chunk}")
         if self.dtype not in DTYPES:
