@@ -25,6 +25,7 @@ from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from fidellm.errors import FidelError
 from fidellm.models.factory import (
+    arch_of,
     build_model,
     config_to_dict,
     repeated_blocks,
@@ -161,6 +162,8 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
     torch.manual_seed(config.seed)  # the same initial weights on every rank
     np.random.seed(config.seed)
     base = load_base(config.base, tokenizer.fingerprint()) if config.base else None
+    if base is not None:  # the base's own architecture trains, whatever arch the config names
+        config = dataclasses.replace(config, arch=arch_of(base.config))
     mconfig = base.config if base is not None else model_config(config, tokenizer.vocab_size)
     if config.seq_len > getattr(mconfig, "max_position_embeddings", config.seq_len):
         raise FidelError(f"seq_len {config.seq_len} exceeds the base model's max_position_embeddings")
