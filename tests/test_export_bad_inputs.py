@@ -32,6 +32,27 @@ def test_a_llama_on_the_byte_tokenizer_is_refused_by_name(tmp_path: Path) -> Non
     assert not (tmp_path / "hf").exists() and not (tmp_path / "m.gguf").exists()
 
 
+def test_a_weight_beyond_float16_is_refused_by_name(tmp_path: Path) -> None:
+    """float16 stops at ±65504: such a weight became inf in the exported file (GGUF f16 refused it)."""
+    from fidellm.export.hnet import export_hnet
+    from fidellm.models.hnet import HNetForCausalLM
+    from fidellm.models.hnet import preset as hnet_preset
+
+    lines = (resolve_data_dir() / "flores200" / "amh_Ethi.dev").read_text(encoding="utf-8").splitlines()
+    train_bpe(lines[:100], 512, show_progress=False).save(tmp_path / "bpe")
+    ByteTokenizer().save(tmp_path / "bytes")
+    llama = random_llama(gqa_config(vocab_size=512, num_hidden_layers=1))
+    hnet = HNetForCausalLM(hnet_preset("hnet-tiny", max_position_embeddings=64))
+    with torch.no_grad():
+        llama.model.layers[0].mlp.up_proj.weight[0, 0] = 1e5
+        next(p for n, p in hnet.named_parameters() if n.endswith("weight") and p.ndim == 2)[0, 0] = -1e5
+    with pytest.raises(FidelError, match=r"weight model\.layers\.0\.mlp\.up_proj\.weight has values beyond"):
+        export_hf(llama, llama.config, tmp_path / "bpe", tmp_path / "hf16", dtype="float16")
+    with pytest.raises(FidelError, match=r"beyond the float16 range \(±65504\); export --dtype bfloat16"):
+        export_hnet(hnet, tmp_path / "bytes", tmp_path / "hnet16", dtype="float16")
+    export_hf(llama, llama.config, tmp_path / "bpe", tmp_path / "hf", dtype="bfloat16")  # its range is fp32's
+
+
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny Llama exported with a BPE tokenizer trained on FLORES lines."""

@@ -82,6 +82,17 @@ def _write_json(path: Path, content: dict[str, Any]) -> None:
     path.write_text(json.dumps(content, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def cast_weight(name: str, tensor: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`tensor` on the CPU in `dtype`; a value beyond float16's range (±65504) is refused by name
+    rather than stored as inf (bfloat16 has float32's range)."""
+    if dtype == torch.float16 and tensor.numel() and tensor.detach().abs().max() > torch.finfo(dtype).max:
+        raise FidelError(
+            f"weight {name} has values beyond the float16 range (±{torch.finfo(dtype).max:g}); export"
+            " --dtype bfloat16 or float32"
+        )
+    return tensor.detach().to("cpu", dtype)
+
+
 def load_bpe(tokenizer_dir: str | os.PathLike, target: str) -> BPETokenizer:
     """The BPE tokenizer an HF or GGUF export writes; a byte tokenizer (a Llama trained on bytes) is
     refused by name rather than as a missing tokenizer.json."""
@@ -118,7 +129,7 @@ def export_hf(
     if tied and state[TIED_KEY].data_ptr() != state["model.embed_tokens.weight"].data_ptr():
         raise FidelError("config says tie_word_embeddings but the model's lm_head is not the embedding")
     tensors = {
-        name: tensor.detach().to("cpu", DTYPES[dtype]).contiguous()
+        name: cast_weight(name, tensor, DTYPES[dtype]).contiguous()
         for name, tensor in state.items()
         if not (tied and name == TIED_KEY)
     }

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import save_file
 
 from fidellm.errors import FidelError
+from fidellm.export.hf import cast_weight
 from fidellm.jsonfile import read_json_object
 from fidellm.models.factory import config_from_dict, config_to_dict
 from fidellm.models.hnet import HNetConfig, HNetForCausalLM
@@ -68,7 +69,7 @@ def export_hnet(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     weights = {
-        name: tensor.detach().to("cpu", torch.float32 if name.endswith(FP32_PARAMETERS) else DTYPES[dtype])
+        name: cast_weight(name, tensor, torch.float32 if name.endswith(FP32_PARAMETERS) else DTYPES[dtype])
         for name, tensor in model.state_dict().items()
     }
     save_file(
