@@ -151,3 +151,15 @@ def test_progressive_unfreezing_trains_only_what_the_schedule_opened(byte_run: P
         fresh(byte_run, tmp_path / "preset"), config(max_steps=2, save_every=0, unfreeze="hnet-design-notes")
     )
     assert preset["step"] == 2
+
+
+def test_a_base_records_its_own_architecture(byte_run: Path, tmp_path: Path) -> None:
+    """`--base` trains the base's own architecture, and train/config.json records it (an H-Net base was
+    recorded as arch "llama", the --arch default, beside its H-Net model config)."""
+    settings = {"seq_len": 64, "batch_size": 2, "max_steps": 1, "warmup_steps": 1, "eval_batches": 1}
+    base = fresh(byte_run, tmp_path / "base")
+    train(base, TrainConfig(arch="hnet", preset="hnet-tiny", echo=False, **settings))
+    run = fresh(byte_run, tmp_path / "run")
+    train(run, TrainConfig(base=str(base), echo=False, **settings))  # arch left at its default
+    saved = json.loads((run / "train/config.json").read_text())
+    assert saved["model"]["arch"] == saved["train"]["arch"] == "hnet"
