@@ -116,12 +116,20 @@ def load_base(path: str, fingerprint: str) -> torch.nn.Module:
     return model.train()
 
 
+def training_source(run: RunLayout, config: TrainConfig) -> Path:
+    """Where the training rows come from: the chat directory (data "chat"; default RUN/chat) or
+    RUN/tokens/train."""
+    if config.data == "chat":
+        return Path(config.chat_dir) if config.chat_dir else run.root / "chat"
+    return run.tokens / "train"
+
+
 def training_data(
     run: RunLayout, config: TrainConfig, tokenizer: Any, ctx: Distributed
 ) -> tuple[PackedBatches | ConversationBatches, list]:
     """(training batches, validation batches) of RUN/tokens or, for data "chat", of the chat JSONL."""
     if config.data == "chat":
-        chat_dir = Path(config.chat_dir) if config.chat_dir else run.root / "chat"
+        chat_dir = training_source(run, config)
         batches, val_set, counts = chat_data(
             chat_dir, tokenizer, config.seq_len, config.batch_size, config.seed,
             config.eval_batches * ctx.world_size, config.max_samples, ctx.rank, ctx.world_size,
@@ -228,9 +236,8 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
             dataclasses.asdict(config), ctx.world_size, run.root,
         )  # fmt: skip
         check_last_step(previous, loaded.step, config.max_steps, config.stop_at_step)
-        chat = Path(config.chat_dir) if config.chat_dir else run.root / "chat"
-        data_dir = chat if config.data == "chat" else run.tokens / "train"
-        check_data_rows(previous, loaded.state.get("data_rows"), batches.n_rows, data_dir, run.root)
+        rows = batches.n_rows
+        check_data_rows(previous, loaded.state.get("data_rows"), rows, training_source(run, config), run.root)
         restore_checkpoint(loaded, model, optimizer, scaler, rank=ctx.rank)
         if average is not None and (previous / AVERAGE_FILE).is_file():
             average.load_full_state(read_weights(model, previous / AVERAGE_FILE))
