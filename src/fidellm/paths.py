@@ -71,6 +71,14 @@ def _remove(path: Path) -> None:
         path.unlink()
 
 
+def make_output_dir(directory: Path) -> None:
+    """Create `directory` (and its parents); a file in the way is a one-line error, not a traceback."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file where a folder should be, no permission, ...
+        raise FidelError(f"{directory}: cannot create the output directory: {error.strerror}") from None
+
+
 @contextlib.contextmanager
 def staged_output_dir(directory: Path, overwrite: bool) -> Iterator[Path]:
     """A stage's output directory, written as DIR.partial and put in place of DIR only when the stage

@@ -65,9 +65,8 @@ def eval_command(
     from fidellm.errors import FidelError
     from fidellm.eval.chat_data import sft_chat_dir
     from fidellm.eval.suite import EvalContext, default_out_dir, run_suite
-    from fidellm.export.cli import make_output_dir
     from fidellm.models.load import load_model
-    from fidellm.paths import resolve_data_dir
+    from fidellm.paths import make_output_dir, resolve_data_dir
     from fidellm.tokenizer.base import load_tokenizer
     from fidellm.train.distributed import pick_device
 
@@ -118,7 +117,7 @@ def report_command(runs: tuple[Path, ...], out: Path | None) -> None:
     every metric side by side, the compressor baselines and published anchors, tokenizer fertility,
     curves.png and compute.png, and report.json tracing each number to its command and commit."""
     from fidellm.eval.report import build_report, run_folder
-    from fidellm.export.cli import make_output_dir
+    from fidellm.paths import make_output_dir
 
     out_dir = out or run_folder(runs[0]) / "report"
     make_output_dir(out_dir)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from fidellm.paths import make_output_dir
+
 
 @click.group()
 def export() -> None:
@@ -50,16 +52,6 @@ def _refuse_overwrite(model: Path, tokenizer_dir: Path, out: Path, is_file: bool
             f"{out}: holds the model being exported ({model}); an export there would shadow it (every"
             " fidellm command would load the export instead of its run or checkpoint); write it elsewhere"
         )
-
-
-def make_output_dir(directory: Path) -> None:
-    """Create `directory` (and its parents); a file in the way is a one-line error, not a traceback."""
-    from fidellm.errors import FidelError
-
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as error:  # a file where a folder should be, no permission, ...
-        raise FidelError(f"{directory}: cannot create the output directory: {error.strerror}") from None
 
 
 @export.command("hf")
