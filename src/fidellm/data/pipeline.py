@@ -55,6 +55,7 @@ from fidellm.paths import RunLayout, staged_output_dir
 
 class SourceReader(PipelineStep):
     """Reads the selected registry sources, sharded by record across ranks; logs rejections with file:line.
+    Counts per source: source records read, documents made of them (fewer with `group_by`), rejected records.
     A source's markup (`markup: wikitext`) is stripped here, so every later stage sees the plain text."""
 
     name = "📖 registry sources"
@@ -82,12 +83,14 @@ class SourceReader(PipelineStep):
             for spec in self.specs:
                 for item in iter_documents(spec, self.data_dir, rank=rank, world_size=world_size):
                     if isinstance(item, Rejection):
-                        counts[spec.name]["rejected"] += 1
+                        counts[spec.name]["rejected"] += item.records
+                        counts[spec.name]["records"] += item.records
                         self.stat_update(f"rejected_{spec.name}")
                         if rejected is not None:
                             rejected.write(json.dumps(asdict(item), ensure_ascii=False, default=str) + "\n")
                         continue
                     counts[spec.name]["documents"] += 1
+                    counts[spec.name]["records"] += item.metadata.get("records", 1)
                     self.stat_update(f"read_{spec.name}")
                     if spec.markup != "none":
                         with self.track_time():

@@ -12,13 +12,16 @@ Mine = Callable[[], bool]
 
 @dataclass(frozen=True)
 class Rejection:
-    """A record that could not be used: where it is, and why (reason is a short machine-readable name)."""
+    """A record that could not be used: where it is, and why (reason is a short machine-readable name).
+    `records` is how many source records it stands for: 1, or a whole group's members when a `group_by`
+    document is rejected (so rejected rows add up to the rows read)."""
 
     source: str
     path: str
     line: int | None
     reason: str
     detail: str
+    records: int = 1
 
     def __str__(self) -> str:
         where = f"{self.path}:{self.line}" if self.line is not None else self.path

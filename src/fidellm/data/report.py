@@ -1,8 +1,9 @@
 """The data report: report.json (every count), report.md (the same for people), report.png (plots).
 
 All numbers are recomputed from the files the pipeline left behind — kept documents in splits/, dropped
-documents with their reason in dropped/, unreadable records in rejected/ — so the accounting
-read = kept + dropped + rejected is checked for every source, not assumed.
+documents with their reason in dropped/, unreadable records in rejected/ — so the accounting is checked for
+every source, not assumed: records read = records in documents + rejected records, and documents = kept +
+dropped (one record is one document except in a `group_by` source, whose documents are groups of records).
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ def collect(layout: PrepareLayout, specs: list[SourceSpec]) -> dict[str, Any]:
     rejected: dict[str, Counter[str]] = defaultdict(Counter)
     rejected_examples: list[dict] = []
     for record in iter_jsonl(layout.rejected):
-        rejected[record["source"]][record["reason"]] += 1
+        rejected[record["source"]][record["reason"]] += record.get("records", 1)
         if len(rejected_examples) < 20:
             rejected_examples.append(record)
 
@@ -147,10 +148,12 @@ def collect(layout: PrepareLayout, specs: list[SourceSpec]) -> dict[str, Any]:
         n_dropped = sum(dropped[name].values())
         n_rejected = sum(rejected[name].values())
         documents = read[name]["documents"]
+        records = read[name]["records"]
         sources[name] = {
             "license": spec.license,
             "license_family": spec.license_family,
-            "records_read": documents + read[name]["rejected"],
+            "records_read": records,
+            "documents": documents,
             "rejected": n_rejected,
             "rejected_by_reason": dict(rejected[name]),
             "dropped": n_dropped,
@@ -187,12 +190,13 @@ def write_report(
     reasons: Counter[str] = Counter()
     for info in sources.values():
         totals["records_read"] += info["records_read"]
+        totals["documents"] += info["documents"]
         totals["rejected"] += info["rejected"]
         totals["dropped"] += info["dropped"]
         for key in ("docs", "chars", "bytes"):
             totals[f"kept_{key}"] += info["kept"][key]
         reasons.update(info["dropped_by_reason"])
-    after_exact = totals["records_read"] - totals["rejected"] - reasons["empty"]
+    after_exact = totals["documents"] - reasons["empty"]
     after_filters = totals["kept_docs"] + reasons["near_duplicate"]
     n_lang = sum(facts["languages"].values())
     report = {
@@ -259,10 +263,10 @@ def render_markdown(report: dict[str, Any]) -> str:
     totals = report["totals"]
     parts = [
         "# Data report",
-        f"Records read {totals['records_read']:,} = kept {totals['kept_docs']:,} "
-        f"+ dropped {totals['dropped']:,} "
-        f"+ rejected {totals['rejected']:,}. Kept {totals['kept_chars']:,} characters, "
-        f"{totals['kept_bytes'] / 1e6:.1f} MB.",
+        f"Records read {totals['records_read']:,}: rejected {totals['rejected']:,}, the rest made "
+        f"{totals['documents']:,} documents (a `group_by` source makes one of several records) = kept "
+        f"{totals['kept_docs']:,} + dropped {totals['dropped']:,}. Kept {totals['kept_chars']:,} "
+        f"characters, {totals['kept_bytes'] / 1e6:.1f} MB.",
         "## Per source",
         _table(
             [
@@ -270,6 +274,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                 "licence",
                 "read",
                 "rejected",
+                "documents",
                 "dropped",
                 "kept docs",
                 "lines",
@@ -284,6 +289,7 @@ def render_markdown(report: dict[str, Any]) -> str:
                     info["license_family"],
                     f"{info['records_read']:,}",
                     info["rejected"],
+                    f"{info['documents']:,}",
                     f"{info['dropped']:,}",
                     f"{info['kept']['docs']:,}",
                     f"{info['kept']['lines']:,}",
@@ -383,16 +389,18 @@ def _plot(report: dict[str, Any], lengths: list[int], path: Path) -> None:
         axes[0].set_xscale("log")
     axes[0].set(title="Kept document length", xlabel="characters", ylabel="documents")
     names = list(report["sources"])
-    parts = {
-        "kept": [report["sources"][n]["kept"]["docs"] for n in names],
-        "dropped": [report["sources"][n]["dropped"] for n in names],
-        "rejected": [report["sources"][n]["rejected"] for n in names],
+    infos = [report["sources"][n] for n in names]
+    read = np.array([max(info["records_read"], 1) for info in infos])
+    grouped = np.array([(i["records_read"] - i["rejected"]) / max(i["documents"], 1) for i in infos])
+    parts = {  # kept and dropped documents in the records they were made of (more than one with group_by)
+        "kept": grouped * [info["kept"]["docs"] for info in infos],
+        "dropped": grouped * [info["dropped"] for info in infos],
+        "rejected": np.array([info["rejected"] for info in infos]),
     }
-    read = np.maximum(np.sum(list(parts.values()), axis=0), 1)
     y = np.arange(len(names))
     left = np.zeros(len(names))
     for label, counts in parts.items():
-        share = 100 * np.asarray(counts) / read
+        share = 100 * counts / read
         axes[1].barh(y, share, left=left, label=label)
         left += share
     axes[1].set_yticks(y, [f"{n} ({r:,})" for n, r in zip(names, read, strict=True)], fontsize=8)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import glob
 import os
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -215,9 +215,10 @@ def _plain(spec: SourceSpec, files: list[ResolvedFile], removed: tuple[set[str],
 
 
 def _grouped(spec: SourceSpec, files: list[ResolvedFile], removed: tuple[set[str], str], shard: _Shard):
-    """Consecutive records with equal `group_by` values form one document (their texts as lines). Every rank
-    parses every member; a group belongs to rank (group index % world_size), and member-level rejections are
-    spread the same way, so sharded counts add up to the unsharded ones."""
+    """Consecutive records with equal `group_by` values form one document (their texts as lines, metadata
+    `records` their number); a rejected member is a rejection of its own. Every rank parses every member;
+    a group belongs to rank (group index % world_size), and member-level rejections are spread the same way,
+    so sharded counts add up to the unsharded ones."""
     member_shard = _Shard(shard.rank, shard.world_size)
     seen: set[tuple[str, ...]] = set()
     key: tuple[str, ...] | None = None
@@ -230,7 +231,8 @@ def _grouped(spec: SourceSpec, files: list[ResolvedFile], removed: tuple[set[str
         first, first_path = members[0]
         where = (first_path, first.line)
         if orig_id in removed[0]:
-            yield Rejection(spec.name, *where, "removed_listed", f"{orig_id} is listed in {removed[1]}")
+            detail = f"{orig_id} ({len(members)} records) is listed in {removed[1]}"
+            yield Rejection(spec.name, *where, "removed_listed", detail, len(members))
             return
         lines = []
         for record, path in members:
@@ -241,10 +243,13 @@ def _grouped(spec: SourceSpec, files: list[ResolvedFile], removed: tuple[set[str
                 )
             else:
                 lines.append(text)
-        if lines:
-            yield _document(spec, orig_id, "\n".join(lines), first.fields, where)
-        else:
-            yield Rejection(spec.name, *where, "empty", f"every member of group {orig_id} is empty")
+        if lines:  # a group whose members are all rejected is accounted for by their rejections
+            document = _document(spec, orig_id, "\n".join(lines), first.fields, where)
+            if isinstance(document, Rejection):
+                yield replace(document, records=len(lines))
+            else:
+                document.metadata["records"] = len(lines)
+                yield document
 
     for resolved in files:
         for record in read_records(
@@ -292,7 +297,8 @@ def iter_documents(
 ) -> Iterator[Document | Rejection]:
     """Stream one source as Documents (id `source/orig_id`, metadata source, orig_id, date, license,
     license_family, weight) and Rejections. Rank r of `world_size` gets records r, r+w, r+2w, … and decodes
-    only those. Ids listed in the source's removed-ids file come back as Rejection `removed_listed`."""
+    only those. Ids listed in the source's removed-ids file come back as Rejection `removed_listed`. A
+    `group_by` document's metadata adds `records`, the source records it was made of."""
     shard = _Shard(rank, world_size)
     files = resolve_files(spec, Path(data_dir))
     removed = _load_removed(spec, Path(data_dir))
