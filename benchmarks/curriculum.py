@@ -63,9 +63,9 @@ def main() -> None:
     for seed in [int(s) for s in args.seeds.split(",")]:
         for arm in ARMS:
             args.seed = seed
-            config = dataclasses.replace(
-                config_from_args(args), curriculum=arm == "curriculum", curriculum_span=args.span
-            )
+            config = config_from_args(args)
+            if arm == "curriculum":  # the shuffled arm has no span: it would not take effect
+                config = dataclasses.replace(config, curriculum=True, curriculum_span=args.span)
             work = training_workdir(scored_run, args.out / f"{arm}-s{seed}")
             started = time.perf_counter()
             summary = train(work, config)

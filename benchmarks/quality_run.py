@@ -70,7 +70,10 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--document-mask", action="store_true", help="Attention within documents only.")
     parser.add_argument("--min-lr-ratio", type=float, default=0.1, help="Final lr / peak lr.")
     parser.add_argument(
-        "--decay-fraction", type=float, default=0.2, help="wsd: the share of steps decaying (0: constant)."
+        "--decay-fraction",
+        type=float,
+        default=TrainConfig.decay_fraction,
+        help="--schedule wsd only: the share of steps decaying (0: constant).",
     )
     parser.add_argument("--eval-every", type=int, default=240)
     parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True)
@@ -91,6 +94,7 @@ def add_training_options(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    """The TrainConfig of the options (a --decay-fraction other than the default needs --schedule wsd)."""
     return TrainConfig(
         arch=args.arch,
         preset=args.preset,

@@ -282,7 +282,9 @@ def test_train_cli_flag_and_its_errors(curriculum_run: dict[str, Path], tmp_path
               "--preset", "tiny"]  # fmt: skip
     result = CliRunner().invoke(cli, ["train", str(curriculum_run["plain"]), *common, "--curriculum"])
     assert result.exit_code != 0 and "data tokenize RUN --curriculum" in str(result.exception)
-    result = CliRunner().invoke(cli, ["train", str(curriculum_run["plain"]), "--curriculum-span", "0"])
+    result = CliRunner().invoke(
+        cli, ["train", str(curriculum_run["plain"]), "--curriculum", "--curriculum-span", "0"]
+    )
     assert result.exit_code != 0 and "curriculum_span" in str(result.exception)
     run = tmp_path / "run"
     shutil.copytree(curriculum_run["plain"] / "data", run / "data")

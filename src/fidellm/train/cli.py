@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -9,26 +10,45 @@ from typing import Any
 
 import click
 
+from fidellm.errors import FidelError
 from fidellm.train.curriculum import DEFAULT_SPAN
 
 
+def given(name: str) -> bool:
+    """Whether the current command's option `name` came from the user, not its default (so an explicit
+    value equal to the default counts as given)."""
+    source = click.get_current_context().get_parameter_source(name)
+    return source is not None and source is not click.core.ParameterSource.DEFAULT
+
+
 def curriculum_options(what: str, note: str = "") -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """The --curriculum and --curriculum-span options `fidellm train` and `fidellm sft` share."""
+    """The --curriculum and --curriculum-span options `fidellm train` and `fidellm sft` share; a span
+    given without --curriculum is refused (it would be silently ignored)."""
 
     def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
-        command = click.option(
+        @functools.wraps(command)
+        def checked(**options: Any) -> Any:
+            if given("curriculum_span") and not options["curriculum"]:
+                raise FidelError(
+                    "--curriculum-span applies with --curriculum only (the data is drawn shuffled"
+                    " without it): add --curriculum, or leave it out"
+                )
+            return command(**options)
+
+        with_span = click.option(
             "--curriculum-span",
             type=float,
             default=DEFAULT_SPAN,
             show_default=True,
-            help="Share of the steps over which the five stages are unlocked; all data is drawn after it.",
-        )(command)
+            help="With --curriculum: the share of the steps over which the five stages are unlocked; all"
+            " data is drawn after it.",
+        )(checked)
         return click.option(
             "--curriculum/--no-curriculum",
             default=False,
             show_default=True,
             help=f"Easy to hard: draw {what} by complexity stage, beginner first (docs/curriculum.md){note}.",
-        )(command)
+        )(with_span)
 
     return decorate
 
@@ -146,7 +166,7 @@ def optimizer_options(command: Callable[..., Any]) -> Callable[..., Any]:
     type=click.FloatRange(0, 1),
     default=0.2,
     show_default=True,
-    help="wsd: the share of the steps spent decaying at the end.",
+    help="--schedule wsd only: the share of the steps spent decaying at the end.",
 )
 @click.option("--warmup", "warmup_steps", default=100, show_default=True, help="Linear warmup steps.")
 @click.option("--weight-decay", default=0.1, show_default=True, help="AdamW decay of the weight matrices.")
@@ -237,7 +257,6 @@ def train_command(
     `torchrun --standalone --nproc-per-node 8 -m fidellm train RUN --preset 125m`;
     --batch-size is then per process and the data of one step is split across the processes.
     """
-    from fidellm.errors import FidelError
     from fidellm.train.config import TrainConfig
     from fidellm.train.loop import train
 
@@ -247,6 +266,11 @@ def train_command(
         raise FidelError(f"--stage-lr-multipliers {stage_lr_multipliers!r}: expected e.g. 2,1.5,1") from None
     if stage_lr_multipliers.strip() and not multipliers:
         raise FidelError(f"--stage-lr-multipliers {stage_lr_multipliers!r} names no factor (e.g. 2,1.5,1)")
+    if given("decay_fraction") and options["schedule"] != "wsd":
+        raise FidelError(
+            f"--decay-fraction applies to --schedule wsd only (the {options['schedule']} schedule has no"
+            " decay phase): add --schedule wsd, or leave it out"
+        )
     if base is not None and (preset is not None or dropout):
         raise FidelError("--base trains the base model's own config; leave out --preset and --dropout")
     default_preset = "hnet-tiny" if options["arch"] == "hnet" else "tiny"

@@ -160,6 +160,14 @@ class TrainConfig:
             raise FidelError("train config: lora needs a base model")
         if not 0 < self.curriculum_span <= 1:
             raise FidelError(f"train config: curriculum_span must lie in (0, 1], got {self.curriculum_span}")
+        if self.curriculum_span != DEFAULT_SPAN and not self.curriculum:  # it was silently ignored
+            raise FidelError(
+                f"train config: curriculum_span {self.curriculum_span} needs curriculum (--curriculum)"
+            )
+        if self.decay_fraction != TrainConfig.decay_fraction and self.schedule != "wsd":  # ignored, too
+            raise FidelError(
+                f"train config: decay_fraction {self.decay_fraction} needs schedule wsd (--schedule wsd)"
+            )
         if self.document_mask and self.arch != "llama":
             raise FidelError("train config: document_mask is implemented for the llama architecture only")
         check_decay(self.ema_decay)
