@@ -150,17 +150,37 @@ def test_an_unclosed_quote_in_a_tsv_rejects_its_line_only(tmp_path):
 
 
 def test_csv_quoted_fields_may_span_lines_but_broken_quoting_is_rejected(tmp_path):
+    """A quote open to the end of the file rejects its own line; the records after it are read again (they
+    used to be swallowed into that one rejection: c5 and c6 lost, unseen)."""
     path = tmp_path / "q.csv"
-    path.write_text('id,text\nc1,"two\nlines"\nc2,"a"b\nc3,plain\nc4,"never closed\nc5,gone\n')
+    path.write_text('id,text\nc1,"two\nlines"\nc2,"a"b\nc3,plain\nc4,"never closed\nc5,back\n\nc6,too\n')
     items = read(path, "csv")
-    assert [(r.fields["id"], r.fields["text"], r.line) for r in records(items)] == [
-        ("c1", "two\nlines", 2),
-        ("c3", "plain", 5),
+    assert [(r.fields["id"], r.fields["text"], r.line, r.key) for r in records(items)] == [
+        ("c1", "two\nlines", 2, "0"),
+        ("c3", "plain", 5, "2"),
+        ("c5", "back", 7, "4"),
+        ("c6", "too", 9, "5"),
     ]
     assert [(r.line, r.reason) for r in rejections(items)] == [(4, "bad_quoting"), (6, "bad_quoting")]
     assert rejections(items)[1].detail == (
-        "a quoted field does not close before the end of the file; the record spans lines 6-7"
+        "a quoted field does not close before the end of the file (line 9); the lines after line 6 are"
+        " read again as records; the record spans line 6"
     )
+    assert len(items) == 6  # one item per record: the lines read again are counted once
+
+
+def test_csv_quote_open_to_the_end_sharded(tmp_path):
+    """Ranks of a sharded read see each record once, the lines read again after the open quote included."""
+    path = tmp_path / "q.csv"
+    path.write_text('id,text\na,one\nb,"open\nc,three\nd,four\ne,five\n')
+    whole = read(path, "csv")
+    assert [r.fields["id"] for r in records(whole)] == ["a", "c", "d", "e"]
+    for world_size in (2, 3):
+        shards = []
+        for rank in range(world_size):
+            owners = (k % world_size == rank for k in range(10**6))
+            shards += read_records(path, "csv", "fx", owners.__next__)
+        assert sorted(map(str, shards)) == sorted(map(str, whole))
 
 
 @pytest.mark.parametrize("fmt", ["csv", "tsv"])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import csv
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,13 @@ def _set_csv_limit() -> None:
 
 Rows = Iterator[tuple[int, int, list[str] | str]]
 """(first line, last line, fields or what is wrong with the record's quoting) of each record."""
+Lines = Callable[[int], Iterator[tuple[int, str]]]
+"""The numbered text lines of a file after line `n` (0: all of them), read afresh on each call."""
 
 
-def _tsv_rows(lines: Iterator[tuple[int, str]], dialect: dict[str, Any]) -> Rows:
+def _tsv_rows(lines: Lines, dialect: dict[str, Any]) -> Rows:
     """tsv: each line is one record, its quotes honoured within the line; blank lines are no records."""
-    for number, text in lines:
+    for number, text in lines(0):
         if not text.strip():
             continue
         try:
@@ -43,30 +45,38 @@ def _tsv_rows(lines: Iterator[tuple[int, str]], dialect: dict[str, Any]) -> Rows
         yield number, number, row
 
 
-def _csv_rows(lines: Iterator[tuple[int, str]], dialect: dict[str, Any]) -> Rows:
+def _csv_rows(lines: Lines, dialect: dict[str, Any]) -> Rows:
     """csv (RFC 4180): a quoted field may span lines; blank lines are no records. After broken quoting the
-    csv module resumes at the next line."""
+    csv module resumes at the next line. A quoted field still open at the end of the file would swallow
+    every record after it, so only its record's first line is rejected and the lines after it are read
+    again."""
     last = [""]  # the line the csv module read last: a record's last line when it returns one
+    end = 0  # the last line of the previous record
 
-    def feed() -> Iterator[str]:
-        for _, text in lines:
+    def feed(after: int) -> Iterator[str]:
+        for _, text in lines(after):
             last[0] = text
             yield text + "\n"
 
-    reader = csv.reader(feed(), **dialect)
-    end = 0
     while True:
-        try:
-            row: list[str] | str = next(reader)
-        except StopIteration:
-            return
-        except csv.Error as error:
-            row = f"broken quoting ({error})"
-            if "end of data" in str(error):
-                row = "a quoted field does not close before the end of the file"
-        start, end = end + 1, reader.line_num
-        if start < end or last[0].strip():
-            yield start, end, row
+        after = end
+        reader = csv.reader(feed(after), **dialect)
+        while True:
+            try:
+                row: list[str] | str = next(reader)
+            except StopIteration:
+                return
+            except csv.Error as error:
+                if "end of data" in str(error):
+                    break
+                row = f"broken quoting ({error})"
+            start, end = end + 1, after + reader.line_num
+            if start < end or last[0].strip():
+                yield start, end, row
+        start, eof = end + 1, after + reader.line_num
+        detail = f"the lines after line {start} are read again as records"
+        yield start, start, f"a quoted field does not close before the end of the file (line {eof}); {detail}"
+        end = start
 
 
 def read_delimited(
@@ -81,8 +91,10 @@ def read_delimited(
     _set_csv_limit()
     bad_lines: dict[int, bytes] = {}
 
-    def text_lines() -> Iterator[tuple[int, str]]:
+    def text_lines(after: int) -> Iterator[tuple[int, str]]:
         for number, raw in enumerate(iter_raw_lines(path), start=1):
+            if number <= after:
+                continue
             text = decode_line(raw)
             if text is None:
                 bad_lines[number] = raw
@@ -94,7 +106,7 @@ def read_delimited(
         "quoting": csv.QUOTE_NONE if options.get("quoting") == "none" else csv.QUOTE_MINIMAL,
         "strict": True,
     }
-    rows = (_csv_rows if fmt == "csv" else _tsv_rows)(text_lines(), dialect)
+    rows = (_csv_rows if fmt == "csv" else _tsv_rows)(text_lines, dialect)
     if options.get("header", True):
         first, last, header = next(rows, (0, 0, None))
         if header is None:
