@@ -127,12 +127,37 @@ def example_from(ids: Sequence[int], mask: Sequence[int], seq_len: int) -> tuple
     return Example(inputs, targets), truncated
 
 
+def join_text_parts(messages: Any) -> str | None:
+    """Replace each list of OpenAI content parts (`[{"type": "text", "text": ...}, ...]`) in `messages`
+    by its texts joined with "\n", the text the chat template renders for it, so the schema, the masks
+    and the template all see one string; what is wrong with a part (naming its field), else None.
+    Only text parts are accepted, as the template refuses any other."""
+    for index, message in enumerate(messages if isinstance(messages, list) else []):
+        parts = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(parts, list):
+            continue
+        texts = []
+        for number, part in enumerate(parts):
+            where = f"messages[{index}].content[{number}]"
+            if not isinstance(part, Mapping):
+                return f"{where} is {type(part).__name__}, not a content part object"
+            if part.get("type") != "text":
+                return f"{where}.type is {part.get('type')!r}: only text content parts are supported"
+            if not isinstance(part.get("text"), str):
+                return f"{where}.text is {type(part.get('text')).__name__}, not a string"
+            texts.append(part["text"])
+        message["content"] = "\n".join(texts)
+    return None
+
+
 def read_conversations(path: Path, max_samples: int | None = None) -> list[dict[str, Any]]:
     """The conversations of a `fidellm data chat` JSONL file (the first `max_samples` when given).
 
-    Each is checked against the conversation schema (`fidellm.chat.schema.conversation_error`, which
-    also renders it), so a line that is not UTF-8, not JSON or not a valid conversation is a FidelError
-    naming the file and line here, not a crash inside the chat template later."""
+    A `content` given as OpenAI content parts becomes the text the template renders for it
+    (`join_text_parts`). Each conversation is checked against the conversation schema
+    (`fidellm.chat.schema.conversation_error`, which also renders it), so a line that is not UTF-8, not
+    JSON or not a valid conversation is a FidelError naming the file and line here, not a crash inside
+    the chat template later."""
     if not path.is_file():
         raise FidelError(f"{path}: no conversation file (run `fidellm data chat RUN` first)")
     conversations = []
@@ -158,7 +183,7 @@ def read_conversations(path: Path, max_samples: int | None = None) -> list[dict[
             conversation = Conversation(
                 str(record["id"]), str(record.get("source")), record.get("messages"), record.get("tools")
             )
-            problem = conversation_error(conversation)
+            problem = join_text_parts(conversation.messages) or conversation_error(conversation)
             if problem:
                 raise FidelError(f"{path}:{number}: conversation {record['id']}: {problem}")
             conversations.append(record)

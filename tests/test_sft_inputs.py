@@ -1,0 +1,70 @@
+"""What `fidellm sft` accepts in its conversation files: OpenAI content parts, rendered as the chat
+template renders them, and clear errors naming file, line and field for what it cannot train on."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fidellm.chat.template import encode_chat, render_chat
+from fidellm.errors import FidelError
+from fidellm.sft.data import encode_conversation, read_conversations
+from fidellm.tokenizer.bpe import BPETokenizer
+from fidellm.tokenizer.special import IM_END
+from fixtures.bpe import flores_bpe
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BPETokenizer:
+    return flores_bpe(tmp_path_factory.mktemp("bpe"), 512, lines=300)
+
+
+def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records), encoding="utf-8")
+    return path
+
+
+def parts(*texts: str) -> list[dict[str, str]]:
+    return [{"type": "text", "text": text} for text in texts]
+
+
+PARTS_CHAT: list[dict[str, Any]] = [
+    {"role": "system", "content": parts("አጭር መልስ ስጥ።")},
+    {"role": "user", "content": parts("ሰላም", "እንዴት ነህ?")},
+    {"role": "assistant", "content": parts("ደህና ነኝ።", "አንተስ?")},
+]
+
+
+def test_text_parts_train_on_the_text_the_template_renders(tokenizer: BPETokenizer, tmp_path: Path) -> None:
+    """Parts are joined with "\\n" exactly as the template joins them, and the loss mask covers that
+    assistant text through its `<|im_end|>`, nothing of the user's parts."""
+    path = write_jsonl(tmp_path / "train.jsonl", [{"id": "p", "messages": PARTS_CHAT}])
+    [record] = read_conversations(path)
+    assert [m["content"] for m in record["messages"]] == ["አጭር መልስ ስጥ።", "ሰላም\nእንዴት ነህ?", "ደህና ነኝ።\nአንተስ?"]
+    ids, mask = encode_conversation(tokenizer, record["messages"], None, "p")
+    assert ids == encode_chat(tokenizer, render_chat(PARTS_CHAT))  # the template's own rendering of parts
+    trained = [i for i, bit in zip(ids, mask, strict=True) if bit]
+    assert tokenizer.decode(trained) == "ደህና ነኝ።\nአንተስ?" + IM_END
+    assert "".join(map(str, mask)).strip("0") == "1" * len(trained)  # one run: the assistant's turn
+
+
+@pytest.mark.parametrize(
+    ("content", "field"),
+    [
+        ([{"type": "image_url", "image_url": {"url": "p"}}], "messages[1].content[0].type is 'image_url'"),
+        ([{"type": "text", "text": "ሀ"}, "ለ"], "messages[1].content[1] is str, not a content part object"),
+        ([{"type": "text", "text": 3}], "messages[1].content[0].text is int, not a string"),
+        ([], "messages[1].content is empty"),
+    ],
+)
+def test_other_parts_are_named_by_file_line_and_field(tmp_path: Path, content: list[Any], field: str) -> None:
+    good = {"id": "ok", "messages": [{"role": "user", "content": "ሀ"}, {"role": "assistant", "content": "ለ"}]}
+    messages = [{"role": "system", "content": "ሐ"}, {"role": "user", "content": content}]
+    bad = {"id": "bad", "messages": [*messages, {"role": "assistant", "content": "መ"}]}
+    path = write_jsonl(tmp_path / "train.jsonl", [good, bad])
+    with pytest.raises(FidelError) as error:
+        read_conversations(path)
+    assert str(error.value).startswith(f"{path}:2: conversation bad: {field}")
