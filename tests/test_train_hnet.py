@@ -163,3 +163,27 @@ def test_a_base_records_its_own_architecture(byte_run: Path, tmp_path: Path) -> 
     train(run, TrainConfig(base=str(base), echo=False, **settings))  # arch left at its default
     saved = json.loads((run / "train/config.json").read_text())
     assert saved["model"]["arch"] == saved["train"]["arch"] == "hnet"
+
+
+def test_a_base_run_records_no_preset_and_refuses_another_arch(byte_run: Path, tmp_path: Path) -> None:
+    """`fidellm train --base` recorded preset "tiny" (the --preset default) whatever the base was, and an
+    explicit --arch other than the base's was silently overridden by the base's."""
+    from click.testing import CliRunner
+
+    from fidellm.cli import cli
+
+    settings = {"seq_len": 64, "batch_size": 2, "max_steps": 1, "warmup_steps": 1, "eval_batches": 1}
+    base = fresh(byte_run, tmp_path / "base")
+    train(base, TrainConfig(arch="hnet", preset="hnet-2s-tiny", echo=False, **settings))
+    run = fresh(byte_run, tmp_path / "run")
+    args = ["train", str(run), "--base", str(base), "--seq-len", "64", "--batch-size", "2", "--steps", "1",
+            "--warmup", "1", "--eval-batches", "1", "--device", "cpu"]  # fmt: skip
+    refused = CliRunner().invoke(cli, [*args, "--arch", "llama"])
+    assert isinstance(refused.exception, FidelError) and not (run / "train").exists()
+    assert str(refused.exception).startswith(f"--arch llama: the base model {base} is hnet")
+    result = CliRunner().invoke(cli, [*args, "--arch", "hnet"])  # the base's own: fine
+    assert result.exit_code == 0, result.output
+    saved = json.loads((run / "train/config.json").read_text())["train"]
+    assert (saved["arch"], saved["preset"], saved["base"]) == ("hnet", None, str(base.resolve()))
+    with pytest.raises(FidelError, match="preset is needed"):
+        TrainConfig(preset=None).validate()

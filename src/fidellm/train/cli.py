@@ -102,6 +102,21 @@ def optimizer_options(command: Callable[..., Any]) -> Callable[..., Any]:
     return command
 
 
+def check_base_arch(base: str, arch: str) -> None:
+    """A FidelError when an explicit --arch is not the base model's own architecture, which is what
+    trains (it was silently overridden). Loads the base once more: only when --arch is given."""
+    from fidellm.models.factory import arch_of
+    from fidellm.models.load import load_model
+
+    model, _ = load_model(base)
+    own = arch_of(model.config)
+    if arch != own:
+        raise FidelError(
+            f"--arch {arch}: the base model {base} is {own}, and --base trains the base's own architecture;"
+            f" leave out --arch (or pass --arch {own})"
+        )
+
+
 @click.command("train")
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option(
@@ -109,7 +124,8 @@ def optimizer_options(command: Callable[..., Any]) -> Callable[..., Any]:
     type=click.Choice(["llama", "hnet"]),
     default="llama",
     show_default=True,
-    help="llama (BPE tokens) or hnet (bytes; the run's tokenizer must be `--kind bytes`).",
+    help="llama (BPE tokens) or hnet (bytes; the run's tokenizer must be `--kind bytes`). With --base:"
+    " the base's own (an explicit --arch must match it).",
 )
 @click.option(
     "--preset",
@@ -121,7 +137,8 @@ def optimizer_options(command: Callable[..., Any]) -> Callable[..., Any]:
     "--base",
     default=None,
     help="Continue pretraining this model (exported dir, checkpoint or run dir; its tokenizer must be the"
-    " run's) instead of random weights; its own config is trained, so --preset and --dropout are refused.",
+    " run's) instead of random weights; its own config is trained, so --preset and --dropout are refused"
+    " (the run records no preset).",
 )
 @click.option(
     "--unfreeze",
@@ -273,9 +290,11 @@ def train_command(
         )
     if base is not None and (preset is not None or dropout):
         raise FidelError("--base trains the base model's own config; leave out --preset and --dropout")
+    if base is not None and given("arch"):
+        check_base_arch(base, str(options["arch"]))
     default_preset = "hnet-tiny" if options["arch"] == "hnet" else "tiny"
     overrides = {"dropout": dropout} if dropout else {}
-    chosen = preset or default_preset
+    chosen = None if base is not None else preset or default_preset  # a base is no preset's fresh model
     named = str(options.pop("best_by_sources"))
     sources = [name.strip() for name in named.split(",") if name.strip()]
     if named.strip() and not sources:

@@ -25,7 +25,8 @@ class TrainConfig:
 
     arch: str = "llama"
     """"llama" (BPE tokens) or "hnet" (bytes: the run's tokenizer must be the byte tokenizer)."""
-    preset: str = "tiny"
+    preset: str | None = "tiny"
+    """The model size (fidellm.models.*.presets); None with a base model, whose own config trains."""
     model_overrides: dict[str, Any] = field(default_factory=dict)
     """Model config fields replacing the preset's (e.g. {"num_hidden_layers": 2, "dropout": 0.1})."""
     stage_lr_multipliers: list[float] = field(default_factory=list)
@@ -156,6 +157,8 @@ class TrainConfig:
             )
         if self.data not in ("tokens", "chat"):
             raise FidelError(f"train config: data {self.data!r} is not one of tokens, chat")
+        if self.preset is None and self.base is None:
+            raise FidelError("train config: preset is needed (None only with a base model)")
         if self.lora is not None and self.base is None:
             raise FidelError("train config: lora needs a base model")
         if not 0 < self.curriculum_span <= 1:
