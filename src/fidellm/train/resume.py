@@ -3,11 +3,12 @@
 A checkpoint stores the train config and the number of processes it was written with. Resuming with
 other settings falls in three kinds:
 - what the data position and the saved state depend on (sequence length, rows per global step, seed,
-  the data itself; the base model, LoRA, unfreezing, the optimizer and its stage groups): refused, naming each
-  field, since the run would otherwise repeat or skip data or load state into the wrong places;
+  the data itself; the base model, LoRA, unfreezing, the optimizer and its stage groups, whether a weight
+  average is kept): refused, naming each field, since the run would otherwise repeat or skip data, load
+  state into the wrong places, or compare train/best across trained and averaged weights;
 - the optimization trajectory (steps, schedule, lr, weight decay, betas, clipping, dtype, accumulation,
-  document masking, the weight average's decay): honored and reported, since the run then differs
-  from an uninterrupted one;
+  document masking, the weight average's decay while one is kept): honored and reported, since the run
+  then differs from an uninterrupted one;
 - everything else (logging, evaluation and save cadence, device, compile, stop_at_step, …): free.
 """
 
@@ -96,7 +97,7 @@ def resume_changes(
     if not isinstance(saved, dict):
         return {}
     current = plain(current)
-    saved = {"optimizer": "adamw", **saved}  # checkpoints from before the choice were all AdamW
+    saved = {"optimizer": "adamw", "ema_decay": None, **saved}  # what checkpoints from before them had
     if same_path(saved.get("base"), current.get("base")):
         saved = {**saved, "base": current.get("base")}
     refused = _differences(saved, current, POSITION_FIELDS + STRUCTURE_FIELDS)
@@ -111,6 +112,9 @@ def resume_changes(
     multipliers = trajectory.get("stage_lr_multipliers")
     if multipliers is not None and (not multipliers[0] or not multipliers[1]):  # other optimizer groups
         refused["stage_lr_multipliers"] = trajectory.pop("stage_lr_multipliers")
+    average = trajectory.get("ema_decay")
+    if average is not None and None in average:  # train/best was scored on the other kind of weights
+        refused["ema_decay"] = trajectory.pop("ema_decay")
     if refused:
         raise FidelError(
             f"{checkpoint}: cannot resume with {describe(refused)} (the data position or the saved state"
