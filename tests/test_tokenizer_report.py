@@ -112,3 +112,14 @@ def test_cli_train_then_report(tmp_path: Path) -> None:
     assert as_bytes.exit_code == 0, as_bytes.output
     assert isinstance(load_tokenizer(run_dir / "tokenizer"), ByteTokenizer)
     assert sorted(path.name for path in (run_dir / "tokenizer").iterdir()) == ["fidellm_tokenizer.json"]
+
+
+@pytest.mark.parametrize(("sizes", "named"), [("512,512", "512"), ("1024, 512,1024,512", "512, 1024")])
+def test_a_vocab_size_named_twice_is_refused(tmp_path: Path, capsys, sizes: str, named: str) -> None:
+    """--vocab-sizes 512,512 measured (and listed) the BPE 512 row twice."""
+    from fidellm.cli import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["tokenizer", "report", str(tmp_path), "--vocab-sizes", sizes])
+    err = capsys.readouterr().err
+    assert exited.value.code == 2 and err == f"error: --vocab-sizes {sizes!r} names {named} more than once\n"

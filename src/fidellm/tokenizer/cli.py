@@ -113,13 +113,18 @@ def _remove_stale(out: Path) -> None:
 
 
 def _parse_sizes(text: str) -> tuple[int, ...]:
-    """'8000,16000' -> (8000, 16000); '' or 'none' -> ()."""
+    """'8000,16000' -> (8000, 16000); '' or 'none' -> (). A size named twice is refused (it repeated a
+    row of the sweep)."""
     if text.strip().lower() in ("", "none"):
         return ()
     try:
-        return tuple(int(part) for part in text.split(",") if part.strip())
+        sizes = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError as error:
         raise FidelError(f"--vocab-sizes must be comma-separated integers, got {text!r}") from error
+    repeated = sorted({size for size in sizes if sizes.count(size) > 1})
+    if repeated:
+        raise FidelError(f"--vocab-sizes {text!r} names {', '.join(map(str, repeated))} more than once")
+    return sizes
 
 
 @tokenizer.command("report", short_help="Fertility and round-trip on FLORES Amharic, with a vocab sweep.")
@@ -153,9 +158,10 @@ def report(
     from fidellm.tokenizer.report import build_report, locate, write_report
 
     _check_sample_mb(sample_mb)
+    sizes = _parse_sizes(vocab_sizes)
     tokenizer_dir, run_dir = locate(target)
     out = tokenizer_dir or RunLayout(run_dir).tokenizer
-    result = build_report(target, _parse_sizes(vocab_sizes), data_dir, sample_mb, show_progress=not quiet)
+    result = build_report(target, sizes, data_dir, sample_mb, show_progress=not quiet)
     md_path, _ = write_report(result, out)
     for row in result["measured"]:
         click.echo(
