@@ -13,6 +13,7 @@ from fidellm.chat.template import encode_chat, render_chat
 from fidellm.errors import FidelError
 from fidellm.sft.data import encode_conversation, read_conversations
 from fidellm.tokenizer.bpe import BPETokenizer
+from fidellm.tokenizer.bytes import ByteTokenizer
 from fidellm.tokenizer.special import IM_END
 from fixtures.bpe import flores_bpe
 
@@ -68,3 +69,28 @@ def test_other_parts_are_named_by_file_line_and_field(tmp_path: Path, content: l
     with pytest.raises(FidelError) as error:
         read_conversations(path)
     assert str(error.value).startswith(f"{path}:2: conversation bad: {field}")
+
+
+def test_sft_data_renders_each_whole_conversation_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Reading and tokenising a chat file renders each whole conversation once (its encoding is also its
+    template check); only the prefixes that place an assistant turn's start are rendered besides."""
+    import fidellm.chat.schema
+    import fidellm.sft.data
+
+    rendered: list[tuple[int, bool]] = []
+
+    def counting(messages: Any, tools: Any = None, add_generation_prompt: bool = False) -> str:
+        rendered.append((len(messages), add_generation_prompt))
+        return render_chat(messages, tools, add_generation_prompt)
+
+    for module in (fidellm.chat.schema, fidellm.sft.data):
+        monkeypatch.setattr(module, "render_chat", counting)
+    chat = [{"role": "user", "content": "ሰላም"}, {"role": "assistant", "content": "ሰላም ነው።"}]
+    for name in ("train", "eval"):
+        write_jsonl(tmp_path / f"{name}.jsonl", [{"id": f"{name}{i}", "messages": chat} for i in range(3)])
+    _, _, counts = fidellm.sft.data.chat_data(tmp_path, ByteTokenizer(), 64, 1, 0, 1)
+    assert counts["train"]["conversations"] + counts["eval"]["conversations"] == 6
+    assert rendered.count((2, False)) == 6  # the whole chat, once each
+    assert rendered.count((1, True)) == 6 and len(rendered) == 12  # the prompt before the answer

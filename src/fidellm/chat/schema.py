@@ -97,8 +97,9 @@ def _check_order(index: int, role: str, previous: dict[str, Any] | None) -> str 
     return None
 
 
-def conversation_error(conversation: Conversation) -> str | None:
-    """What is wrong with a conversation (naming the field), or None when it is valid and renders."""
+def conversation_error(conversation: Conversation, render: bool = True) -> str | None:
+    """What is wrong with a conversation (naming the field), or None when it is valid and renders;
+    `render=False` skips the rendering, for a caller that renders it next anyway (SFT tokenisation)."""
     messages, tools = conversation.messages, conversation.tools
     if not isinstance(messages, list) or not messages:
         return "messages must be a non-empty list"
@@ -135,6 +136,8 @@ def conversation_error(conversation: Conversation) -> str | None:
         previous = message
     if previous["role"] != "assistant":
         return f"messages[{len(messages) - 1}]: the last message is {previous['role']}, not assistant"
+    if not render:
+        return None
     try:
         render_chat(messages, tools=tools)
     except FidelError as error:

@@ -1,10 +1,12 @@
 """SFT data: conversations -> token ids with an assistant-only loss mask, packed into training rows.
 
 Masking: a conversation is rendered once with the chat template (`fidellm.chat.render_chat`, BOS
-first) and encoded. For each assistant turn, the conversation up to that turn is rendered with the
-generation prompt (`...<|im_start|>assistant\\n`) and up to and including the turn; both encodings
-must be prefixes of the full one (else FidelError naming the conversation: the template or tokenizer
-merges across a turn boundary and no mask could be right). The mask is 1 from the end of the first
+first) and encoded; reading a file for training renders it no other time (`tokenize_file`: the encoding
+is its template check). For each assistant turn, the conversation up to that turn is rendered with the
+generation prompt (`...<|im_start|>assistant\\n`) and up to and including the turn (for the last turn,
+the whole chat: its encoding is reused); both encodings must be prefixes of the full one (else
+FidelError naming the conversation: the template or tokenizer merges across a turn boundary and no mask
+could be right). The mask is 1 from the end of the first
 (the turn's content and its `<tool_call>` text) to the turn's closing `<|im_end|>` inclusive, and 0
 elsewhere: system, user and tool turns, the `<|im_start|>assistant\\n` header, the "\\n" after
 `<|im_end|>`. The model learns to answer and to stop, never to write the user's side. With a byte
@@ -29,7 +31,7 @@ drawn by the curriculum schedule instead of the per-epoch permutation.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,7 +109,7 @@ def encode_conversation(
         if index == 0:
             raise FidelError(f"conversation {conversation_id}: starts with an assistant turn")
         start = len(prefix(index, True))
-        turn = prefix(index + 1, False)
+        turn = ids if index + 1 == len(messages) else prefix(index + 1, False)  # the whole chat: known
         closes = [i + len(marker) - 1 for i in range(start, len(turn)) if turn[i : i + len(marker)] == marker]
         end = max(closes, default=None)
         if end is None:
@@ -150,20 +152,15 @@ def join_text_parts(messages: Any) -> str | None:
     return None
 
 
-def read_conversations(path: Path, max_samples: int | None = None) -> list[dict[str, Any]]:
-    """The conversations of a `fidellm data chat` JSONL file (the first `max_samples` when given).
-
-    A `content` given as OpenAI content parts becomes the text the template renders for it
-    (`join_text_parts`). Each conversation is checked against the conversation schema
-    (`fidellm.chat.schema.conversation_error`, which also renders it), so a line that is not UTF-8, not
-    JSON or not a valid conversation is a FidelError naming the file and line here, not a crash inside
-    the chat template later."""
+def _read(path: Path, max_samples: int | None, render: bool) -> Iterator[tuple[int, dict[str, Any]]]:
+    """(line number, conversation) of each conversation in a JSONL file (`read_conversations`);
+    `render=False` leaves the chat template's check to the caller, which renders each one next."""
     if not path.is_file():
         raise FidelError(f"{path}: no conversation file (run `fidellm data chat RUN` first)")
-    conversations = []
+    count = 0
     with path.open("rb") as handle:
         for number, raw in enumerate(handle, 1):
-            if max_samples is not None and len(conversations) >= max_samples:
+            if max_samples is not None and count >= max_samples:
                 break
             line = decode_line(raw)
             if line is None:
@@ -183,23 +180,44 @@ def read_conversations(path: Path, max_samples: int | None = None) -> list[dict[
             conversation = Conversation(
                 str(record["id"]), str(record.get("source")), record.get("messages"), record.get("tools")
             )
-            problem = join_text_parts(conversation.messages) or conversation_error(conversation)
+            problem = join_text_parts(conversation.messages) or conversation_error(conversation, render)
             if problem:
                 raise FidelError(f"{path}:{number}: conversation {record['id']}: {problem}")
-            conversations.append(record)
-    return conversations
+            count += 1
+            yield number, record
+
+
+def read_conversations(path: Path, max_samples: int | None = None) -> list[dict[str, Any]]:
+    """The conversations of a `fidellm data chat` JSONL file (the first `max_samples` when given).
+
+    A `content` given as OpenAI content parts becomes the text the template renders for it
+    (`join_text_parts`). Each conversation is checked against the conversation schema
+    (`fidellm.chat.schema.conversation_error`, which also renders it), so a line that is not UTF-8, not
+    JSON or not a valid conversation is a FidelError naming the file and line here, not a crash inside
+    the chat template later."""
+    return [record for _, record in _read(path, max_samples, render=True)]
 
 
 def tokenize_conversations(
-    conversations: Sequence[Mapping[str, Any]], tokenizer: TextTokenizer, seq_len: int, score: bool = False
+    conversations: Sequence[Mapping[str, Any]],
+    tokenizer: TextTokenizer,
+    seq_len: int,
+    score: bool = False,
+    where: Sequence[str] | None = None,
 ) -> tuple[list[Example], ChatStats]:
     """Examples of every conversation that keeps an assistant target within seq_len, with counts; with
-    `score` each example carries its conversation's complexity."""
+    `score` each example carries its conversation's complexity. `where` (one per conversation, e.g.
+    "FILE:LINE") goes in front of an error's message."""
     stats = ChatStats()
     examples = []
-    for record in conversations:
+    for index, record in enumerate(conversations):
         stats.conversations += 1
-        ids, mask = encode_conversation(tokenizer, record["messages"], record.get("tools"), str(record["id"]))
+        try:
+            ids, mask = encode_conversation(
+                tokenizer, record["messages"], record.get("tools"), str(record["id"])
+            )
+        except FidelError as error:
+            raise (FidelError(f"{where[index]}: {error}") if where else error) from None
         example, truncated = example_from(ids, mask, seq_len)
         if example is None:
             stats.dropped += 1
@@ -210,6 +228,16 @@ def tokenize_conversations(
             example.complexity = conversation_complexity(record["messages"], record.get("tools"))
         examples.append(example)
     return examples, stats
+
+
+def tokenize_file(
+    path: Path, tokenizer: TextTokenizer, seq_len: int, max_samples: int | None = None, score: bool = False
+) -> tuple[list[Example], ChatStats]:
+    """`tokenize_conversations` of `read_conversations(path, max_samples)`, rendering each conversation
+    once: its tokenisation is also its chat-template check (errors name the file and line)."""
+    located = list(_read(path, max_samples, render=False))
+    where = [f"{path}:{number}" for number, _ in located]
+    return tokenize_conversations([record for _, record in located], tokenizer, seq_len, score, where)
 
 
 def pack(examples: Sequence[Example], seq_len: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
@@ -353,10 +381,8 @@ def chat_data(
     """(training batches of chat_dir/train.jsonl, validation batches of chat_dir/eval.jsonl, counts);
     with `curriculum` the training rows are CurriculumConversations."""
     train_path, eval_path = chat_dir / "train.jsonl", chat_dir / "eval.jsonl"
-    train_examples, train_stats = tokenize_conversations(
-        read_conversations(train_path, max_samples), tokenizer, seq_len, score=curriculum
-    )
-    eval_examples, eval_stats = tokenize_conversations(read_conversations(eval_path), tokenizer, seq_len)
+    train_examples, train_stats = tokenize_file(train_path, tokenizer, seq_len, max_samples, curriculum)
+    eval_examples, eval_stats = tokenize_file(eval_path, tokenizer, seq_len)
     if eval_stats.conversations == 0:
         raise FidelError(
             f"{eval_path}: no conversations to validate on; make the chat data again with a larger"
