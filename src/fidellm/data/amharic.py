@@ -49,6 +49,7 @@ __all__ = [
     "match_key",
     "normalize",
     "punctuation_chars",
+    "script_share",
     "sentences",
     "words",
 ]
@@ -326,3 +327,28 @@ def ethiopic_share(text: str) -> float:
     if visible == 0:
         return 0.0
     return (visible - len(_NON_ETHIOPIC_RE.findall(text))) / visible
+
+
+_ETHIOPIC_WORD_CHAR_RE = re.compile(
+    "[\u1200-\u135f\u1369-\u137c\u1380-\u138f\u2d80-\u2ddf\uab00-\uab2f]"
+)  # Ethiopic letters, combining marks and numerals: not its punctuation (U+1360-1368) or tonal marks
+_WORD_CHAR_RE = re.compile(r"[^\W_]")  # letters and digits of any script
+_DIGIT_RE = re.compile(r"\d")  # decimal digits (Ethiopic numerals are not decimal digits)
+OTHER_LETTER_WEIGHT = 0.5
+"""An Ethiopic letter is a syllable: a word in Latin (or Cyrillic, Greek…) letters needs about two letters
+for each one of Fidel, so each counts half in `script_share`."""
+
+
+def script_share(text: str) -> float:
+    """Ethiopic share of a text's letters and digits, other scripts' letters counted half (a syllable of
+    Fidel is about two Latin letters); punctuation, symbols and emoji do not count, digits count fully.
+
+    The non-whitespace share (`ethiopic_share`) counts every Latin letter and `?`, `!`, `#`, emoji against
+    the text, so an Amharic question with an English phrase ("money hiest መቼ ነው የሚወጣው", 0.47) or a
+    tweet with hashtags falls under one half; this share (0.64 there) keeps them, while Amharic typed in
+    Latin letters, other languages and number lists ("87 እ.ኤ.ኣ.", 0.6 on 5 characters) stay low or short."""
+    ethiopic = len(_ETHIOPIC_WORD_CHAR_RE.findall(text))
+    digits = len(_DIGIT_RE.findall(text))
+    others = len(_WORD_CHAR_RE.findall(text)) - ethiopic - digits
+    total = ethiopic + digits + OTHER_LETTER_WEIGHT * others
+    return ethiopic / total if total else 0.0
