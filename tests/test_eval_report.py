@@ -200,3 +200,45 @@ def test_results_and_report_are_utf8_whatever_the_locale(tmp_path: Path) -> None
     results = json.loads((tmp_path / "run" / "eval" / "results.json").read_bytes())
     assert results["results"][0]["details"]["sample"] == "ሰ 😀"
     assert json.loads((tmp_path / "card" / "report.json").read_bytes())["metrics"][0]["task"] == "ቡና"
+
+
+def test_compute_counts_the_positions_trained_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """compute.png's D: a BPE run's tokens and a byte run's bytes, each one position of the network
+    (report.json called both "training_tokens" and the axis said nothing of bytes)."""
+    import matplotlib.axes
+
+    drawn: list[tuple[float, float]] = []
+    labels: list[str] = []
+    monkeypatch.setattr(matplotlib.axes.Axes, "scatter", lambda ax, x, y, **kw: drawn.append((x, y)))
+    original = matplotlib.axes.Axes.set
+    monkeypatch.setattr(
+        matplotlib.axes.Axes,
+        "set",
+        lambda ax, **kw: labels.append(kw.get("xlabel", "")) or original(ax, **kw),
+    )
+    paths = []
+    for name, kind, seq_len, world, bits in (("bpe", "bpe", 64, 1, 300.0), ("hnet", "bytes", 256, 2, 250.0)):
+        run = tmp_path / name
+        (run / "train").mkdir(parents=True)
+        (run / "train" / "metrics.jsonl").write_text(
+            "".join(json.dumps({"kind": "train", "step": step}) + "\n" for step in (5, 10))
+        )
+        train = {"batch_size": 4, "grad_accum": 2, "seq_len": seq_len}
+        (run / "train" / "config.json").write_text(json.dumps({"train": train, "world_size": world}))
+        entry = {"task": "flores", "metric": "second_half_bits", "value": bits, "n": 3, "split": "dev",
+                 "higher_is_better": False, "details": {}}  # fmt: skip
+        tokenizer = {"kind": kind, "vocab_size": 512 if kind == "bpe" else 256, "flores": None}
+        paths.append(write_results(run / "eval" / "results.json", 1.0, run=str(run), tokenizer=tokenizer,
+                                   parameters=1000, results=[entry]))  # fmt: skip
+    build_report(paths, tmp_path / "card")
+    runs = json.loads((tmp_path / "card" / "report.json").read_text())["runs"]
+    positions = {"bpe": 10 * 4 * 2 * 64, "hnet": 10 * 4 * 2 * 256 * 2}
+    assert [(r["label"], r["position"], r["training_positions"], r["training_flops"]) for r in runs] == [
+        ("bpe", "token", positions["bpe"], 6.0 * 1000 * positions["bpe"]),
+        ("hnet", "byte", positions["hnet"], 6.0 * 1000 * positions["hnet"]),
+    ]
+    assert drawn == [(6.0 * 1000 * positions["bpe"], 300.0), (6.0 * 1000 * positions["hnet"], 250.0)]
+    axis = next(label for label in labels if "6·N·D" in label)
+    assert "positions trained" in axis and "bytes for byte-level models" in axis

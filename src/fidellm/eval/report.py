@@ -4,7 +4,8 @@ Inputs are each run's eval/results.json (from `fidellm eval`) and, where present
 (train/metrics.jsonl, train/config.json). Output: OUT/report.md (a table of every metric per run, the
 compressor baselines and the published anchors labelled as published, tokenizer fertility),
 OUT/curves.png (validation loss per step; bits per byte when the runs' tokenizers differ),
-OUT/compute.png (FLORES second-half bits against training compute ≈ 6·N·D), for chat models a chat
+OUT/compute.png (FLORES second-half bits against training compute ≈ 6·N·D FLOPs, D the positions trained:
+tokens, or bytes for a byte-level model, each one position of the network), for chat models a chat
 section (translation chrF++/BLEU per set and direction, tool-call validity, SFT held-out loss, where the
 answers were saved), and OUT/report.json (the same numbers, the sha256 of every results.json read, the
 commit and the command), so each figure traces back to the command that made it.
@@ -44,14 +45,27 @@ class RunSummary:
         return found[-1] if found else None
 
     @property
-    def training_tokens(self) -> int | None:
-        """Tokens the model was trained on (steps × batch × accumulation × sequence × processes)."""
+    def position(self) -> str:
+        """What one position of the model is: a "byte" (byte tokenizer, e.g. H-Net) or a "token"."""
+        return "byte" if self.results["tokenizer"]["kind"] == "bytes" else "token"
+
+    @property
+    def training_positions(self) -> int | None:
+        """Positions the model was trained on (steps × batch × accumulation × sequence × processes):
+        tokens, or bytes for a byte-level model (`position`)."""
         if not self.train_config:
             return None
         train = self.train_config["train"]
         steps = max((r["step"] for r in self.train_records if r["kind"] == "train"), default=0)
         world = self.train_config.get("world_size", 1)
         return steps * train["batch_size"] * train["grad_accum"] * train["seq_len"] * world
+
+    @property
+    def training_flops(self) -> float | None:
+        """Training compute ≈ 6·N·D with D the positions trained: every position, a token or a byte, is
+        one pass through the network (for an H-Net an upper bound: its inner stages run per chunk)."""
+        positions = self.training_positions
+        return 6.0 * self.results["parameters"] * positions if positions else None
 
 
 def locate_results(path: Path) -> Path:
@@ -391,6 +405,13 @@ def validation_curves(runs: list[RunSummary]) -> tuple[str, dict[str, tuple[list
     return ylabel, {label: ([r["step"] for r in rs], [r[key] for r in rs]) for label, rs in val.items()}
 
 
+COMPUTE_AXIS = (
+    "training compute ≈ 6·N·D (FLOPs), D = positions trained:\ntokens, or bytes for byte-level models"
+    " (for H-Net an upper bound)"
+)
+"""compute.png's x-axis: a BPE model's D counts tokens and a byte model's bytes, each one position."""
+
+
 def plot(runs: list[RunSummary], out_dir: Path) -> list[str]:
     """curves.png (validation loss per step) and compute.png (FLORES bits vs training compute)."""
     import matplotlib
@@ -411,9 +432,9 @@ def plot(runs: list[RunSummary], out_dir: Path) -> list[str]:
         plt.close(fig)
         written.append("curves.png")
     points = [
-        (6.0 * r.results["parameters"] * r.training_tokens, r.metric("flores", "second_half_bits"), r.label)
+        (r.training_flops, r.metric("flores", "second_half_bits"), r.label)
         for r in runs
-        if r.training_tokens and r.metric("flores", "second_half_bits") is not None
+        if r.training_flops and r.metric("flores", "second_half_bits") is not None
     ]
     if points:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -423,7 +444,7 @@ def plot(runs: list[RunSummary], out_dir: Path) -> list[str]:
         for anchor in runs[0].results.get("anchors") or []:
             ax.axhline(anchor["value"], linestyle=":", linewidth=0.8, color="gray")
             ax.annotate(f"{anchor['model']} (published)", (points[0][0], anchor["value"]), fontsize=7)
-        ax.set(xscale="log", xlabel="training compute ≈ 6·N·D (FLOPs)", ylabel="FLORES second-half bits")
+        ax.set(xscale="log", xlabel=COMPUTE_AXIS, ylabel="FLORES second-half bits")
         fig.tight_layout()
         fig.savefig(out_dir / "compute.png", dpi=100)
         plt.close(fig)
@@ -445,7 +466,8 @@ def build_report(paths: list[Path], out_dir: Path) -> Path:
         "commit": git_commit(),
         "runs": [
             {"label": r.label, "results": str(r.results_path), "sha256": file_sha256(r.results_path),
-             "training_tokens": r.training_tokens}
+             "training_positions": r.training_positions, "position": r.position,
+             "training_flops": r.training_flops}
             for r in runs
         ],
         "metrics": [
