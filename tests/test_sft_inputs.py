@@ -8,19 +8,31 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from click.testing import CliRunner
 
 from fidellm.chat.template import encode_chat, render_chat
+from fidellm.cli import cli
 from fidellm.errors import FidelError
+from fidellm.export.hf import export_hf
+from fidellm.sft.cli import removed_on_failure
 from fidellm.sft.data import encode_conversation, read_conversations
 from fidellm.tokenizer.bpe import BPETokenizer
 from fidellm.tokenizer.bytes import ByteTokenizer
 from fidellm.tokenizer.special import IM_END
 from fixtures.bpe import flores_bpe
+from fixtures.models import gqa_config, random_llama
 
 
 @pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BPETokenizer:
-    return flores_bpe(tmp_path_factory.mktemp("bpe"), 512, lines=300)
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    directory = tmp_path_factory.mktemp("bpe")
+    flores_bpe(directory, 512, lines=300)
+    return directory
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tokenizer_dir: Path) -> BPETokenizer:
+    return BPETokenizer.load(tokenizer_dir)
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> Path:
@@ -94,3 +106,48 @@ def test_sft_data_renders_each_whole_conversation_once(
     assert counts["train"]["conversations"] + counts["eval"]["conversations"] == 6
     assert rendered.count((2, False)) == 6  # the whole chat, once each
     assert rendered.count((1, True)) == 6 and len(rendered) == 12  # the prompt before the answer
+
+
+@pytest.fixture(scope="module")
+def base(tokenizer: BPETokenizer, tokenizer_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An exported random Llama with the module's tokenizer, to fine-tune."""
+    directory = tmp_path_factory.mktemp("base")
+    config = gqa_config(vocab_size=tokenizer.vocab_size, num_hidden_layers=1, max_position_embeddings=128)
+    return export_hf(random_llama(config), config, tokenizer_dir, directory / "model", "float32")
+
+
+@pytest.mark.parametrize("given", ["new/nested/sft", "mine"])
+def test_a_failed_sft_leaves_no_output_it_created(base: Path, tmp_path: Path, given: str) -> None:
+    """A conversation file refused after OUTPUT/tokenizer was written leaves nothing of the run behind:
+    a new OUTPUT (and the parents made for it) is removed, a directory the user had stays as it was."""
+    run = tmp_path / "run"
+    (run / "chat").mkdir(parents=True)
+    chat = [{"role": "user", "content": "ሰላም"}, {"role": "assistant", "content": "ሰላም ነው።"}]
+    good = [{"id": f"g{i}", "messages": chat} for i in range(4)]
+    write_jsonl(run / "chat" / "eval.jsonl", good)
+    write_jsonl(run / "chat" / "train.jsonl", [*good, {"id": "bad", "messages": [{"role": "user"}]}])
+    output = tmp_path / given
+    if given == "mine":
+        (output / "notes").mkdir(parents=True)
+    args = ["sft", str(run), "--base", str(base), "--output-dir", str(output), "--device", "cpu"]
+    args += ["--seq-len", "64", "--batch-size", "1", "--eval-batches", "1"]
+    result = CliRunner().invoke(cli, args)
+    assert isinstance(result.exception, FidelError)
+    assert str(result.exception).startswith(f"{run / 'chat' / 'train.jsonl'}:5: conversation bad:")
+    if given == "mine":
+        assert [p.name for p in output.iterdir()] == ["notes"]
+    else:
+        assert not (tmp_path / "new").exists()
+    write_jsonl(run / "chat" / "train.jsonl", good)  # fixed: the rerun trains where the first failed
+    result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 0, result.output
+    assert (output / "tokenizer").is_dir() and (output / "train" / "checkpoints").is_dir()
+
+
+def test_a_failed_sft_that_saved_a_checkpoint_is_kept_for_its_resume(tmp_path: Path) -> None:
+    output = tmp_path / "sft"
+    with pytest.raises(KeyboardInterrupt), removed_on_failure(output):
+        (output / "tokenizer").mkdir(parents=True)
+        (output / "train" / "checkpoints" / "step_00000001").mkdir(parents=True)
+        raise KeyboardInterrupt
+    assert sorted(p.name for p in output.iterdir()) == ["tokenizer", "train"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -30,6 +33,33 @@ def prepare_output(output: Path, base: str) -> None:
     except OSError as error:  # a file where a folder should be, no permission, ...
         raise FidelError(f"--output-dir {output}: cannot create it: {error.strerror}") from error
     tokenizer.save(target)
+
+
+def _first_missing(path: Path) -> Path | None:
+    """The outermost of `path` and its parents that does not exist yet (what `mkdir(parents=True)`
+    creates), or None when `path` exists."""
+    missing = [p for p in (path, *path.parents) if not (p.exists() or p.is_symlink())]
+    return missing[-1] if missing else None
+
+
+@contextlib.contextmanager
+def removed_on_failure(output: Path) -> Iterator[None]:
+    """On a failure before the run saved a checkpoint, remove what it created, so a rerun starts clean
+    (no tokenizer/ of a failed start to refuse or confuse it): OUTPUT itself, and the parents made for
+    it, when it did not exist; else only the tokenizer/ and train/ it added. A directory the user had
+    is never removed, and a run with a checkpoint is kept whole: a rerun resumes it."""
+    from fidellm.train.checkpoint import latest_checkpoint
+
+    created = _first_missing(output)
+    had = {child.name for child in output.iterdir()} if created is None and output.is_dir() else set()
+    try:
+        yield
+    except BaseException:
+        if latest_checkpoint(output / "train" / "checkpoints") is None:
+            added = [output / name for name in ("tokenizer", "train") if name not in had]
+            for path in [created] if created is not None else added:
+                shutil.rmtree(path, ignore_errors=True)
+        raise
 
 
 def _refuse_lora_options(merge: bool) -> None:
@@ -138,7 +168,6 @@ def sft_command(
     spec = (
         lora_spec(lora_rank, lora_alpha, lora_targets, lora_dropout, quantize) if use_lora or qlora else None
     )
-    prepare_output(output, base)
     config = TrainConfig(
         data="chat",
         chat_dir=str((run_dir / "chat").resolve()),  # absolute: eval finds it from any directory
@@ -147,7 +176,9 @@ def sft_command(
         max_steps=1,
         **options,  # type: ignore[arg-type]
     )
-    summary = train(output, config)
+    with removed_on_failure(output):
+        prepare_output(output, base)
+        summary = train(output, config)
     val = summary.get("val_loss")  # none when a finished run is resumed with nothing left to train
     click.echo(
         f"step {summary['step']}: "
