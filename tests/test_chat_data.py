@@ -447,8 +447,10 @@ def test_cli_on_real_data_reports_every_source(tmp_path):
     )
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "chat" / "report.json").read_text())
-    expected = {*ALL.split(","), "marspanther_am_en_parallel"}
+    # the FastChat identity chats ("I am Vicuna, ... LMSYS") are trained on only when named
+    expected = {*ALL.split(","), "marspanther_am_en_parallel"} - {"fastchat_dummy_conversation"}
     assert set(report["sources"]) == expected and all(name in result.output for name in expected)
+    assert "fastchat_dummy_conversation" not in result.output
     _assert_counts_add_up(report)
     assert all(s["kept"] == 20 for s in report["sources"].values())
     assert report["sources"]["amharicir_instr"]["rejected"] == {"bad_field_type": 1}  # the bare NaN response
@@ -458,3 +460,4 @@ def test_cli_on_real_data_reports_every_source(tmp_path):
         for line in (tmp_path / "chat" / f"{split}.jsonl").read_text().splitlines():
             row = json.loads(line)
             render_chat(row["messages"], tools=row.get("tools"))
+            assert "Vicuna" not in line, row["id"]
