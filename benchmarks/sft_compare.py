@@ -4,8 +4,10 @@ parameters.
 
 Each arm runs `fidellm.train.loop.train` in its own subprocess (same base, data, seed, batch, sequence
 length and steps), so its peak memory is its own: peak RSS on CPU, `torch.cuda.max_memory_allocated`
-on CUDA. QLoRA needs bitsandbytes (`pip install 'fidel-lm[qlora]'`); without it the arm is skipped
-and the output says so.
+on CUDA. Every setting the benchmark does not fix takes `fidellm sft`'s default (`train_config`): weight
+decay 0 (not TrainConfig's 0.1, the pretraining default), its betas and clipping, its LoRA rank, alpha,
+dropout and targets, so an arm measures what a user's `fidellm sft` run trains. QLoRA needs
+bitsandbytes (`pip install 'fidel-lm[qlora]'`); without it the arm is skipped and the output says so.
 
     python benchmarks/sft_compare.py RUN --base MODEL [--steps 60] [--device auto] [--optimizer adamw]
         [--eval-tasks ...]
@@ -17,23 +19,27 @@ RUN holds RUN/chat/{train,eval}.jsonl (`fidellm data chat RUN`); MODEL is any mo
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from common import machine_description
 
 from fidellm.eval.results import git_commit
 
-ARMS = {
+if TYPE_CHECKING:
+    from fidellm.train.config import TrainConfig
+
+ARMS: dict[str, dict[str, Any] | None] = {  # None: full fine-tuning; a dict: LoRA with these extras
     "full": None,
-    "lora": {"rank": 16, "alpha": 32.0},
-    "qlora": {"rank": 16, "alpha": 32.0, "quantize": "nf4"},
-    "lora-curriculum": {"rank": 16, "alpha": 32.0, "curriculum": True},
+    "lora": {},
+    "qlora": {"quantize": "nf4"},
+    "lora-curriculum": {"curriculum": True},
 }
 
 CHILD = textwrap.dedent(
@@ -41,21 +47,13 @@ CHILD = textwrap.dedent(
     import json, resource, shutil, sys, time
     from pathlib import Path
     import torch
-    from fidellm.sft.cli import prepare_output
-    from fidellm.sft.lora import lora_spec
-    from fidellm.train.config import TrainConfig
-    from fidellm.train.loop import train
     args = json.loads(sys.argv[1])
-    lora = args["lora"]
-    spec = None if lora is None else lora_spec(lora["rank"], lora["alpha"], quantize=lora.get("quantize"))
+    sys.path.insert(0, args["benchmarks"])
+    from sft_compare import train_config
+    from fidellm.sft.cli import prepare_output
+    from fidellm.train.loop import train
     prepare_output(Path(args["out"]), args["base"])
-    config = TrainConfig(
-        data="chat", chat_dir=args["chat_dir"], base=args["base"], lora=spec, max_steps=args["steps"],
-        batch_size=args["batch_size"], seq_len=args["seq_len"], lr=args["lr"], warmup_steps=args["warmup"],
-        eval_every=args["steps"], eval_batches=args["eval_batches"], log_every=max(1, args["steps"] // 5),
-        save_every=0, device=args["device"], seed=args["seed"], resume=False, echo=False,
-        curriculum=bool(lora and lora.get("curriculum")), optimizer=args["optimizer"],
-    )
+    config = train_config(args)
     shutil.rmtree(Path(args["out"]) / "train", ignore_errors=True)  # a fresh arm every time
     started = time.perf_counter()
     summary = train(Path(args["out"]), config)
@@ -72,8 +70,37 @@ CHILD = textwrap.dedent(
 )
 
 
+def train_config(args: dict[str, Any]) -> TrainConfig:
+    """An arm's TrainConfig: the `fidellm sft` command's default for every setting it has (weight decay,
+    betas, clipping, LoRA shape, ...), then what the benchmark fixes for all arms (steps, batch, length,
+    lr, warmup, evaluation, seed) and the arm's LoRA quantization and curriculum."""
+    from fidellm.sft.cli import sft_command
+    from fidellm.sft.lora import lora_spec
+    from fidellm.train.config import TrainConfig
+
+    cli = {param.name: param.default for param in sft_command.params}
+    lora = args["lora"]
+    spec = None
+    if lora is not None:
+        dimensions = (cli["lora_rank"], cli["lora_alpha"], cli["lora_targets"], cli["lora_dropout"])
+        spec = lora_spec(*dimensions, quantize=lora.get("quantize"))
+    steps = args["steps"]
+    fixed = {
+        "data": "chat", "chat_dir": args["chat_dir"], "base": args["base"], "lora": spec,
+        "max_steps": steps, "epochs": None, "batch_size": args["batch_size"], "seq_len": args["seq_len"],
+        "lr": args["lr"], "warmup_steps": args["warmup"], "eval_every": steps,
+        "eval_batches": args["eval_batches"], "log_every": max(1, steps // 5), "save_every": 0,
+        "device": args["device"], "seed": args["seed"], "resume": False, "echo": False,
+        "curriculum": bool(lora and lora.get("curriculum")), "optimizer": args["optimizer"],
+    }  # fmt: skip
+    names = {field.name for field in dataclasses.fields(TrainConfig)}
+    defaults = {name: cli[name] for name in names & cli.keys()}
+    return TrainConfig(**{**defaults, **fixed})
+
+
 def run_arm(name: str, args: argparse.Namespace, out: Path) -> dict[str, Any]:
     payload = {
+        "benchmarks": str(Path(__file__).resolve().parent),
         "lora": ARMS[name],
         "out": str(out / name),
         "base": args.base,
