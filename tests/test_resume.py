@@ -138,8 +138,9 @@ def test_train_cli_passes_the_optimizer_options(tmp_path: Path, monkeypatch) -> 
     seen: list[train_config.TrainConfig] = []
     summary = {"step": 0, "parameters": 1, "checkpoint": "x"}
     monkeypatch.setattr(loop, "train", lambda run, config: seen.append(config) or summary)
-    args = ["--epochs", "2", "--min-lr-ratio", "0", "--decay-fraction", "0.3", "--beta1", "0.8", "--beta2",
-            "0.99", "--grad-clip", "0.5", "--keep-last", "0", "--eval-batches", "4"]  # fmt: skip
+    args = ["--epochs", "2", "--min-lr-ratio", "0", "--schedule", "wsd", "--decay-fraction", "0.3",
+            "--beta1", "0.8", "--beta2", "0.99", "--grad-clip", "0.5", "--keep-last", "0",
+            "--eval-batches", "4"]  # fmt: skip
     result = CliRunner().invoke(cli, ["train", str(tmp_path), *args])
     assert result.exit_code == 0, result.output
     config = seen[0]

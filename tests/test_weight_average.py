@@ -121,19 +121,15 @@ def test_resume_continues_the_average_bit_for_bit(
     assert _equal(_weights(final), _weights(straight))
 
 
-def test_an_average_started_on_resume_starts_from_the_checkpoint(
-    flores_run: Path, tmp_path: Path, capsys
-) -> None:
+def test_a_checkpoint_missing_its_average_is_refused_on_resume(flores_run: Path, tmp_path: Path) -> None:
+    """A run that keeps an average resumes from it; a checkpoint that lost the file is an error, not an
+    average silently restarted from the checkpoint's weights."""
     run = fresh_run(flores_run, tmp_path)
-    train(run, small_config(stop_at_step=5))
-    train(run, small_config(ema_decay=DECAY, stop_at_step=6, echo=True))
-    assert "ema_decay null → 0.9" in capsys.readouterr().out
-    checkpoints = run / "train/checkpoints"
-    before, after = _weights(checkpoints / "step_00000005"), _weights(checkpoints / "step_00000006")
-    average = _weights(checkpoints / "step_00000006", AVERAGE_FILE)
-    rate = (1 - DECAY) / (1 - DECAY**6)  # the weights of step 5, then step 6 folded in
-    for name, value in average.items():
-        torch.testing.assert_close(value, before[name] + rate * (after[name] - before[name]))
+    train(run, small_config(ema_decay=DECAY, stop_at_step=5))
+    (run / "train/checkpoints/step_00000005" / AVERAGE_FILE).unlink()
+    missing = rf"step_00000005: the run keeps a weight average but {AVERAGE_FILE} is missing"
+    with pytest.raises(FidelError, match=missing):
+        train(run, small_config(ema_decay=DECAY, stop_at_step=6))
 
 
 def test_sync_free_stop_on_a_bad_step_saves_the_average_before_it(

@@ -8,8 +8,9 @@ after step 1, not the random initial ones, and decay 0.99 averages over about th
 the last 1,000 (choose it well under the run's length: every step so far counts in a shorter run). The
 average never feeds back into training (a run's losses are the same with it or without), it holds one
 copy of the trained parameters on their device, and it is updated on the host's word that the step was
-finite, so a stopped run saves the average of the steps before the bad one. An average turned on when a
-run resumes starts from the checkpoint's weights.
+finite, so a stopped run saves the average of the steps before the bad one. A resumed run keeps the
+average it started with (turning it on or off on resume is refused: train/best would compare trained
+weights with averaged ones); its decay may change.
 
 With an average, the validation loss, RUN/train/best and each checkpoint's `average.safetensors` are
 the averaged weights, and `fidellm.models.load` reads a checkpoint's average when it has one: what is

@@ -239,11 +239,10 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
         rows = batches.n_rows
         check_data_rows(previous, loaded.state.get("data_rows"), rows, training_source(run, config), run.root)
         restore_checkpoint(loaded, model, optimizer, scaler, rank=ctx.rank)
-        if average is not None and (previous / AVERAGE_FILE).is_file():
+        if average is not None:  # resume_changes refused turning the average on, so the file is there
+            if not (previous / AVERAGE_FILE).is_file():
+                raise FidelError(f"{previous}: the run keeps a weight average but {AVERAGE_FILE} is missing")
             average.load_full_state(read_weights(model, previous / AVERAGE_FILE))
-        elif average is not None:  # an average turned on now starts from the checkpoint's weights
-            average = WeightAverage(model, config.ema_decay)
-            changes.setdefault("ema_decay", (None, config.ema_decay))
         batches.load_state_dict(loaded.field("data"))
         step = loaded.step
         if config.echo and ctx.main:
