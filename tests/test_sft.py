@@ -271,6 +271,7 @@ def test_cli_lora_run_and_user_errors(sft_run: dict[str, Path], tmp_path: Path) 
     assert "merged LoRA model:" in result.output and (out / "merged" / "model.safetensors").is_file()
     config = json.loads((out / "train" / "config.json").read_text())["train"]
     assert config["lora"]["rank"] == 2 and config["max_steps"] >= 1 and config["max_samples"] == 6
+    assert config["preset"] is None  # the base's own config trained, whatever --preset's default says
     result = CliRunner().invoke(cli, [*args, *common, "--use-lora", "--lora-targets", "qkv"])
     assert result.exit_code != 0 and "--lora-targets" in str(result.exception)
 

@@ -172,6 +172,7 @@ def sft_command(
         data="chat",
         chat_dir=str((run_dir / "chat").resolve()),  # absolute: eval finds it from any directory
         base=str(Path(base).resolve()),  # a resumed run compares it, from whatever directory
+        preset=None,  # the base's own config trains
         lora=spec,
         max_steps=1,
         **options,  # type: ignore[arg-type]
