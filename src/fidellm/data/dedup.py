@@ -6,9 +6,9 @@ language. Ours splits on whitespace and Ethiopic/ASCII punctuation and folds hom
 letters still share their shingles. With the default 14 buckets x 8 hashes, documents with Jaccard
 similarity of their 5-word shingles around 0.75 and above are clustered; one document per cluster is kept.
 
-`AmharicMinhashSignature` hashes each distinct word once (blake2b, cached per process) and combines the
-word hashes of every shingle with numpy (`hashing.ngram_hashes`) instead of joining and SHA-1-hashing
-each shingle's string: another hash family of the same kind, in about a third less time
+`AmharicMinhashSignature` hashes each word with blake2b (the frequent ones cached per process) and
+combines the word hashes of every shingle with numpy (`hashing.ngram_hashes`) instead of joining and
+SHA-1-hashing each shingle's string: another hash family of the same kind, in about a third less time
 (benchmarks/RESULTS.md, "Every source in val and test").
 """
 
@@ -59,8 +59,11 @@ def minhash_config(config: DedupConfig) -> MinhashConfig:
     )
 
 
-@lru_cache(maxsize=1 << 20)
+@lru_cache(maxsize=1 << 16)
 def _word_hash(word: str) -> int:
+    """A word's 64-bit hash, cached: a few frequent words are most of any text. On half of the demo corpus
+    (5.0M words, 524,540 distinct) 2**16 entries (about 13 MB) answer 83.5 % of the lookups, 2**20 entries
+    89.6 % for 133 MB more at the signature step's peak (652 MB instead of 560 MB) and 3-7 % less CPU."""
     return stable_hash64(word, person=b"shingle")
 
 
