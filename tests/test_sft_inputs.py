@@ -146,8 +146,18 @@ def test_a_failed_sft_leaves_no_output_it_created(base: Path, tmp_path: Path, gi
 
 def test_a_failed_sft_that_saved_a_checkpoint_is_kept_for_its_resume(tmp_path: Path) -> None:
     output = tmp_path / "sft"
-    with pytest.raises(KeyboardInterrupt), removed_on_failure(output):
+    with pytest.raises(FidelError), removed_on_failure(output):
         (output / "tokenizer").mkdir(parents=True)
         (output / "train" / "checkpoints" / "step_00000001").mkdir(parents=True)
-        raise KeyboardInterrupt
+        raise FidelError("non-finite loss")
     assert sorted(p.name for p in output.iterdir()) == ["tokenizer", "train"]
+
+
+def test_an_interrupted_sft_keeps_its_logs(tmp_path: Path) -> None:
+    """Ctrl-C (or a crash) before the first checkpoint is not a refusal: the metrics stay to be read."""
+    output = tmp_path / "sft"
+    with pytest.raises(KeyboardInterrupt), removed_on_failure(output):
+        (output / "train").mkdir(parents=True)
+        (output / "train" / "metrics.jsonl").write_text("{}\n")
+        raise KeyboardInterrupt
+    assert (output / "train" / "metrics.jsonl").is_file()

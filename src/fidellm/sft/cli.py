@@ -9,13 +9,13 @@ from pathlib import Path
 
 import click
 
+from fidellm.errors import FidelError
 from fidellm.train.cli import curriculum_options, optimizer_options
 
 
 def prepare_output(output: Path, base: str) -> None:
     """Give OUTPUT its tokenizer: the base model's, saved into OUTPUT/tokenizer (an existing one must be
     the same tokenizer), so checkpoints in OUTPUT load with the tokenizer they were trained with."""
-    from fidellm.errors import FidelError
     from fidellm.models.load import load_model
     from fidellm.tokenizer.base import load_tokenizer
 
@@ -44,17 +44,18 @@ def _first_missing(path: Path) -> Path | None:
 
 @contextlib.contextmanager
 def removed_on_failure(output: Path) -> Iterator[None]:
-    """On a failure before the run saved a checkpoint, remove what it created, so a rerun starts clean
-    (no tokenizer/ of a failed start to refuse or confuse it): OUTPUT itself, and the parents made for
-    it, when it did not exist; else only the tokenizer/ and train/ it added. A directory the user had
-    is never removed, and a run with a checkpoint is kept whole: a rerun resumes it."""
+    """When the run is refused (a FidelError) before it saved a checkpoint, remove what it created, so a
+    rerun starts clean (no tokenizer/ of a failed start to refuse or confuse it): OUTPUT itself, and the
+    parents made for it, when it did not exist; else only the tokenizer/ and train/ it added. A directory
+    the user had is never removed, a run with a checkpoint is kept whole (a rerun resumes it), and an
+    interrupted or crashed run keeps its logs for the user to read."""
     from fidellm.train.checkpoint import latest_checkpoint
 
     created = _first_missing(output)
     had = {child.name for child in output.iterdir()} if created is None and output.is_dir() else set()
     try:
         yield
-    except BaseException:
+    except FidelError:
         if latest_checkpoint(output / "train" / "checkpoints") is None:
             added = [output / name for name in ("tokenizer", "train") if name not in had]
             for path in [created] if created is not None else added:
