@@ -66,8 +66,6 @@ def removed_on_failure(output: Path) -> Iterator[None]:
 def _refuse_lora_options(merge: bool) -> None:
     """FidelError naming the LoRA-only options given on the command line of a full fine-tuning, which
     would otherwise be silently ignored."""
-    from fidellm.errors import FidelError
-
     context = click.get_current_context()
     given = [
         ("--merge" if merge else "--no-merge") if name == "merge" else "--" + name.replace("_", "-")
