@@ -9,6 +9,9 @@ import httpx2
 import pytest
 
 from fidellm.models.llama import LlamaForCausalLM
+from fidellm.serve.app import create_app
+from fidellm.serve.cache import InProcessLRU
+from fidellm.serve.common import ServeSettings
 from fidellm.tokenizer.bpe import BPETokenizer
 from fixtures.bpe import flores_bpe
 from fixtures.models import gqa_config, random_llama
@@ -113,3 +116,44 @@ def test_errors_name_the_parameter_as_openai_does(model, tokenizer) -> None:
         error = error_of(response)
         assert response.status_code == 400 and error["param"] == param, (fields, error)
         assert message in error["message"], (fields, error)
+
+
+LONE_SURROGATES = [
+    (CHAT, '"messages": [{"role": "user", "content": "\\ud800"}]', "messages[0].content"),
+    (CHAT, '"messages": [{"role": "user", "content": "x"}], "stop": ["a", "\\udfff"]', "stop"),
+    (
+        CHAT,
+        '"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function":'
+        ' {"name": "f", "parameters": {"properties": {"\\ud800": {}}}}}]',
+        "tools[0].function.parameters.properties",
+    ),
+    (COMPLETIONS, '"prompt": "a\\udfff"', "prompt"),
+    (COMPLETIONS, '"prompt": ["ok", "\\ud800"], "echo": true', "prompt[1]"),
+    (COMPLETIONS, '"prompt": "a", "model": "\\ud800"', "model"),
+]
+
+
+def test_a_lone_surrogate_is_a_400_not_a_500(model, tokenizer) -> None:
+    """JSON may escape half of a UTF-16 pair (`"\\ud800"`); that is no character, and the tokenizer,
+    the cache key and the JSON reply all failed on it (500s and dropped connections). It is a 400 naming
+    the field, with the response cache on too; an error message showing such a value escapes it."""
+    app = create_app(
+        model, tokenizer, ServeSettings(model_name="tiny", max_tokens_cap=8), cache=InProcessLRU(8)
+    )
+    heads = {CHAT: '"model": "tiny"', COMPLETIONS: '"model": "tiny"'}
+
+    async def body(_: Any, raw: httpx2.AsyncClient) -> list[httpx2.Response]:
+        sent = [
+            (path, f'{{{heads[path]}, "max_tokens": 2, "temperature": 0, {rest}}}')
+            for path, rest, _ in LONE_SURROGATES
+        ]
+        sent.append((COMPLETIONS, '{"model": "tiny", "prompt": "a", "n": "\\ud800"}'))
+        sent.append((COMPLETIONS, '{"model": "tiny", "prompt": "😀 \\ud83d\\ude00", "max_tokens": 1}'))
+        headers = {"content-type": "application/json"}
+        return [await raw.post(path, content=text.encode(), headers=headers) for path, text in sent]
+
+    *refused, wrong_type, pair = run(app, body)
+    for (_, _, param), response in zip(LONE_SURROGATES, refused, strict=True):
+        assert response.status_code == 400 and error_of(response)["param"] == param, (param, response.text)
+    assert wrong_type.status_code == 400 and '(got "\\ud800")' in error_of(wrong_type)["message"]
+    assert pair.status_code == 200, pair.text  # an escaped pair is one character (U+1F600)

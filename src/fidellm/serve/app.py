@@ -133,11 +133,37 @@ def _locate(loc: Sequence[int | str]) -> tuple[str | None, str | None]:
     return (path if param is None else param) or None, path or None
 
 
+def _encodable(text: str) -> bool:
+    """Whether `text` is valid Unicode: JSON may carry a lone UTF-16 surrogate (`"\\ud800"`), which
+    no UTF-8 encoder, tokenizer or JSON response accepts."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def lone_surrogate(value: Any, path: str = "") -> str | None:
+    """The location (`messages[0].content`) of the first string in `value` (a dumped request) that is
+    not `_encodable`, or of the object holding such a key; None when every string is valid."""
+    if isinstance(value, str):
+        return None if _encodable(value) else path
+    if isinstance(value, list):
+        items = ((f"{path}[{index}]", item) for index, item in enumerate(value))
+    elif isinstance(value, dict):
+        if not all(_encodable(key) for key in value):
+            return path
+        items = ((f"{path}.{key}" if path else key, item) for key, item in value.items())
+    else:
+        return None
+    return next((found for where, item in items if (found := lone_surrogate(item, where)) is not None), None)
+
+
 def _shown(value: Any) -> str:
     """' (got "5")' for a short scalar input, so that "5" sent for an integer reads as the string it
-    is; '' for anything else."""
+    is; '' for anything else. Non-ASCII text is shown as is unless it is not valid Unicode."""
     if isinstance(value, str | int | float | bool) or value is None:
-        text = json.dumps(value, ensure_ascii=False)
+        text = json.dumps(value, ensure_ascii=isinstance(value, str) and not _encodable(value))
         if len(text) <= 40:
             return f" (got {text})"
     return ""
@@ -263,6 +289,10 @@ def create_app(
 
     def respond(handler: Callable[..., Awaitable[Any]], endpoint: str) -> Callable[..., Awaitable[Response]]:
         async def run(body: Any, request: Request) -> Response:
+            where = lone_surrogate(body.model_dump())
+            if where is not None:
+                message = f"Invalid request: {where} holds a lone UTF-16 surrogate, which is not text."
+                raise APIError(400, message, param=where)
             key = cache_key(endpoint, body, settings.max_tokens_cap) if cache is not None else None
             if cache is not None and key is not None:
                 stored = await cache.get(key)
