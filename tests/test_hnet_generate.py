@@ -1,4 +1,5 @@
-"""H-Net cached generation: a (right-padded) prefill plus byte-by-byte steps equal the full forward."""
+"""H-Net cached generation: a (right-padded) prefill plus byte-by-byte steps equal the full forward;
+a generated BOS ends the text."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import pytest
 import torch
 
 from fidellm.errors import FidelError
+from fidellm.generate import GenerationConfig, generate
+from fidellm.generate.config import default_stop_ids
 from fidellm.models.hnet import HNetForCausalLM, preset
+from fidellm.tokenizer.bytes import ByteTokenizer
 
 
 @pytest.mark.parametrize("name", ["hnet-tiny", "hnet-2s-tiny"])
@@ -50,3 +54,20 @@ def test_several_bytes_per_call_and_limits() -> None:
         model(ids[:, :4], cache=cache)
         with pytest.raises(FidelError, match="prefill only"):
             model(ids[:, 4:5], cache=cache, attention_mask=torch.ones(1, 5))
+
+
+def test_a_generated_bos_ends_the_document() -> None:
+    """Byte training windows separate documents by BOS (254) alone, never EOS (255): a generated BOS
+    is the end of the text, not a hidden byte before an unrelated document."""
+    torch.manual_seed(0)
+    model = HNetForCausalLM(preset("hnet-tiny", max_position_embeddings=64)).eval()
+    head = torch.nn.Linear(model.lm_head.in_features, 256, bias=True)
+    with torch.no_grad():
+        head.weight.zero_()
+        head.bias.zero_()
+        head.bias[254] = 10.0  # the model always predicts a new document
+    model.lm_head = head
+    tokenizer = ByteTokenizer()
+    assert 254 in default_stop_ids(model, tokenizer)
+    result = generate(model, tokenizer, ["ሰላም"], GenerationConfig(max_new_tokens=8, temperature=0.0))[0]
+    assert (result.finish_reason, result.stop, result.token_ids, result.text) == ("stop", 254, [254], "")

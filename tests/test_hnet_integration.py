@@ -149,7 +149,8 @@ def reference_greedy(model: HNetForCausalLM, prompt: list[int], steps: int, stop
 def test_cached_greedy_batch_equals_full_forward_argmax(lively):
     tokenizer = ByteTokenizer()
     prompts = [tokenizer.encode(PROMPT, add_bos=True), tokenizer.encode(PROMPT * 3 + " ነው", add_bos=True)]
-    config = GenerationConfig(max_new_tokens=24, temperature=0.0)
+    # EOS only (a BOS ends generation by default): a document must start during the cached steps
+    config = GenerationConfig(max_new_tokens=24, temperature=0.0, stop_token_ids=(tokenizer.eos_id,))
     results = generate(lively, tokenizer, prompts, config)
     for prompt, result in zip(prompts, results, strict=True):
         assert result.token_ids == reference_greedy(lively, prompt, 24, {tokenizer.eos_id})

@@ -28,9 +28,10 @@ def check_seed(seed: int, rows: int = 1) -> None:
 @dataclass
 class GenerationConfig:
     """Decoding settings. temperature 0 = greedy; top_k 0 and top_p 1.0 = no filter; repetition_penalty
-    1.0 = none (CTRL/HF definition, over prompt and generated ids). `stop_token_ids` None = the
-    tokenizer's EOS id plus the model config's `eos_token_id`s. `seed` None = drawn from torch's global
-    RNG (so `torch.manual_seed` still makes runs repeatable). `add_bos` applies to text prompts only."""
+    1.0 = none (CTRL/HF definition, over prompt and generated ids). `stop_token_ids` None = the EOS
+    and BOS ids of the tokenizer and the model config (`default_stop_ids`). `seed` None = drawn from
+    torch's global RNG (so `torch.manual_seed` still makes runs repeatable). `add_bos` applies to text
+    prompts only."""
 
     max_new_tokens: int = 128
     temperature: float = 1.0
@@ -81,8 +82,13 @@ class GenerationResult:
 
 
 def default_stop_ids(model: nn.Module, tokenizer: TextTokenizer) -> tuple[int, ...]:
-    """The tokenizer's EOS id and the model config's `eos_token_id`s (plain documents and chat turns)."""
-    config_eos = getattr(getattr(model, "config", None), "eos_token_id", ()) or ()
+    """The tokenizer's EOS id, the model config's `eos_token_id`s (chat turns) and the BOS ids of both:
+    training windows separate documents by a BOS alone (`tokenizer.shards`), so a generated BOS ends
+    the document; without it a byte model (EOS 255, never trained on) ran on into an unrelated one."""
+    config = getattr(model, "config", None)
+    config_eos = getattr(config, "eos_token_id", ()) or ()
     if isinstance(config_eos, int):
         config_eos = (config_eos,)
-    return tuple(dict.fromkeys((tokenizer.eos_id, *config_eos)))
+    config_bos = getattr(config, "bos_token_id", None)
+    bos = (tokenizer.bos_id,) if config_bos is None else (tokenizer.bos_id, config_bos)
+    return tuple(dict.fromkeys((tokenizer.eos_id, *config_eos, *bos)))
