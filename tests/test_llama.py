@@ -1,4 +1,5 @@
-"""The Llama-style decoder: causality, KV-cache equivalence, loss, parameter counts and presets."""
+"""The Llama-style decoder: causality, KV-cache equivalence, loss, parameter counts, presets, and the
+checks of saved model configs (both architectures)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import torch.nn.functional as F
 
 from fidellm.errors import FidelError
 from fidellm.models.blocks import KVCache
+from fidellm.models.factory import config_from_dict, config_to_dict
+from fidellm.models.hnet import preset as hnet_preset
 from fidellm.models.llama import (
     NAME_TOLERANCE,
     NOMINAL_PARAMS,
@@ -175,3 +178,37 @@ def test_bad_configs_are_refused() -> None:
         preset("huge", 32000)
     with pytest.raises(FidelError, match="outside the vocabulary"):
         gqa_config(vocab_size=1, pad_token_id=1)
+
+
+@pytest.mark.parametrize(
+    ("arch", "field", "value", "message"),
+    [
+        ("llama", "rope_theta", 0.0, "rope_theta must be a positive number"),  # was NaN rotary tables
+        ("llama", "rope_theta", -5.0, "rope_theta must be a positive number"),
+        ("llama", "rms_norm_eps", float("nan"), "rms_norm_eps must be a positive number"),
+        ("llama", "dropout", None, "dropout None must be a number"),  # was a TypeError
+        ("llama", "tie_word_embeddings", "no", "tie_word_embeddings must be true or false"),
+        ("llama", "eos_token_id", ["x"], "eos_token_id must be token ids"),
+        ("llama", "hidden_size", None, "hidden_size must be a positive integer"),
+        ("llama", "hidden_size", "missing", "missing field.*hidden_size"),  # was a TypeError
+        ("hnet", "rope_theta", 0, "rope_theta must be a positive number"),
+        ("hnet", "d_model", ["a", 3], "hnet.*wrong type"),  # was a ValueError
+        ("hnet", "vocab_size", "x", "hnet.*wrong type"),  # was a TypeError
+        ("hnet", "arch_layout", 5, "hnet.*wrong type"),
+    ],
+)
+def test_saved_configs_with_bad_fields_are_clear_errors(
+    arch: str, field: str, value: object, message: str
+) -> None:
+    """A checkpoint's model_config (or an export's config.json) with a wrong field is a FidelError
+    naming it, never a traceback or a model that silently computes NaN."""
+    base = config_to_dict(gqa_config() if arch == "llama" else hnet_preset("hnet-2s-tiny"))
+    data = {key: val for key, val in base.items() if key != field}
+    if value != "missing":
+        data[field] = value
+    with pytest.raises(FidelError, match=message):
+        config_from_dict(data)
+
+
+def test_a_single_eos_id_is_accepted() -> None:
+    assert config_from_dict({**config_to_dict(gqa_config()), "eos_token_id": 3}).eos_token_id == (3,)

@@ -54,14 +54,17 @@ def config_to_dict(config: ModelConfig) -> dict[str, Any]:
 
 
 def config_from_dict(data: dict[str, Any]) -> ModelConfig:
-    """Inverse of `config_to_dict` (a dict without "arch" is a Llama config)."""
+    """Inverse of `config_to_dict` (a dict without "arch" is a Llama config). A field of the wrong type
+    (a string for a number, a number for a list) is a FidelError, not the TypeError or ValueError
+    the config's own checks would hit."""
     values = {k: v for k, v in data.items() if k != "arch"}
     arch = data.get("arch", "llama")
-    if arch == "llama":
-        return LlamaConfig.from_dict(values)
-    if arch == "hnet":
-        return HNetConfig.from_dict(values)
-    raise FidelError(f"model config names unknown arch {arch!r}; known: {', '.join(ARCHS)}")
+    if arch not in ARCHS:
+        raise FidelError(f"model config names unknown arch {arch!r}; known: {', '.join(ARCHS)}")
+    try:
+        return LlamaConfig.from_dict(values) if arch == "llama" else HNetConfig.from_dict(values)
+    except (TypeError, ValueError) as error:
+        raise FidelError(f"model config ({arch}): a field has the wrong type: {error}") from None
 
 
 def arch_of(config: ModelConfig) -> str:

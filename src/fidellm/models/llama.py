@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any
 
 import torch
@@ -66,11 +66,22 @@ class LlamaConfig:
     pad_token_id: int = PAD_ID
 
     def __post_init__(self) -> None:
-        self.eos_token_id = tuple(self.eos_token_id)
+        eos = self.eos_token_id
+        self.eos_token_id = (eos,) if isinstance(eos, numbers.Integral) else tuple(eos)
         for name in SIZE_FIELDS:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
                 raise FidelError(f"model config: {name} must be a positive integer, got {value!r}")
+        for name in ("rope_theta", "rms_norm_eps"):  # theta <= 0 made NaN rotary tables, silently
+            value = getattr(self, name)
+            if not _is_real(value) or not (math.isfinite(value) and value > 0):
+                raise FidelError(f"model config: {name} must be a positive number, got {value!r}")
+        if not isinstance(self.tie_word_embeddings, bool):
+            raise FidelError(
+                f"model config: tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}"
+            )
+        if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in self.eos_token_id):
+            raise FidelError(f"model config: eos_token_id must be token ids, got {eos!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise FidelError(
                 f"model config: num_attention_heads {self.num_attention_heads} is not a multiple of"
@@ -78,17 +89,25 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise FidelError(f"model config: head_dim {self.head_dim} must be even (rotary embeddings)")
-        if not 0.0 <= self.dropout < 1.0:
-            raise FidelError(f"model config: dropout {self.dropout} must be in [0, 1)")
+        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
+            raise FidelError(f"model config: dropout {self.dropout!r} must be a number in [0, 1)")
         for name in ("bos_token_id", "pad_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise FidelError(f"model config: {name} {getattr(self, name)} is outside the vocabulary")
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> LlamaConfig:
-        """Build from a dict with (a superset of) this class's field names."""
+        """Build from a dict with (a superset of) this class's field names; a missing one is named."""
         names = {f.name for f in fields(cls)}
+        required = [f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING]
+        if missing := [name for name in required if name not in data]:
+            raise FidelError(f"model config: missing field(s) {', '.join(missing)}")
         return cls(**{key: value for key, value in data.items() if key in names})
+
+
+def _is_real(value: object) -> bool:
+    """A real number that is not a bool (JSON true would pass as 1)."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def pad_vocab(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:

@@ -10,6 +10,7 @@ outermost first, as in the reference implementation's config JSON.
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
@@ -133,6 +134,10 @@ class HNetConfig:
                 raise FidelError(f"model config: {name} must be positive, got {getattr(self, name)}")
         if self.max_position_embeddings < 1:
             raise FidelError("model config: max_position_embeddings must be positive")
+        for name in ("rope_theta", "norm_eps"):  # theta <= 0 made NaN rotary tables, silently
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+                raise FidelError(f"model config: {name} must be a positive number, got {value!r}")
         for stage, specs in enumerate(stage_specs(self.layout)):
             self._check_stage(stage, "".join(specs))
         if any(b < a for a, b in zip(self.d_model, self.d_model[1:], strict=False)):
