@@ -84,6 +84,23 @@ def answers(client: openai.AsyncOpenAI, concurrently: bool) -> Any:
     return all_of()
 
 
+def test_each_prompt_of_a_seeded_request_samples_as_if_sent_alone(inner, tokenizer) -> None:
+    """Choice j of every prompt samples with seed + j, as vLLM runs each prompt of a list as its own
+    request: a prompt's text no longer depends on the prompts before it (prompt i took seed + i*n + j,
+    so two equal prompts got different texts and lm-eval's answers changed with its batch size)."""
+
+    async def body(client: openai.AsyncOpenAI, _: Any) -> None:
+        args: dict[str, Any] = dict(model=NAME, max_tokens=10, temperature=1.0, seed=11, n=2)
+        both = await client.completions.create(prompt=["ሰላም", "የኢትዮጵያ ዋና ከተማ"], **args)
+        first = await client.completions.create(prompt="ሰላም", **args)
+        second = await client.completions.create(prompt="የኢትዮጵያ ዋና ከተማ", **args)
+        texts = [choice.text for choice in both.choices]
+        assert texts == [c.text for c in first.choices] + [c.text for c in second.choices]
+        assert texts[0] != texts[1]  # the choices of one prompt still differ (seed + j)
+
+    run(app_for(inner, tokenizer), body)
+
+
 @pytest.mark.parametrize("max_batch", [16, 2])
 def test_concurrent_requests_batch_and_answer_as_alone(inner, tokenizer, max_batch: int) -> None:
     solo_model = Recording(inner)

@@ -56,13 +56,13 @@ class Slow(WrappedLM):
 
 
 def test_seeds_torch_cannot_take_are_a_400_naming_seed(inner, tokenizer) -> None:
-    """Row i samples with seed + i: a seed past torch's range for any row is refused, the largest one
-    that fits is served."""
+    """Choice j of each prompt samples with seed + j: a seed past torch's range for any choice is
+    refused, the largest one that fits is served (for every prompt of a list, each seeded alike)."""
     bad = [
         (CHAT, {"messages": HELLO, "seed": SEED_MAX + 1}),
         (CHAT, {"messages": HELLO, "seed": -(2**63) - 1}),
         (CHAT, {"messages": HELLO, "seed": SEED_MAX, "n": 2}),
-        ("/v1/completions", {"prompt": ["ሰላም", "ሰኞ"], "seed": SEED_MAX}),
+        ("/v1/completions", {"prompt": ["ሰላም", "ሰኞ"], "seed": SEED_MAX, "n": 2}),
         ("/v1/completions", {"prompt": "ሰላም", "seed": SEED_MAX - 1, "n": 3}),
     ]
 
@@ -73,6 +73,7 @@ def test_seeds_torch_cannot_take_are_a_400_naming_seed(inner, tokenizer) -> None
         for path, fields in [
             (CHAT, {"messages": HELLO, "seed": SEED_MAX}),
             (CHAT, {"messages": HELLO, "seed": -1, "n": 2}),
+            ("/v1/completions", {"prompt": ["ሰላም", "ሰኞ"], "seed": SEED_MAX}),
         ]:
             response = await raw.post(path, json={"model": "tiny", "max_tokens": 3, **fields})
             assert response.status_code == 200, response.text

@@ -139,6 +139,7 @@ async def chat_completion(state: ServerState, request: ChatCompletionRequest, ht
         prompts=[ids] * request.n,
         config=config,
         timeout=state.settings.request_timeout_s,
+        choices=request.n,
         score_top=(request.top_logprobs or 0) if request.logprobs else None,
     )
     state.submit(job)

@@ -112,9 +112,9 @@ class ServerState:
     def generation_config(
         self, request: SamplingFields, max_new_tokens: int, rows: int, chat: bool = False
     ) -> GenerationConfig:
-        """Decoding settings of a request decoding `rows` sequences (row i samples with seed + i, which
-        must stay a seed torch accepts); a chat also stops at `<|im_end|>` (its id, or its text for a
-        byte model), the end of its turn."""
+        """Decoding settings of a request decoding `rows` choices per prompt (choice i samples with
+        seed + i, which must stay a seed torch accepts); a chat also stops at `<|im_end|>` (its id, or
+        its text for a byte model), the end of its turn."""
         if request.seed is not None:
             try:
                 check_seed(request.seed, rows)

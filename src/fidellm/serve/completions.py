@@ -90,12 +90,13 @@ async def completion(state: ServerState, request: CompletionRequest, http: Reque
         requested = min(requested, state.settings.max_tokens_cap)  # OpenAI's default 16, within our cap
     budget = state.budget(requested, [len(row) for row in ids], "max_tokens", "prompt")
     rows = [row for row in ids for _ in range(request.n)]
-    config = state.generation_config(request, budget, rows=len(rows)) if budget > 0 else None
+    config = state.generation_config(request, budget, rows=request.n) if budget > 0 else None
     echoes = [text for text in texts for _ in range(request.n)]
     job = Job(
         prompts=rows,
         config=config,
         timeout=state.settings.request_timeout_s,
+        choices=request.n,
         score_from_start=request.echo,
         score_top=request.logprobs,
     )

@@ -57,11 +57,14 @@ class Job:
     Events on `events`: ("chunks", [text per row]) after every decode step, then ("done", results,
     scores) or ("error", exception). `config` None means no new tokens (max_tokens 0, e.g. echo scoring).
     `score_top` None = no log-probabilities; else each row's generated tokens (and its prompt's too
-    when `score_from_start`) are scored with that many most likely alternatives."""
+    when `score_from_start`) are scored with that many most likely alternatives. `choices` = rows per
+    prompt (consecutive): choice j of every prompt samples with seed + j, as vLLM seeds a request's n
+    choices, so a prompt's text never depends on the other prompts sent with it."""
 
     prompts: list[list[int]]
     config: GenerationConfig | None
     timeout: float
+    choices: int = 1
     score_from_start: bool = False
     score_top: int | None = None
     arrival: float = field(default_factory=time.perf_counter)
@@ -204,7 +207,12 @@ class Engine:
                 self._complete(job, results)
                 continue
             try:
-                job.rows = new_rows(self.model, self.tokenizer, job.prompts, job.config, owner=job)
+                groups = [job.prompts[i : i + job.choices] for i in range(0, len(job.prompts), job.choices)]
+                job.rows = [
+                    row
+                    for group in groups
+                    for row in new_rows(self.model, self.tokenizer, group, job.config, owner=job)
+                ]
             except Exception as error:  # this request fails; the running ones go on
                 self._fail([job], error)
                 continue
