@@ -222,11 +222,27 @@ def test_prompt_too_long_for_context(tokenizer) -> None:
         ("seed", 1.5, "seed"),
         ("seed", 2**64, r"seed must be in \[-9223372036854775808, 18446744073709551615\]"),
         ("seed", -(2**63) - 1, "seed must be in"),
+        ("temperature", "0.7", "temperature must be a number"),  # were TypeErrors from math.isfinite
+        ("top_p", None, "top_p must be a number"),
+        ("stop_strings", 5, "stop_strings must be a string or a list"),
+        ("stop_token_ids", ["a"], "stop_token_ids must be token ids"),  # was a ValueError
+        ("stop_token_ids", [2.7], "stop_token_ids must be token ids"),  # was truncated to id 2
     ],
 )
 def test_bad_config_is_a_clear_error(field: str, value: object, message: str) -> None:
     with pytest.raises(FidelError, match=message):
         GenerationConfig(**{field: value})
+
+
+def test_one_stop_string_or_id_is_one_stop(model, tokenizer) -> None:
+    """A plain string is one stop string, not one per character (as in HF and vLLM); an id is one id."""
+    config = GenerationConfig(stop_strings="\n\n", stop_token_ids=7)
+    assert (config.stop_strings, config.stop_token_ids) == (("\n\n",), (7,))
+    free = generate(model, tokenizer, [PROMPTS[1]], GenerationConfig(max_new_tokens=40, temperature=0))[0]
+    pair = free.text[5:7]  # split into characters, either one would have stopped it, by itself
+    config = GenerationConfig(max_new_tokens=40, temperature=0, stop_strings=pair)
+    stopped = generate(model, tokenizer, [PROMPTS[1]], config)[0]
+    assert stopped.stop == pair and stopped.text == free.text[: free.text.index(pair)]
 
 
 def test_bad_prompts_are_clear_errors(model, tokenizer) -> None:

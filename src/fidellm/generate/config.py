@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import numbers
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -45,9 +47,11 @@ class GenerationConfig:
     skip_special_tokens: bool = True
 
     def __post_init__(self) -> None:
-        self.stop_strings = tuple(self.stop_strings)
-        if self.stop_token_ids is not None:
-            self.stop_token_ids = tuple(int(i) for i in self.stop_token_ids)
+        self._normalize_stops()
+        for name in ("temperature", "top_p", "repetition_penalty"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+                raise FidelError(f"generation: {name} must be a number, got {value!r}")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
             raise FidelError(f"generation: max_new_tokens must be an integer, got {self.max_new_tokens!r}")
         if self.max_new_tokens < 1:
@@ -66,6 +70,26 @@ class GenerationConfig:
             raise FidelError(f"generation: seed must be an integer, got {self.seed!r}")
         if self.seed is not None:
             check_seed(self.seed)
+
+    def _normalize_stops(self) -> None:
+        """Stops as tuples. One string is one stop string and one id one stop id (as in HF and vLLM):
+        tuple("\\n\\n") would have made each character a stop string of its own."""
+        stops, ids = self.stop_strings, self.stop_token_ids
+        if not isinstance(stops, Iterable):
+            raise FidelError(f"generation: stop_strings must be a string or a list of them, got {stops!r}")
+        self.stop_strings = (stops,) if isinstance(stops, str) else tuple(stops)
+        if ids is None:
+            return
+        ids = (ids,) if isinstance(ids, numbers.Integral) else ids
+        ids = tuple(ids) if isinstance(ids, Iterable) and not isinstance(ids, str) else (ids,)
+        if not all(_is_id(i) for i in ids):
+            raise FidelError(f"generation: stop_token_ids must be token ids (integers), got {ids!r}")
+        self.stop_token_ids = tuple(int(i) for i in ids)
+
+
+def _is_id(value: object) -> bool:
+    """An integer (Python or NumPy) that is not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass
