@@ -128,3 +128,20 @@ def test_an_export_into_the_run_it_comes_from_is_refused(
         err = fails_with(["export", "hf", str(run / "train" / "best"), str(target)], capsys)
         assert err.startswith(f"error: {target}: holds the model being exported"), err
     assert not (run / "config.json").exists()
+
+
+def test_a_checkpoint_with_damaged_weights_is_named(tmp_path: Path) -> None:
+    """A truncated model.safetensors (a copy cut short) was a SafetensorError traceback from the
+    LoRA-adapter probe that runs before the weights are read."""
+    from fidellm.models.factory import config_to_dict
+    from fidellm.models.load import load_model
+    from fidellm.train.checkpoint import save_checkpoint
+
+    model = random_llama(gqa_config(vocab_size=512, num_hidden_layers=1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = {"model_config": config_to_dict(model.config)}
+    checkpoint = save_checkpoint(tmp_path / "checkpoints", 1, model, optimizer, state, keep_last=1)
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(FidelError, match=r"model\.safetensors: cannot read safetensors"):
+        load_model(checkpoint)

@@ -60,8 +60,11 @@ def _holds_adapters(state: dict, directory: Path) -> bool:
         return False
     from safetensors import safe_open
 
-    with safe_open(str(weights), framework="pt") as handle:
-        return any(".lora_A." in name for name in handle.keys())  # noqa: SIM118
+    try:
+        with safe_open(str(weights), framework="pt") as handle:
+            return any(".lora_A." in name for name in handle.keys())  # noqa: SIM118
+    except Exception as error:  # safetensors raises its own error types for malformed files
+        raise FidelError(f"{weights}: cannot read safetensors: {error}") from error
 
 
 def checkpoint_tokenizer(checkpoint: Path) -> Path:
