@@ -127,13 +127,15 @@ async def completion(state: ServerState, request: CompletionRequest, http: Reque
 async def stream_completion(
     request: CompletionRequest, job: Job, http: Request, echoes: list[str]
 ) -> AsyncIterator[dict[str, str]]:
-    """SSE events: text deltas per choice (the echoed prompt first), a finish chunk each, usage, [DONE]."""
+    """SSE events: text deltas per choice (the echoed prompt first), a finish chunk each, the usage
+    chunk when asked (every other chunk then has `"usage": null`, as OpenAI's), [DONE]."""
     base: dict[str, Any] = dict(id=new_id("cmpl"), created=now(), model=request.model)
     include_usage = request.stream_options is not None and request.stream_options.include_usage
+    extra = {"usage": None} if include_usage else {}
 
     def chunk(index: int, text: str, finish: str | None) -> dict[str, str]:
         choice = CompletionChoice(index=index, text=text, logprobs=None, finish_reason=finish)
-        return sse(Completion(**base, choices=[choice]).wire())
+        return sse(Completion(**base, choices=[choice], **extra).wire())
 
     if request.echo:
         for index, text in enumerate(echoes):
