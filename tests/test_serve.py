@@ -191,6 +191,17 @@ def test_named_tool_choice_forces_the_call(model: LlamaForCausalLM, tokenizer: B
         )
         (call,) = reply.choices[0].message.tool_calls
         assert call.function.name == "get_weather" and json.loads(call.function.arguments) == {"city": "ጎንደር"}
+        # a name that JSON must escape: the forced `{"name": "..."` was broken JSON, so no call came back
+        odd = 'የአየር "ሁኔታ" \\ ትንበያ'
+        tool = {"type": "function", "function": {**WEATHER_TOOL["function"], "name": odd}}
+        reply = await client.chat.completions.create(
+            model=NAME,
+            messages=[{"role": "user", "content": "ጎንደር?"}],
+            tools=[tool],
+            tool_choice={"type": "function", "function": {"name": odd}},
+        )
+        (call,) = reply.choices[0].message.tool_calls
+        assert call.function.name == odd and reply.choices[0].finish_reason == "tool_calls"
 
     run(app, body)
 

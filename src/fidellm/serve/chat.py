@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -47,10 +48,12 @@ from fidellm.tokenizer.special import TOOL_CALL_START
 
 def forced_prefix(request: ChatCompletionRequest) -> str:
     """Text appended after the generation prompt: `required` starts a call, a named choice starts a
-    call to that function (the model then writes the arguments). '' otherwise."""
+    call to that function (the model then writes the arguments; the name is JSON-escaped, so a quote or
+    backslash in it still parses). '' otherwise."""
     choice = request.tool_choice
     if isinstance(choice, NamedToolChoice):
-        return f'{TOOL_CALL_START}{{"name": "{choice.function.name}", "arguments": '
+        name = json.dumps(choice.function.name, ensure_ascii=False)
+        return f'{TOOL_CALL_START}{{"name": {name}, "arguments": '
     return TOOL_CALL_START if choice == "required" else ""
 
 
