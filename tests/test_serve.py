@@ -179,6 +179,29 @@ def test_tool_call_is_parsed_plain_and_streamed(model: LlamaForCausalLM, tokeniz
     run(app, body)
 
 
+def test_parallel_tool_calls_false_keeps_only_the_first_call(model, tokenizer) -> None:
+    """The model writes two calls; with `parallel_tool_calls` false the reply has only the first, plain
+    and streamed, as OpenAI and vLLM answer (the field was accepted and ignored: both came back)."""
+    second = CALL.replace("get_weather", "get_time")
+    app = app_for(scripted(model, tokenizer, CALL + "\n" + second), tokenizer, max_tokens_cap=256)
+
+    async def body(client: openai.AsyncOpenAI, _: Any) -> None:
+        question = [{"role": "user", "content": "ሰዓትና የአየር ሁኔታ?"}]
+        args: dict[str, Any] = dict(model=NAME, messages=question, tools=[WEATHER_TOOL], max_tokens=200)
+        both = await client.chat.completions.create(**args)
+        assert [c.function.name for c in both.choices[0].message.tool_calls] == ["get_weather", "get_time"]
+        one = await client.chat.completions.create(**args, parallel_tool_calls=False)
+        assert [c.function.name for c in one.choices[0].message.tool_calls] == ["get_weather"]
+        assert one.choices[0].finish_reason == "tool_calls"
+        stream = await client.chat.completions.create(**args, parallel_tool_calls=False, stream=True)
+        deltas = [
+            d for c in [c async for c in stream] if c.choices for d in c.choices[0].delta.tool_calls or []
+        ]
+        assert [d.function.name for d in deltas if d.function.name] == ["get_weather"]
+
+    run(app, body)
+
+
 def test_named_tool_choice_forces_the_call(model: LlamaForCausalLM, tokenizer: BPETokenizer) -> None:
     app = app_for(scripted(model, tokenizer, '{"city": "ጎንደር"}}</tool_call>'), tokenizer)
 

@@ -42,7 +42,7 @@ from fidellm.serve.schemas import (
     new_id,
     now,
 )
-from fidellm.serve.tools import ToolCallFilter, parse_tool_calls
+from fidellm.serve.tools import ParsedCall, ToolCallFilter, parse_tool_calls
 from fidellm.tokenizer.special import TOOL_CALL_START
 
 
@@ -101,10 +101,18 @@ def logprob_content(state: ServerState, scores: list[TokenScore]) -> ChoiceLogpr
     return ChoiceLogprobs(content=content)
 
 
+def calls_in(text: str, parallel: bool) -> tuple[str | None, list[ParsedCall]]:
+    """The content and tool calls of `text` (`parse_tool_calls`); only the first call when the request
+    set `parallel_tool_calls` false, as OpenAI and vLLM answer (the others are dropped)."""
+    content, calls = parse_tool_calls(text)
+    return content, calls if parallel else calls[:1]
+
+
 def build_choice(
-    index: int, text: str, finish: str, tools_active: bool, logprobs: ChoiceLogprobs | None
+    index: int, text: str, finish: str, tools: bool, parallel: bool, logprobs: ChoiceLogprobs | None
 ) -> ChatChoice:
-    content, calls = parse_tool_calls(text) if tools_active else (text, [])
+    """Choice `index` of a reply: its text, and its tool calls when `tools` are active (`calls_in`)."""
+    content, calls = calls_in(text, parallel) if tools else (text, [])
     message = ResponseMessage(content=content)
     if calls:
         message.tool_calls = [
@@ -155,6 +163,7 @@ async def chat_completion(state: ServerState, request: ChatCompletionRequest, ht
             prefix + result.text,
             result.finish_reason,
             tools_active,
+            request.parallel_tool_calls,
             logprob_content(state, scores[index]) if scores is not None else None,
         )
         for index, result in enumerate(results)
@@ -199,7 +208,9 @@ async def stream_chat(
             tool_filter = filters[index]
             if tool_filter is not None:
                 rest = tool_filter.flush() + pending[index]
-                calls = parse_tool_calls(tool_filter.held)[1] if tool_filter.in_call else []
+                calls = (
+                    calls_in(tool_filter.held, request.parallel_tool_calls)[1] if tool_filter.in_call else []
+                )
                 if tool_filter.in_call and not calls:
                     rest += tool_filter.held  # not a valid call after all: it was content
                 if rest:
