@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from fidellm.errors import FidelError
 from fidellm.models.blocks import KVCache
-from fidellm.models.factory import config_from_dict, config_to_dict
+from fidellm.models.factory import config_from_dict, config_to_dict, preset_config
 from fidellm.models.hnet import preset as hnet_preset
 from fidellm.models.llama import (
     NAME_TOLERANCE,
@@ -212,3 +212,19 @@ def test_saved_configs_with_bad_fields_are_clear_errors(
 
 def test_a_single_eos_id_is_accepted() -> None:
     assert config_from_dict({**config_to_dict(gqa_config()), "eos_token_id": 3}).eos_token_id == (3,)
+
+
+def test_a_llama_on_the_byte_tokenizer_gets_the_byte_special_ids() -> None:
+    """Byte shards start each document with 254: with BPE's ids (BOS 0, EOS 0 and 3) document masking
+    split windows at NUL bytes instead, and generation stopped at NUL or ETX but ran past a BOS."""
+    config = preset_config("llama", "tiny", 256, 64, {})
+    assert (config.bos_token_id, config.eos_token_id, config.pad_token_id) == (254, (254, 255), 255)
+    model = LlamaForCausalLM(config).eval()
+    model.document_masking = True
+    ids = torch.tensor([[254, 65, 66, 0, 67, 254, 68, 69]])
+    with torch.no_grad():
+        alone = model(ids[:, 5:]).logits
+        packed = model(ids).logits
+    torch.testing.assert_close(packed[:, 5:], alone)
+    bpe = preset_config("llama", "tiny", 512, 64, {})
+    assert (bpe.bos_token_id, bpe.eos_token_id, bpe.pad_token_id) == (0, (0, 3), 1)

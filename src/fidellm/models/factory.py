@@ -19,8 +19,11 @@ from fidellm.models.hnet import preset as hnet_preset
 from fidellm.models.hnet.layers import Block as HNetBlock
 from fidellm.models.llama import LlamaConfig, LlamaForCausalLM
 from fidellm.models.llama import preset as llama_preset
+from fidellm.tokenizer.special import BYTE_BOS_ID, BYTE_EOS_ID
 
 ARCHS = ("llama", "hnet")
+BYTE_VOCAB = 256
+"""The byte tokenizer's ids; no BPE is this small."""
 ModelConfig = LlamaConfig | HNetConfig
 
 
@@ -30,9 +33,16 @@ def preset_config(
     """The named preset of `arch` with `overrides` (config field -> value) applied."""
     if arch == "llama":
         base: ModelConfig = llama_preset(name, vocab_size, max_position_embeddings=max_positions)
+        if vocab_size <= BYTE_VOCAB:  # the byte tokenizer (a BPE has >= 512 ids): its own special ids
+            base = dataclasses.replace(
+                base,
+                bos_token_id=BYTE_BOS_ID,
+                eos_token_id=(BYTE_BOS_ID, BYTE_EOS_ID),
+                pad_token_id=BYTE_EOS_ID,
+            )
         fields = {f.name for f in dataclasses.fields(LlamaConfig)}
     elif arch == "hnet":
-        if vocab_size > 256:
+        if vocab_size > BYTE_VOCAB:
             raise FidelError(
                 f"arch hnet reads bytes: the run's tokenizer has {vocab_size} ids, not a byte tokenizer"
                 " (train one with `fidellm tokenizer train RUN --kind bytes`)"
