@@ -145,3 +145,24 @@ def test_a_checkpoint_with_damaged_weights_is_named(tmp_path: Path) -> None:
     weights.write_bytes(weights.read_bytes()[:100])
     with pytest.raises(FidelError, match=r"model\.safetensors: cannot read safetensors"):
         load_model(checkpoint)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_a_config_without_tie_word_embeddings_loads_as_its_weights_say(tmp_path: Path, tie: bool) -> None:
+    """transformers reads an absent tie_word_embeddings as untied (LlamaConfig's default): such a
+    directory with its own lm_head.weight was refused ("tie_word_embeddings is set but lm_head.weight
+    differs"); one without lm_head.weight can only be tied."""
+    config = transformers.LlamaConfig(
+        vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+        max_position_embeddings=64, tie_word_embeddings=tie,
+    )  # fmt: skip
+    theirs = transformers.LlamaForCausalLM(config).eval()
+    theirs.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["tie_word_embeddings"]
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    ours, loaded = load_hf_dir(tmp_path)
+    assert loaded.tie_word_embeddings is tie
+    ids = torch.tensor([[1, 5, 9, 300]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-5, rtol=1e-5)

@@ -162,7 +162,8 @@ def _special_ids(data: dict[str, Any], path: Path) -> dict[str, Any]:
 
 
 def _config_from_hf(data: dict[str, Any], path: Path) -> LlamaConfig:
-    """Our config from a Llama config.json, refusing features our model does not implement."""
+    """Our config from a Llama config.json, refusing features our model does not implement; `data` has
+    tie_word_embeddings (`load_hf_dir` fills in an absent one from the weights)."""
     if data.get("model_type") != "llama":
         raise FidelError(f"{path}: model_type is {data.get('model_type')!r}, expected 'llama'")
     checks = {
@@ -204,7 +205,7 @@ def _config_from_hf(data: dict[str, Any], path: Path) -> LlamaConfig:
                 "num_key_value_heads": data.get("num_key_value_heads", data["num_attention_heads"]),
                 "head_dim": data.get("head_dim") or data["hidden_size"] // data["num_attention_heads"],
                 "rope_theta": float(rope_theta),
-                "tie_word_embeddings": data.get("tie_word_embeddings", True),
+                "tie_word_embeddings": data["tie_word_embeddings"],
                 "dropout": data.get("attention_dropout", 0.0),
             }
         )
@@ -223,14 +224,17 @@ def load_hf_dir(
     for path in (config_path, weights_path):
         if not path.is_file():
             raise FidelError(f"{path} does not exist")
-    config = _config_from_hf(read_json_object(config_path), config_path)
-    model = LlamaForCausalLM(config)
-    expected = model.state_dict()
+    data = read_json_object(config_path)
     try:
         with safe_open(str(weights_path), framework="pt") as handle:
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}  # noqa: SIM118 (not a dict)
     except Exception as error:  # safetensors raises its own error types for malformed files
         raise FidelError(f"{weights_path}: cannot read safetensors: {error}") from error
+    if "tie_word_embeddings" not in data:  # transformers reads absent as untied (LlamaConfig's default);
+        data = {**data, "tie_word_embeddings": TIED_KEY not in tensors}  # without lm_head it can only be tied
+    config = _config_from_hf(data, config_path)
+    model = LlamaForCausalLM(config)
+    expected = model.state_dict()
     if config.tie_word_embeddings and TIED_KEY in tensors:
         if not torch.equal(tensors[TIED_KEY], tensors.get("model.embed_tokens.weight", tensors[TIED_KEY])):
             raise FidelError(f"{weights_path}: tie_word_embeddings is set but lm_head.weight differs")
