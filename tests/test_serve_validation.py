@@ -99,6 +99,8 @@ PARAMS = [
         "tool_choice",
         "tool_choice.function.name: Field required",
     ),
+    (CHAT, {"top_logprobs": 3}, "top_logprobs", "top_logprobs needs logprobs set to true"),
+    (CHAT, {"logprobs": False, "top_logprobs": 0}, "top_logprobs", "needs logprobs"),
     (COMPLETIONS, {"prompt": [0, -1]}, "prompt", "prompt[1]: Input should be greater than or equal to 0"),
     (COMPLETIONS, {"prompt": [[5], [6, -2]]}, "prompt", "prompt[1][1]: Input should be greater than or"),
     (COMPLETIONS, {"prompt": ["ሰላም", 3]}, "prompt", "prompt[1]: Input should be a valid string (got 3)"),
@@ -110,7 +112,8 @@ def test_errors_name_the_parameter_as_openai_does(model, tokenizer) -> None:
     """Params are the API's names (`messages[0].role`, never pydantic's union tags such as
     `stop.constrained-str`); for a union the message is the error of the member the input fits (the
     negative id of a token-id list, not "should be a valid string"), located down to the bad value. A
-    chat prompt over the context is an error of `messages` (chat requests have no `prompt`)."""
+    chat prompt over the context is an error of `messages` (chat requests have no `prompt`). As in vLLM,
+    top_logprobs without logprobs is refused (it was ignored: no log-probabilities, no error)."""
     responses = post_all(model, tokenizer, [(path, fields) for path, fields, _, _ in PARAMS])
     for (_, fields, param, message), response in zip(PARAMS, responses, strict=True):
         error = error_of(response)

@@ -135,6 +135,8 @@ async def chat_completion(state: ServerState, request: ChatCompletionRequest, ht
     """A ChatCompletion, or an async iterator of SSE events when `stream`."""
     state.check_model(request.model)
     tools_active = check_tools(request)
+    if request.top_logprobs is not None and not request.logprobs:  # else silently no logprobs at all
+        raise APIError(400, "top_logprobs needs logprobs set to true.", param="top_logprobs")
     if request.stream and request.logprobs:
         raise APIError(400, "logprobs are not supported with stream on this server.", param="logprobs")
     prefix, ids = await asyncio.to_thread(chat_prompt, state, request)
