@@ -166,3 +166,13 @@ def test_a_config_without_tie_word_embeddings_loads_as_its_weights_say(tmp_path:
     ids = torch.tensor([[1, 5, 9, 300]])
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_export_hnet_of_a_llama_points_to_hf_and_leaves_no_directory(
+    hf_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It was refused only after the output directory had been made (an empty one stayed behind)."""
+    err = fails_with(["export", "hnet", str(hf_dir), str(tmp_path / "out")], capsys)
+    assert err.startswith("error: H-Net export needs an H-Net model; this is LlamaForCausalLM"), err
+    assert "fidellm export hf MODEL OUT_DIR" in err
+    assert not (tmp_path / "out").exists()
