@@ -176,3 +176,19 @@ def test_export_hnet_of_a_llama_points_to_hf_and_leaves_no_directory(
     assert err.startswith("error: H-Net export needs an H-Net model; this is LlamaForCausalLM"), err
     assert "fidellm export hf MODEL OUT_DIR" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_a_refused_cli_export_leaves_no_output_behind(
+    hf_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The commands made the output directory before the exporter's checks ran: an empty directory
+    (or GGUF parent) stayed behind after the refusal."""
+    model, config = load_hf_dir(hf_dir)
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight[0, 0] = 1e5
+    big = export_hf(model, config, hf_dir, tmp_path / "big", dtype="float32")
+    err = fails_with(["export", "hf", str(big), str(tmp_path / "out" / "hf"), "--dtype", "float16"], capsys)
+    assert "beyond the float16 range" in err, err
+    err = fails_with(["export", "gguf", str(big), str(tmp_path / "out" / "m.gguf"), "--type", "f16"], capsys)
+    assert "beyond the f16 range" in err, err
+    assert not (tmp_path / "out").exists()

@@ -6,8 +6,6 @@ from pathlib import Path
 
 import click
 
-from fidellm.paths import make_output_dir
-
 
 @click.group()
 def export() -> None:
@@ -81,7 +79,6 @@ def export_hf_command(model: Path, out_dir: Path, dtype: str) -> None:
     network, tokenizer_dir = load_model(model)
     _require_llama(network, "HF")
     _refuse_overwrite(model, tokenizer_dir, out_dir)
-    make_output_dir(out_dir)
     export_hf(network, network.config, tokenizer_dir, out_dir, dtype=dtype)
     click.echo(f"wrote {out_dir} ({dtype}, {network.num_parameters():,} parameters)")
 
@@ -109,7 +106,6 @@ def export_gguf_command(model: Path, out_file: Path, qtype: str) -> None:
     _refuse_overwrite(model, tokenizer_dir, out_file, is_file=True)
     if out_file.exists() and not out_file.is_file():  # replacing /dev/null or a pipe with the file
         raise FidelError(f"{out_file}: exists and is not a regular file; write the GGUF file elsewhere")
-    make_output_dir(out_file.parent)
     export_gguf(network, network.config, tokenizer_dir, out_file, qtype=qtype, name=model.resolve().name)
     size = out_file.stat().st_size
     click.echo(f"wrote {out_file} ({qtype}, {size / 1e6:.1f} MB, {network.num_parameters():,} parameters)")
@@ -130,6 +126,5 @@ def export_hnet_command(model: Path, out_dir: Path, dtype: str) -> None:
     network, tokenizer_dir = load_model(model)
     _require_hnet(network)
     _refuse_overwrite(model, tokenizer_dir, out_dir)
-    make_output_dir(out_dir)
     export_hnet(network, tokenizer_dir, out_dir, dtype=dtype)
     click.echo(f"wrote {out_dir} ({dtype}, {network.num_parameters():,} parameters)")

@@ -29,6 +29,7 @@ from fidellm.chat.template import CHAT_TEMPLATE
 from fidellm.errors import FidelError
 from fidellm.export.hf import load_bpe
 from fidellm.models.llama import LlamaConfig, LlamaForCausalLM
+from fidellm.paths import make_output_dir
 from fidellm.tokenizer.bpe import GGUF_PRE, BPETokenizer
 from fidellm.tokenizer.special import IM_END_ID, RESERVED_TOKENS
 
@@ -181,6 +182,27 @@ def _tensor_data(
         return _tensor_data(gguf_name, array, gguf.GGMLQuantizationType.F16)
 
 
+def _gguf_tensors(
+    state: dict[str, torch.Tensor], config: LlamaConfig, qtype: gguf.GGMLQuantizationType
+) -> list[tuple[str, np.ndarray, gguf.GGMLQuantizationType]]:
+    """(llama.cpp name, stored data, type) of every tensor, Q and K permuted; a tied lm_head left out."""
+    heads = {
+        "self_attn.q_proj.weight": config.num_attention_heads,
+        "self_attn.k_proj.weight": config.num_key_value_heads,
+    }
+    tensors = []
+    for hf_name, tensor in state.items():
+        if config.tie_word_embeddings and hf_name == "lm_head.weight":
+            continue
+        array = tensor.detach().to("cpu", torch.float32).numpy()
+        suffix = hf_name.split(".", 3)[-1]
+        if suffix in heads:
+            array = permute_qk(array, heads[suffix])
+        gguf_name = gguf_tensor_name(hf_name)
+        tensors.append((gguf_name, *_tensor_data(gguf_name, array, qtype)))
+    return tensors
+
+
 def export_gguf(
     model: LlamaForCausalLM,
     config: LlamaConfig,
@@ -208,27 +230,17 @@ def export_gguf(
             f"config says tie_word_embeddings={tied} but the model's lm_head {actual} the embedding"
         )
 
+    tensors = _gguf_tensors(state, config, tensor_type)  # refusals (f16 range) before any output
+
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out.parent)
     partial = out.with_name(out.name + ".partial")
     writer = gguf.GGUFWriter(partial, ARCH)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     _write_hparams(writer, config, file_type)
     _write_tokenizer(writer, tokenizer, tokens, types)
-    heads = {
-        "self_attn.q_proj.weight": config.num_attention_heads,
-        "self_attn.k_proj.weight": config.num_key_value_heads,
-    }
-    for hf_name, tensor in state.items():
-        if tied and hf_name == "lm_head.weight":
-            continue
-        array = tensor.detach().to("cpu", torch.float32).numpy()
-        suffix = hf_name.split(".", 3)[-1]
-        if suffix in heads:
-            array = permute_qk(array, heads[suffix])
-        gguf_name = gguf_tensor_name(hf_name)
-        data, stored_type = _tensor_data(gguf_name, array, tensor_type)
+    for gguf_name, data, stored_type in tensors:
         writer.add_tensor(gguf_name, data, raw_dtype=stored_type)
     try:
         writer.write_header_to_file()

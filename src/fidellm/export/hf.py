@@ -23,6 +23,7 @@ from fidellm.chat.template import CHAT_TEMPLATE
 from fidellm.errors import FidelError
 from fidellm.jsonfile import read_json_object
 from fidellm.models.llama import LlamaConfig, LlamaForCausalLM
+from fidellm.paths import make_output_dir
 from fidellm.tokenizer.base import read_meta
 from fidellm.tokenizer.bpe import BPETokenizer
 
@@ -134,7 +135,7 @@ def export_hf(
         if not (tied and name == TIED_KEY)
     }
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out)  # after every check: a refused export leaves no directory behind
     save_file(tensors, str(out / WEIGHTS_FILE), metadata={"format": "pt"})
     (out / WEIGHTS_FILE).chmod(0o644)  # safetensors writes 0600; an export is read by servers and other users
     _write_json(out / "config.json", hf_config(config, dtype))

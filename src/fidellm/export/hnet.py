@@ -22,6 +22,7 @@ from fidellm.export.hf import cast_weight
 from fidellm.jsonfile import read_json_object
 from fidellm.models.factory import config_from_dict, config_to_dict
 from fidellm.models.hnet import HNetConfig, HNetForCausalLM
+from fidellm.paths import make_output_dir
 from fidellm.tokenizer.base import read_meta
 from fidellm.tokenizer.bytes import ByteTokenizer
 from fidellm.train.checkpoint import read_weights
@@ -67,7 +68,7 @@ def export_hnet(
         raise FidelError(f"{tokenizer_dir}: an H-Net reads bytes, but this is a {kind} tokenizer")
     tokenizer = ByteTokenizer.load(tokenizer_dir)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    make_output_dir(out)  # after every check: a refused export leaves no directory behind
     weights = {
         name: cast_weight(name, tensor, torch.float32 if name.endswith(FP32_PARAMETERS) else DTYPES[dtype])
         for name, tensor in model.state_dict().items()
