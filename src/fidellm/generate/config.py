@@ -80,7 +80,6 @@ class GenerationConfig:
         self.stop_strings = (stops,) if isinstance(stops, str) else tuple(stops)
         if ids is None:
             return
-        ids = (ids,) if isinstance(ids, numbers.Integral) else ids
         ids = tuple(ids) if isinstance(ids, Iterable) and not isinstance(ids, str) else (ids,)
         if not all(_is_id(i) for i in ids):
             raise FidelError(f"generation: stop_token_ids must be token ids (integers), got {ids!r}")
