@@ -71,12 +71,17 @@ def test_wrong_json_types_are_a_400_not_converted(model, tokenizer) -> None:
 
 def test_what_clients_send_is_accepted(model, tokenizer) -> None:
     """Integers where numbers are expected (lm-eval sends temperature 0) and the payloads of lm-eval's
-    local-completions backend (token-id prompts, echo, logprobs, seed) stay accepted."""
+    local-completions backend (token-id prompts, echo, logprobs, seed) stay accepted, and so do nulls
+    for nullable fields with defaults (`"n": null` was a 400: "Input should be a valid integer")."""
     accepted = [
         (CHAT, {"temperature": 1, "top_p": 1, "seed": 3, "n": 2, "stream": False}),
         (CHAT, {"temperature": 0.5, "logprobs": True, "top_logprobs": 2}),
         (COMPLETIONS, {"prompt": [[5, 6]], "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True}),
         (COMPLETIONS, {"prompt": ["ሰላም"], "temperature": 0, "stop": ["\n"], "seed": 1234}),
+        # nulls OpenAI's spec allows, as clients passing None send them: the default
+        (CHAT, {"n": None, "stream": None, "logprobs": None, "parallel_tool_calls": None, "top_p": None}),
+        (CHAT, {"stream": True, "stream_options": {"include_usage": None}}),
+        (COMPLETIONS, {"n": None, "stream": None, "echo": None, "logprobs": None}),
     ]
     for (_, fields), response in zip(accepted, post_all(model, tokenizer, accepted), strict=True):
         assert response.status_code == 200, (fields, response.text)

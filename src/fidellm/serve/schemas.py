@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import time
 import uuid
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fidellm.generate.config import SEED_MAX, SEED_MIN
 
@@ -24,9 +24,22 @@ StopText = Annotated[str, Field(min_length=1)]
 class Request(BaseModel):
     """Base of request bodies: extra fields are accepted and ignored. Strict types, as OpenAI's API
     answers "5" for an integer or "yes" for a boolean with a 400 instead of converting it; an integer
-    is still a number (temperature 1)."""
+    is still a number (temperature 1). A null for an optional field with a default (`"n": null`,
+    `"stream": null`) is that default: OpenAI's spec makes them nullable and clients send nulls."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def null_means_default(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        defaulted = {
+            name
+            for name, info in cls.model_fields.items()
+            if not info.is_required() and type(None) not in get_args(info.annotation)
+        }
+        return {key: value for key, value in data.items() if value is not None or key not in defaulted}
 
 
 class StreamOptions(Request):
