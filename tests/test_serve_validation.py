@@ -78,6 +78,11 @@ def test_what_clients_send_is_accepted(model, tokenizer) -> None:
         (CHAT, {"temperature": 0.5, "logprobs": True, "top_logprobs": 2}),
         (COMPLETIONS, {"prompt": [[5, 6]], "max_tokens": 1, "temperature": 0, "logprobs": 1, "echo": True}),
         (COMPLETIONS, {"prompt": ["ሰላም"], "temperature": 0, "stop": ["\n"], "seed": 1234}),
+        # lm-eval's generate_until payload: a task's `until` plus the EOS text, not cut to OpenAI's 4
+        (
+            COMPLETIONS,
+            {"prompt": ["ሰላም"], "temperature": 0, "stop": ["Q:", "</s>", "<|im_end|>", "\n\n", "።"]},
+        ),
         # nulls OpenAI's spec allows, as clients passing None send them: the default
         (CHAT, {"n": None, "stream": None, "logprobs": None, "parallel_tool_calls": None, "top_p": None}),
         (CHAT, {"stream": True, "stream_options": {"include_usage": None}}),
@@ -105,6 +110,7 @@ PARAMS = [
         "tool_choice.function.name: Field required",
     ),
     (CHAT, {"top_logprobs": 3}, "top_logprobs", "top_logprobs needs logprobs set to true"),
+    (COMPLETIONS, {"stop": [str(i) for i in range(17)]}, "stop", "stop: List should have at most 16 items"),
     (CHAT, {"logprobs": False, "top_logprobs": 0}, "top_logprobs", "needs logprobs"),
     (COMPLETIONS, {"prompt": [0, -1]}, "prompt", "prompt[1]: Input should be greater than or equal to 0"),
     (COMPLETIONS, {"prompt": [[5], [6, -2]]}, "prompt", "prompt[1][1]: Input should be greater than or"),

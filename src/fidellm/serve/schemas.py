@@ -13,7 +13,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from fidellm.generate.config import SEED_MAX, SEED_MIN
 
-MAX_STOP = 4
+MAX_STOP = 16
+"""OpenAI takes 4 stop strings, vLLM any number; lm-eval's local-completions sends a task's whole
+`until` list plus the EOS text (5 for gsm8k_cot), so 4 would refuse its generation requests."""
 MAX_N = 8
 
 Temperature = Annotated[float, Field(ge=0, le=2, allow_inf_nan=False)]
