@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 
@@ -9,6 +10,8 @@ import pytest
 
 from fidellm.cli import main
 from fidellm.export.hf import export_hf
+from fidellm.generate import engine
+from fidellm.tokenizer.bytes import ByteTokenizer
 from fixtures.bpe import flores_bpe
 from fixtures.models import gqa_config, random_llama
 
@@ -79,3 +82,29 @@ def test_command_line_text_that_is_not_utf8_is_named(
     err = capsys.readouterr().err
     assert exited.value.code == 2 and err.startswith(f"error: {named} is not valid UTF-8 (byte 0x")
     assert err.count("\n") == 1
+
+
+def test_the_repetition_penalty_defaults_off_for_a_byte_model(
+    model_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """1.1 over BPE tokens, 1.0 over bytes (every Ethiopic character starts with 0xE1, which a byte
+    penalty would push down after the first one); a value given is used for both."""
+    import fidellm.models.load as load
+
+    seen: list[float] = []
+    real_generate = engine.generate
+
+    def record(model: object, tokenizer: object, prompts: list[str], config: engine.GenerationConfig) -> list:
+        seen.append(config.repetition_penalty)
+        return real_generate(model, tokenizer, prompts, dataclasses.replace(config, max_new_tokens=1))
+
+    monkeypatch.setattr(engine, "generate", record)
+    ByteTokenizer().save(tmp_path / "bytes")
+    byte_model = random_llama(gqa_config(vocab_size=256, max_position_embeddings=32, num_hidden_layers=1))
+    real_load = load.load_model
+    for given in ([], ["--repetition-penalty", "1.3"]):
+        monkeypatch.setattr(load, "load_model", real_load)
+        main(["generate", str(model_dir), "ሰላም", "ሰላም", "--device", "cpu", *given])
+        monkeypatch.setattr(load, "load_model", lambda path, device=None: (byte_model, tmp_path / "bytes"))
+        main(["generate", str(model_dir), "ሰላም", "ሰላም", "--device", "cpu", *given])
+    assert seen == [1.1, 1.0, 1.3, 1.3]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import click
@@ -22,6 +23,12 @@ def check_utf8(name: str, text: str) -> None:
         )
 
 
+def default_repetition_penalty(tokenizer_kind: str) -> float:
+    """1.1 over BPE tokens; off over bytes, where every Ethiopic character starts with the byte 0xE1, so
+    penalizing seen bytes would push the model away from Ethiopic after its first character."""
+    return 1.0 if tokenizer_kind == "bytes" else 1.1
+
+
 @click.command("generate")
 @click.argument("model", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.argument("prompts", nargs=-1, required=True)
@@ -29,7 +36,13 @@ def check_utf8(name: str, text: str) -> None:
 @click.option("--temperature", default=0.8, show_default=True, help="0 = greedy.")
 @click.option("--top-k", default=0, show_default=True, help="0 = off.")
 @click.option("--top-p", default=0.95, show_default=True)
-@click.option("--repetition-penalty", default=1.1, show_default=True)
+@click.option(
+    "--repetition-penalty",
+    type=float,
+    default=None,
+    help="Default: 1.1 for a BPE model; 1.0 (off) for a byte-level one, where it would penalize the lead"
+    " byte 0xE1 that every Ethiopic character shares.",
+)
 @click.option("--stop", "stop_strings", multiple=True, help="Stop string (repeatable).")
 @click.option("--seed", default=None, type=int, help="Same seed, same text.")
 @click.option("--device", default=None, help="cpu or cuda (default: cuda when available).")
@@ -52,10 +65,15 @@ def generate_command(
         check_utf8(f"prompt {index}", prompt)
     for stop in stop_strings:
         check_utf8("--stop", stop)
-    config = GenerationConfig(stop_strings=stop_strings, **options)  # bad settings fail before loading
+    penalty = options.pop("repetition_penalty")
+    config = GenerationConfig(  # bad settings fail before loading
+        stop_strings=stop_strings, repetition_penalty=1.0 if penalty is None else penalty, **options
+    )
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     network, tokenizer_dir = load_model(model, device)
     tokenizer = load_tokenizer(tokenizer_dir)
+    if penalty is None:
+        config = dataclasses.replace(config, repetition_penalty=default_repetition_penalty(tokenizer.kind))
     if len(prompts) == 1:
         decoder = BatchDecoder(network, tokenizer, prompts, config)  # a bad prompt fails before any output
         click.echo(prompts[0], nl=False)
