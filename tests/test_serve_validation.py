@@ -9,7 +9,7 @@ import httpx2
 import pytest
 
 from fidellm.models.llama import LlamaForCausalLM
-from fidellm.serve.app import create_app
+from fidellm.serve.app import create_app, lone_surrogate
 from fidellm.serve.cache import InProcessLRU
 from fidellm.serve.common import ServeSettings
 from fidellm.tokenizer.bpe import BPETokenizer
@@ -171,3 +171,26 @@ def test_a_lone_surrogate_is_a_400_not_a_500(model, tokenizer) -> None:
         assert response.status_code == 400 and error_of(response)["param"] == param, (param, response.text)
     assert wrong_type.status_code == 400 and '(got "\\ud800")' in error_of(wrong_type)["message"]
     assert pair.status_code == 200, pair.text  # an escaped pair is one character (U+1F600)
+
+
+def test_the_surrogate_check_reads_any_body_and_any_depth(model, tokenizer) -> None:
+    """Surrogates reach Python as JSON escapes, as raw UTF-8 bytes (json.loads decodes those with
+    `surrogatepass`) or inside a UTF-16 body: all are 400s. The walk keeps its own stack: a tool's
+    `parameters` nested a few hundred levels deep raised RecursionError in it (a 500)."""
+    deep: Any = "\ud800"
+    for _ in range(3000):
+        deep = {"a": [deep]}
+    assert lone_surrogate({"tools": [deep]}) == "tools[0]" + ".a[0]" * 3000
+    head = '{"model": "tiny", "max_tokens": 2, "prompt": '
+    bodies = [
+        (head + '"a\\udfff"}').encode(),
+        head.encode() + b'"a\xed\xa0\x80"}',  # U+D800 encoded as if it were a character
+        (head + '"\\ud800"}').encode("utf-16"),
+    ]
+
+    async def body(_: Any, raw: httpx2.AsyncClient) -> list[httpx2.Response]:
+        headers = {"content-type": "application/json"}
+        return [await raw.post(COMPLETIONS, content=sent, headers=headers) for sent in bodies]
+
+    for response in run(app_for(model, tokenizer), body):
+        assert response.status_code == 400 and error_of(response)["param"] == "prompt", response.text

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -143,20 +144,49 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def lone_surrogate(value: Any, path: str = "") -> str | None:
+Link = tuple[Any, int | str] | None
+"""Where a value sits in a request: None at the top, else (the link of its container, its key)."""
+
+
+def _path(link: Link) -> str:
+    """`messages[0].content` of a `Link`."""
+    keys: list[int | str] = []
+    while link is not None:
+        link, key = link
+        keys.append(key)
+    path = ""
+    for key in reversed(keys):
+        path += f"[{key}]" if isinstance(key, int) else f".{key}" if path else key
+    return path
+
+
+def lone_surrogate(value: Any) -> str | None:
     """The location (`messages[0].content`) of the first string in `value` (a dumped request) that is
-    not `_encodable`, or of the object holding such a key; None when every string is valid."""
-    if isinstance(value, str):
-        return None if _encodable(value) else path
-    if isinstance(value, list):
-        items = ((f"{path}[{index}]", item) for index, item in enumerate(value))
-    elif isinstance(value, dict):
-        if not all(_encodable(key) for key in value):
-            return path
-        items = ((f"{path}.{key}" if path else key, item) for key, item in value.items())
-    else:
-        return None
-    return next((found for where, item in items if (found := lone_surrogate(item, where)) is not None), None)
+    not `_encodable`, or of the object holding such a key; None when every string is valid. Walks with
+    its own stack: a tool's `parameters` may nest deeper than Python's recursion limit allows."""
+    stack: list[tuple[Any, Link]] = [(value, None)]
+    while stack:
+        item, link = stack.pop()
+        if isinstance(item, str) and not _encodable(item):
+            return _path(link)
+        if isinstance(item, dict) and not all(_encodable(key) for key in item):
+            return _path(link)
+        children = (
+            enumerate(item) if isinstance(item, list) else item.items() if isinstance(item, dict) else ()
+        )
+        nested = [(child, (link, key)) for key, child in children if isinstance(child, str | list | dict)]
+        stack.extend(reversed(nested))
+    return None
+
+
+SURROGATE_BYTES = re.compile(rb"\\u[dD][89a-fA-F]|\xed[\xa0-\xbf]")
+"""A surrogate escaped in JSON (`\\ud800`) or encoded in the body's UTF-8 (json.loads takes those too)."""
+
+
+def may_hold_surrogates(body: bytes) -> bool:
+    """Whether the JSON `body` may decode to a string with a surrogate: the cheap test that spares
+    nearly every request `lone_surrogate`'s walk (a body that is not UTF-8 is always walked)."""
+    return json.detect_encoding(body) != "utf-8" or SURROGATE_BYTES.search(body) is not None
 
 
 def _shown(value: Any) -> str:
@@ -289,7 +319,7 @@ def create_app(
 
     def respond(handler: Callable[..., Awaitable[Any]], endpoint: str) -> Callable[..., Awaitable[Response]]:
         async def run(body: Any, request: Request) -> Response:
-            where = lone_surrogate(body.model_dump())
+            where = lone_surrogate(body.model_dump()) if may_hold_surrogates(await request.body()) else None
             if where is not None:
                 message = f"Invalid request: {where} holds a lone UTF-16 surrogate, which is not text."
                 raise APIError(400, message, param=where)
