@@ -142,3 +142,14 @@ def test_bad_chats_are_clear_errors() -> None:
         FidelError, match=r"messages\[0\]\.tool_calls\[0\] needs a function name and arguments"
     ):
         render_chat([{"role": "assistant", "tool_calls": [{"function": {"name": "f"}}]}])
+
+
+def test_tools_nested_deeper_than_the_stack_are_a_fidel_error() -> None:
+    """JSON a parser accepts (~1,000 levels) can be too deep to copy and write back: a clear error, not
+    a RecursionError (a 500 from the server)."""
+    parameters: dict = {}
+    for _ in range(5000):
+        parameters = {"type": "object", "properties": {"x": parameters}}
+    tool = {"type": "function", "function": {"name": "deep", "parameters": parameters}}
+    with pytest.raises(FidelError, match="nested too deeply"):
+        render_chat([{"role": "user", "content": "ሰላም"}], tools=[tool])

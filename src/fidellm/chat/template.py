@@ -230,6 +230,8 @@ def render_chat(
         )
     except jinja2.TemplateError as error:
         raise FidelError(f"chat template: {error}") from error
+    except RecursionError:  # copying or writing JSON nested deeper than Python's stack allows
+        raise FidelError("chat template: messages or tools nested too deeply to render") from None
 
 
 def encode_chat(tokenizer: TextTokenizer, text: str) -> list[int]:
