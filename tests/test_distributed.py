@@ -50,8 +50,14 @@ def torchrun(run: Path, *options: str, processes: int = 2) -> subprocess.Complet
     try:
         stdout, stderr = process.communicate(timeout=240)
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)  # the workers too, not just the launcher
-        stdout, stderr = process.communicate()
+        # torchrun starts each worker in a session of its own (killing the launcher's group misses them, and
+        # they hold the output pipes open): SIGTERM makes it stop them, then what they wrote can be read.
+        process.terminate()
+        try:
+            stdout, stderr = process.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            stdout, stderr = "", "(torchrun did not stop its workers within 60 s of SIGTERM; output lost)"
         pytest.fail(f"torchrun timed out:\n{stdout[-3000:]}{stderr[-3000:]}")
     assert process.returncode == 0, stdout[-3000:] + stderr[-3000:]
     return subprocess.CompletedProcess(command, process.returncode, stdout, stderr)
