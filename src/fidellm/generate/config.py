@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Literal
@@ -12,6 +11,7 @@ from torch import nn
 
 from fidellm.errors import FidelError
 from fidellm.tokenizer.base import TextTokenizer
+from fidellm.values import is_integer, is_number
 
 FinishReason = Literal["stop", "length"]
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -50,7 +50,7 @@ class GenerationConfig:
         self._normalize_stops()
         for name in ("temperature", "top_p", "repetition_penalty"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            if not is_number(value):
                 raise FidelError(f"generation: {name} must be a number, got {value!r}")
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
             raise FidelError(f"generation: max_new_tokens must be an integer, got {self.max_new_tokens!r}")
@@ -81,14 +81,9 @@ class GenerationConfig:
         if ids is None:
             return
         ids = tuple(ids) if isinstance(ids, Iterable) and not isinstance(ids, str) else (ids,)
-        if not all(_is_id(i) for i in ids):
+        if not all(is_integer(i) for i in ids):
             raise FidelError(f"generation: stop_token_ids must be token ids (integers), got {ids!r}")
         self.stop_token_ids = tuple(int(i) for i in ids)
-
-
-def _is_id(value: object) -> bool:
-    """An integer (Python or NumPy) that is not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 @dataclass

@@ -32,6 +32,7 @@ from fidellm.models.loss import (
     token_cross_entropy,
 )
 from fidellm.tokenizer.special import BOS_ID, IM_END_ID, PAD_ID
+from fidellm.values import is_integer, is_number
 
 VOCAB_MULTIPLE = 64
 INIT_STD = 0.02
@@ -70,17 +71,17 @@ class LlamaConfig:
         self.eos_token_id = (eos,) if isinstance(eos, numbers.Integral) else tuple(eos)
         for name in SIZE_FIELDS:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            if not is_integer(value) or value < 1:
                 raise FidelError(f"model config: {name} must be a positive integer, got {value!r}")
         for name in ("rope_theta", "rms_norm_eps"):  # theta <= 0 made NaN rotary tables, silently
             value = getattr(self, name)
-            if not _is_real(value) or not (math.isfinite(value) and value > 0):
+            if not is_number(value) or not (math.isfinite(value) and value > 0):
                 raise FidelError(f"model config: {name} must be a positive number, got {value!r}")
         if not isinstance(self.tie_word_embeddings, bool):
             raise FidelError(
                 f"model config: tie_word_embeddings must be true or false, got {self.tie_word_embeddings!r}"
             )
-        if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in self.eos_token_id):
+        if not all(is_integer(i) for i in self.eos_token_id):
             raise FidelError(f"model config: eos_token_id must be token ids, got {eos!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise FidelError(
@@ -89,7 +90,7 @@ class LlamaConfig:
             )
         if self.head_dim % 2:
             raise FidelError(f"model config: head_dim {self.head_dim} must be even (rotary embeddings)")
-        if not _is_real(self.dropout) or not 0.0 <= self.dropout < 1.0:
+        if not is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise FidelError(f"model config: dropout {self.dropout!r} must be a number in [0, 1)")
         for name in ("bos_token_id", "pad_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
@@ -103,11 +104,6 @@ class LlamaConfig:
         if missing := [name for name in required if name not in data]:
             raise FidelError(f"model config: missing field(s) {', '.join(missing)}")
         return cls(**{key: value for key, value in data.items() if key in names})
-
-
-def _is_real(value: object) -> bool:
-    """A real number that is not a bool (JSON true would pass as 1)."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def pad_vocab(vocab_size: int, multiple: int = VOCAB_MULTIPLE) -> int:

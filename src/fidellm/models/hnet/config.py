@@ -17,6 +17,7 @@ from typing import Any
 
 from fidellm.errors import FidelError
 from fidellm.tokenizer.special import BYTE_BOS_ID, BYTE_EOS_ID
+from fidellm.values import is_number
 
 Layout = list  # nested: [encoder: str, inner: Layout, decoder: str] or [main: str]
 
@@ -136,7 +137,7 @@ class HNetConfig:
             raise FidelError("model config: max_position_embeddings must be positive")
         for name in ("rope_theta", "norm_eps"):  # theta <= 0 made NaN rotary tables, silently
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < math.inf:
+            if not is_number(value) or not 0 < value < math.inf:
                 raise FidelError(f"model config: {name} must be a positive number, got {value!r}")
         for stage, specs in enumerate(stage_specs(self.layout)):
             self._check_stage(stage, "".join(specs))
