@@ -25,18 +25,6 @@ def _require_llama(network: object, target: str) -> None:
         )
 
 
-def _require_hnet(network: object) -> None:
-    """A Llama has the transformers and llama.cpp formats: point to them, before any output is made."""
-    from fidellm.errors import FidelError
-    from fidellm.models.hnet import HNetForCausalLM
-
-    if not isinstance(network, HNetForCausalLM):
-        raise FidelError(
-            f"H-Net export needs an H-Net model; this is {type(network).__name__}"
-            " (use `fidellm export hf MODEL OUT_DIR` or `fidellm export gguf MODEL OUT_FILE`)"
-        )
-
-
 def _refuse_overwrite(model: Path, tokenizer_dir: Path, out: Path, is_file: bool = False) -> None:
     """Refuse an output that would overwrite what is being exported (silently replacing the source
     weights, e.g. with bf16 ones): MODEL or its tokenizer directory itself, anything inside a run's
@@ -124,7 +112,6 @@ def export_hnet_command(model: Path, out_dir: Path, dtype: str) -> None:
     from fidellm.models.load import load_model
 
     network, tokenizer_dir = load_model(model)
-    _require_hnet(network)
     _refuse_overwrite(model, tokenizer_dir, out_dir)
     export_hnet(network, tokenizer_dir, out_dir, dtype=dtype)
     click.echo(f"wrote {out_dir} ({dtype}, {network.num_parameters():,} parameters)")

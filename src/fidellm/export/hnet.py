@@ -60,7 +60,10 @@ def export_hnet(
     Weights are cast to `dtype` ("float32" for exact round trips), residual_proj excepted.
     """
     if not isinstance(model, HNetForCausalLM):
-        raise FidelError(f"export hnet needs an H-Net model, got {type(model).__name__}")
+        raise FidelError(
+            f"H-Net export needs an H-Net model; this is {type(model).__name__}"
+            " (use `fidellm export hf MODEL OUT_DIR` or `fidellm export gguf MODEL OUT_FILE`)"
+        )
     if dtype not in DTYPES:
         raise FidelError(f"export dtype {dtype!r} is not one of {', '.join(DTYPES)}")
     kind = read_meta(Path(tokenizer_dir)).get("kind")
