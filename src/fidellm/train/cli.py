@@ -124,7 +124,8 @@ def check_base_arch(base: str, arch: str) -> None:
     type=click.Choice(["llama", "hnet"]),
     default="llama",
     show_default=True,
-    help="llama (BPE tokens) or hnet (bytes; the run's tokenizer must be `--kind bytes`). With --base:"
+    help="llama (on the run's tokenizer, BPE or bytes) or hnet (bytes; the run's tokenizer must be"
+    " `--kind bytes`). With --base:"
     " the base's own (an explicit --arch must match it).",
 )
 @click.option(

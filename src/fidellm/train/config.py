@@ -24,7 +24,8 @@ class TrainConfig:
     """Everything a pretraining run depends on (stored in RUN/train/config.json and every checkpoint)."""
 
     arch: str = "llama"
-    """"llama" (BPE tokens) or "hnet" (bytes: the run's tokenizer must be the byte tokenizer)."""
+    """"llama" (on the run's tokenizer: BPE or bytes) or "hnet" (bytes: the run's tokenizer must be the
+    byte tokenizer)."""
     preset: str | None = "tiny"
     """The model size (fidellm.models.*.presets); None with a base model, whose own config trains."""
     model_overrides: dict[str, Any] = field(default_factory=dict)
