@@ -22,7 +22,8 @@ LARGE = b"".join(f"{i:07d} የአማርኛ መስመር\n".encode() for i in ran
 
 
 class Server:
-    """Serves `routes[path]`: a list of (status, body, delay) consumed in order, the last one repeating."""
+    """Serves `routes[path]`: a list of (status, body, delay[, declared Content-Length]) consumed in order,
+    the last one repeating."""
 
     def __init__(self):
         self.routes: dict[str, list[tuple[int, bytes, float]]] = {}
@@ -33,10 +34,10 @@ class Server:
             def do_GET(self):
                 server.hits[self.path] = server.hits.get(self.path, 0) + 1
                 plan = server.routes.get(self.path, [(404, b"not found", 0.0)])
-                status, body, delay = plan[min(server.hits[self.path], len(plan)) - 1]
+                status, body, delay, *declared = plan[min(server.hits[self.path], len(plan)) - 1]
                 time.sleep(delay)
                 self.send_response(status)
-                self.send_header("Content-Length", str(len(body)))
+                self.send_header("Content-Length", str(declared[0] if declared else len(body)))
                 self.end_headers()
                 self.wfile.write(body)
 
@@ -197,3 +198,17 @@ def test_registry_hashes_match_the_shared_data():
             variants = [p for p in (data_dir / item.path, Path(f"{data_dir / item.path}.zst")) if p.is_file()]
             assert variants, item.path
             assert content_sha256(variants[0]) == item.sha256, item.path
+
+
+def test_a_body_cut_short_is_retried_not_reported_as_a_hash_mismatch(tmp_path, server):
+    """http.client ends a body shorter than its Content-Length without an error: a dropped connection."""
+    server.routes = {"/cut": [(200, SMALL[:40], 0, len(SMALL)), (200, SMALL, 0)]}
+    registry = registry_for(tmp_path, server, {"c.txt": ("/cut", SMALL)})
+    (outcome,) = run(tmp_path, registry).outcomes
+    assert outcome.status == "downloaded" and outcome.attempts == 2 and server.hits["/cut"] == 2
+    assert (tmp_path / "data" / "c.txt").read_bytes() == SMALL
+    server.routes, server.hits = {"/cut": [(200, SMALL[:40], 0, len(SMALL))]}, {}
+    (tmp_path / "data" / "c.txt").unlink()
+    (outcome,) = run(tmp_path, registry, retries=1).outcomes
+    assert outcome.status == "failed" and "connection dropped after 40 of 230 bytes" in outcome.detail
+    assert list((tmp_path / "data").iterdir()) == []

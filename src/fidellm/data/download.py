@@ -150,6 +150,9 @@ def _fetch(url: str, target_dir: Path, timeout: float) -> tuple[Path, str, int]:
                     digest.update(chunk)
                     handle.write(chunk)
                     size += len(chunk)
+                declared = response.headers.get("Content-Length", "")
+                if declared.isdigit() and size < int(declared):  # http.client ends a cut body silently
+                    raise _Transient(f"connection dropped after {size} of {declared} bytes")
         except BaseException as error:
             handle.close()
             temp.unlink(missing_ok=True)
