@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import stat
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -212,3 +214,18 @@ def test_a_body_cut_short_is_retried_not_reported_as_a_hash_mismatch(tmp_path, s
     (outcome,) = run(tmp_path, registry, retries=1).outcomes
     assert outcome.status == "failed" and "connection dropped after 40 of 230 bytes" in outcome.detail
     assert list((tmp_path / "data").iterdir()) == []
+
+
+def test_downloaded_files_get_the_usual_permissions(tmp_path, server):
+    """Small files were renamed from a private temp file (0600): unreadable to the data dir's other users."""
+    server.routes = {"/small.txt": [(200, SMALL, 0)], "/large.txt": [(200, LARGE, 0)]}
+    registry = registry_for(
+        tmp_path, server, {"small.txt": ("/small.txt", SMALL), "large.txt": ("/large.txt", LARGE)}
+    )
+    umask = os.umask(0o022)
+    try:
+        assert run(tmp_path, registry).ok
+    finally:
+        os.umask(umask)
+    for name in ("small.txt", "large.txt.zst"):
+        assert stat.S_IMODE((tmp_path / "data" / name).stat().st_mode) == 0o644, name

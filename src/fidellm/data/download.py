@@ -180,6 +180,9 @@ def _install(temp: Path, data_dir: Path, relative: str) -> Path:
         os.replace(packed, final)
     else:
         final = base
+        umask = os.umask(0)
+        os.umask(umask)
+        temp.chmod(0o666 & ~umask)  # a temp file is private (0600); the data dir's files are shared
         os.replace(temp, final)
     for stale in local_variants(data_dir, relative):
         if stale != final:
