@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+import zstandard
 
 from fidellm.data.compressed import read_bytes
 from fidellm.data.download import CONVERTED_NOTE, content_sha256, download_sources
@@ -229,3 +230,16 @@ def test_downloaded_files_get_the_usual_permissions(tmp_path, server):
         os.umask(umask)
     for name in ("small.txt", "large.txt.zst"):
         assert stat.S_IMODE((tmp_path / "data" / name).stat().st_mode) == 0o644, name
+
+
+def test_a_right_copy_behind_a_wrong_one_the_readers_prefer_is_not_present(tmp_path, server):
+    """The data stage reads X before X.zst: a right X.zst does not make a wrong X 'present'."""
+    server.routes = {"/small": [(200, SMALL, 0)]}
+    registry = registry_for(tmp_path, server, {"w.txt": ("/small", SMALL)})
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "w.txt").write_bytes(b"an old copy")
+    (tmp_path / "data" / "w.txt.zst").write_bytes(zstandard.ZstdCompressor().compress(SMALL))
+    (outcome,) = run(tmp_path, registry).outcomes
+    assert outcome.status == "downloaded" and server.hits["/small"] == 1
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["w.txt"]
+    assert (tmp_path / "data" / "w.txt").read_bytes() == SMALL

@@ -109,9 +109,11 @@ def content_sha256(path: Path) -> str | None:
 
 
 def _present(data_dir: Path, item: DownloadFile) -> Path | None:
-    for path in local_variants(data_dir, item.path):
-        if content_sha256(path) == item.sha256:
-            return path
+    """The local copy when it has the right hash. Only the variant the readers take counts (X, then
+    X.zst, then X.gz, as `sources.locate` prefers them): a right X.zst behind a wrong X is not present."""
+    variants = local_variants(data_dir, item.path)
+    if variants and content_sha256(variants[0]) == item.sha256:
+        return variants[0]
     return None
 
 
