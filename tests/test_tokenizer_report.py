@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -123,3 +124,27 @@ def test_a_vocab_size_named_twice_is_refused(tmp_path: Path, capsys, sizes: str,
         main(["tokenizer", "report", str(tmp_path), "--vocab-sizes", sizes])
     err = capsys.readouterr().err
     assert exited.value.code == 2 and err == f"error: --vocab-sizes {sizes!r} names {named} more than once\n"
+
+
+def test_sizes_beyond_what_the_sample_gives_are_not_measured_under_their_names(
+    run_dir: Path, tmp_path: Path
+) -> None:
+    """A sweep size the training text cannot reach got a row named after it holding the smaller BPE (two
+    rows of one tokenizer), and the sweep said it trained at the asked size."""
+    report = build_report(run_dir, (512, 64000, 128000), sample_mb=0.05, show_progress=False)
+    sweep = report["sweep"]
+    reached = sweep["trained_vocab_size"]
+    assert 512 < reached < 64000
+    assert [row["name"] for row in report["measured"]] == ["bytes (UTF-8, 256 ids)", "BPE 512"]
+    assert sweep["unreached"]["vocab_sizes"] == [64000, 128000]
+    assert f"gives only {reached:,} ids" in sweep["unreached"]["reason"]
+    markdown = write_report(report, tmp_path)[0].read_text(encoding="utf-8")
+    assert f"one training at {reached:,} ids" in markdown and "Vocabulary sizes 64,000, 128,000:" in markdown
+    run_copy = shutil.copytree(run_dir, tmp_path / "run")  # the report goes into RUN/tokenizer
+    result = CliRunner().invoke(
+        tokenizer_cli,
+        ["report", str(run_copy), "--vocab-sizes", "512,64000", "--sample-mb", "0.05", "--quiet"],
+    )
+    assert result.exit_code == 0, result.output
+    assert f"vocabulary sizes 64,000: the training sample gives only {reached:,} ids" in result.output
+    assert "BPE 64000" not in result.output

@@ -170,4 +170,8 @@ def report(
         )
     if "skipped" in result["sweep"]:
         click.echo(f"vocabulary sweep skipped: {result['sweep']['skipped']}")
+    if "unreached" in result["sweep"]:
+        unreached = result["sweep"]["unreached"]
+        sizes = ", ".join(f"{size:,}" for size in unreached["vocab_sizes"])
+        click.echo(f"vocabulary sizes {sizes}: {unreached['reason']}")
     click.echo(f"report written to {md_path} and report.json")

@@ -180,7 +180,13 @@ def build_report(
     show_progress: bool = True,
 ) -> dict[str, Any]:
     """Measure the target's tokenizer, a byte tokenizer and one BPE per vocab size on FLORES Amharic."""
-    from fidellm.tokenizer.bpe import DEFAULT_SAMPLE_MB, sample_train_split, train_from_run, truncate_bpe
+    from fidellm.tokenizer.bpe import (
+        DEFAULT_SAMPLE_MB,
+        MIN_FREQUENCY,
+        sample_train_split,
+        train_from_run,
+        truncate_bpe,
+    )
 
     tokenizer_dir, run_dir = locate(Path(target))
     normalization = run_normalization(run_dir)
@@ -206,9 +212,16 @@ def build_report(
         largest = max(vocab_sizes)
         start = time.perf_counter()
         trained = train_from_run(run_dir, largest, sample_mb, show_progress=show_progress, sample=sample)
-        sweep["trained_vocab_size"] = largest
+        sweep["trained_vocab_size"] = trained.vocab_size  # fewer than asked when the pairs ran out
         sweep["train_seconds"] = round(time.perf_counter() - start, 1)
-        for size in vocab_sizes:
+        unreached = [size for size in vocab_sizes if size > trained.vocab_size]
+        if unreached:  # truncate_bpe would hand back the whole smaller BPE under each of these names
+            sweep["unreached"] = {
+                "vocab_sizes": unreached,
+                "reason": f"the training sample gives only {trained.vocab_size:,} ids (it runs out of "
+                f"pairs seen at least {MIN_FREQUENCY} times); not measured",
+            }
+        for size in (size for size in vocab_sizes if size not in unreached):
             row = measure(f"BPE {size}", truncate_bpe(trained, size), lines)
             if size == largest:
                 row.train_seconds = sweep["train_seconds"]
@@ -318,6 +331,9 @@ def render_markdown(report: dict[str, Any]) -> str:
             "its ids below that size and the merges that made them, which is what training at that size "
             "gives."
         )
+        if "unreached" in sweep:
+            sizes = ", ".join(f"{size:,}" for size in sweep["unreached"]["vocab_sizes"])
+            lines += ["", f"Vocabulary sizes {sizes}: {sweep['unreached']['reason']}."]
     prov = report["provenance"]
     lines += [
         "",
