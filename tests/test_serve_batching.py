@@ -17,6 +17,7 @@ from fidellm.models.hnet import preset as hnet_preset
 from fidellm.models.llama import LlamaForCausalLM, LMOutput
 from fidellm.serve.app import create_app
 from fidellm.serve.common import ServeSettings
+from fidellm.serve.engine import Engine
 from fidellm.tokenizer.bpe import BPETokenizer
 from fidellm.tokenizer.bytes import ByteTokenizer
 from fixtures.bpe import flores_bpe
@@ -34,14 +35,19 @@ def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BPETokenizer:
 
 class Recording(WrappedLM):
     """Wraps a model and records the batch size of every cached decode step (one new token per row);
-    `delay` seconds per step make decoding slow enough for requests to overlap."""
+    `delay` seconds per step make decoding slow enough for requests to overlap. Once `engine` is set,
+    also the engine's active rows (decoding or being prefilled) at every cached call."""
 
     def __init__(self, inner: LlamaForCausalLM, delay: float = 0.0):
         super().__init__(inner)
         self.delay = delay
         self.decode_batches: list[int] = []
+        self.engine: Engine | None = None
+        self.active: list[int] = []
 
     def adjust(self, input_ids: Tensor, cache: Any, output: LMOutput) -> LMOutput:
+        if cache is not None and self.engine is not None:
+            self.active.append(self.engine.active_rows)
         if cache is not None and input_ids.shape[1] == 1:
             self.decode_batches.append(input_ids.shape[0])
             time.sleep(self.delay)
@@ -114,6 +120,66 @@ def test_concurrent_requests_batch_and_answer_as_alone(inner, tokenizer, max_bat
     assert batched == solo
     assert max(batched_model.decode_batches) == min(max_batch, 5)
     assert len(batched_model.decode_batches) < len(solo_model.decode_batches)
+
+
+PROMPTS = ["ሰላም", "የኢትዮጵያ ዋና ከተማ", "ሰኞ", "ዛሬ ጥሩ ቀን ነው።", "አዲስ አበባ ውብ ከተማ ናት"]
+
+
+def recorded_app(model: Recording, tokenizer: BPETokenizer, **settings: Any) -> Any:
+    """`app_for` with the recording model watching the app's engine."""
+    app = app_for(model, tokenizer, **settings)
+    model.engine = app.state.server.engine
+    return app
+
+
+def test_a_request_larger_than_max_batch_decodes_in_slices_with_the_same_answer(inner, tokenizer) -> None:
+    """5 prompts × n 2 with --max-batch 4: never more than 4 rows are active (prefilling or decoding;
+    they were 10 in one batch), two prompts at a time, yet the seeded answer is the one a single batch
+    gives: every choice's text, finish reason and logprobs, their order and the usage, plain and
+    streamed."""
+    request: dict[str, Any] = dict(model=NAME, prompt=PROMPTS, n=2, max_tokens=8, temperature=1.0, seed=7)
+
+    async def body(client: openai.AsyncOpenAI, _: Any) -> tuple[dict[str, Any], list[str], list[Any], Any]:
+        plain = await client.completions.create(**request, logprobs=2)
+        stream = await client.completions.create(
+            **request, stream=True, stream_options={"include_usage": True}
+        )
+        texts, finishes, usage = [""] * 10, [None] * 10, None
+        async for chunk in stream:
+            for choice in chunk.choices:
+                texts[choice.index] += choice.text
+                finishes[choice.index] = choice.finish_reason or finishes[choice.index]
+            usage = chunk.usage or usage
+        return plain.model_dump(exclude={"id", "created"}), texts, finishes, usage
+
+    whole_model, sliced_model = Recording(inner), Recording(inner)
+    whole = run(recorded_app(whole_model, tokenizer, max_batch=16), body)
+    sliced = run(recorded_app(sliced_model, tokenizer, max_batch=4), body)
+    assert max(whole_model.active) == 10
+    assert max(sliced_model.active) == 4 and max(sliced_model.decode_batches) == 4
+    assert sliced == whole
+    plain, texts, finishes, usage = sliced
+    assert texts == [choice["text"] for choice in plain["choices"]]
+    assert finishes == [choice["finish_reason"] for choice in plain["choices"]]
+    assert usage.model_dump() == plain["usage"] and len(set(texts)) > 5  # seeded samples, not all alike
+
+
+def test_a_prompt_whose_n_exceeds_max_batch_runs_alone(inner, tokenizer) -> None:
+    """--max-batch 2 and n 3: the prompt's three choices decode together (a prompt is never split),
+    alone: a request sent with it waits instead of joining. Each is answered as if alone (the n 1
+    request's text is the first choice of the n 3 one, both seeded alike)."""
+    chat = dict(model=NAME, messages=REQUESTS[0]["messages"], max_tokens=6, temperature=1.0, seed=5)
+
+    async def body(client: openai.AsyncOpenAI, _: Any) -> list[list[str]]:
+        replies = await asyncio.gather(
+            client.chat.completions.create(**chat, n=3), client.chat.completions.create(**chat, n=1)
+        )
+        return [[choice.message.content for choice in reply.choices] for reply in replies]
+
+    model = Recording(inner, delay=0.002)
+    together = run(recorded_app(model, tokenizer, max_batch=2), body)
+    assert max(model.active) == 3
+    assert together[1] == together[0][:1]  # the second request is the first choice of the first
 
 
 def test_a_prefill_chunk_smaller_than_a_batch_still_feeds_a_column_per_step(inner, tokenizer) -> None:

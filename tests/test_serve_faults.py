@@ -127,7 +127,7 @@ def test_a_failing_decode_step_also_answers_the_requests_admitted_with_it(
 
     def admit_and_fail(engine: fidellm.serve.engine.Engine) -> list[Any]:
         admitted = admit(engine)
-        model.fail_decode = model.fail_decode or any(job.config.seed == 99 for job in admitted)
+        model.fail_decode = model.fail_decode or any(a.job.config.seed == 99 for a in admitted)
         return admitted
 
     monkeypatch.setattr(fidellm.serve.engine.Engine, "_admit", admit_and_fail)
@@ -148,17 +148,20 @@ def test_a_failing_decode_step_also_answers_the_requests_admitted_with_it(
 
 
 class Endless(WrappedLM):
-    """Always picks token `token` (never a stop), `delay` s per decode step: runs to max_tokens."""
+    """Always picks token `token` (never a stop), `delay` s per decode step: runs to max_tokens.
+    `prefilled` counts the rows of every prompt prefill."""
 
     def __init__(self, inner: LlamaForCausalLM, token: int, delay: float):
         super().__init__(inner)
-        self.token, self.delay = token, delay
+        self.token, self.delay, self.prefilled = token, delay, 0
 
     def adjust(self, input_ids: Tensor, cache: Any, output: LMOutput) -> LMOutput:
         logits = torch.full_like(output.logits, float("-inf"))
         logits[..., self.token] = 0.0
         if input_ids.shape[1] == 1:
             time.sleep(self.delay)
+        elif cache is not None:
+            self.prefilled += input_ids.shape[0]
         return LMOutput(logits)
 
 
@@ -178,6 +181,37 @@ def test_a_client_leaving_a_whole_response_frees_its_slot(inner, tokenizer) -> N
             time.sleep(0.05)
         assert not engine.running and engine.active_rows == 0
         assert time.monotonic() - left < 2, "the abandoned request kept decoding"
+
+
+def wait_until_idle(engine: Any, within: float) -> float:
+    """Seconds until `engine` holds no request and no row (at most `within`)."""
+    start = time.monotonic()
+    while (engine._held or engine.running or engine.active_rows) and time.monotonic() - start < within:
+        time.sleep(0.02)
+    return time.monotonic() - start
+
+
+def test_a_request_decoding_in_slices_stops_whole_when_late_or_left(inner, tokenizer) -> None:
+    """6 prompts with --max-batch 2 start two at a time: one past its deadline gets its 504, one whose
+    client leaves is cancelled, and neither has a later prompt started after that (the engine is idle
+    at once, having prefilled only the first two rows of each), so the next request is served."""
+    endless = Endless(inner, tokenizer.encode("ሰላም")[-1], delay=0.01)
+    big = {"model": "tiny", "prompt": ["ሰላም"] * 6, "max_tokens": 300}
+    app = app_for(endless, tokenizer, max_batch=2, max_tokens_cap=400, request_timeout_s=0.5)
+    engine = app.state.server.engine
+    late = run(app, lambda _, raw: raw.post("/v1/completions", json=big))
+    assert late.status_code == 504 and error_of(late)["code"] == "timeout"
+    assert wait_until_idle(engine, within=2) < 1 and endless.prefilled <= 2
+
+    endless.prefilled = 0
+    app = app_for(endless, tokenizer, max_batch=2, max_tokens_cap=400)
+    engine = app.state.server.engine
+    with loopback(app) as base:
+        with pytest.raises(httpx2.ReadTimeout):
+            httpx2.post(base + "/v1/completions", json=big, timeout=1.0)
+        assert wait_until_idle(engine, within=3) < 2 and endless.prefilled == 2
+        after = httpx2.post(base + "/v1/completions", json={**big, "prompt": "ሰላም", "max_tokens": 2})
+        assert after.status_code == 200 and endless.prefilled == 3
 
 
 def test_non_ascii_api_keys_are_compared_as_bytes(inner, tokenizer) -> None:

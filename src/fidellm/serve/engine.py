@@ -4,7 +4,11 @@ Continuous batching: a single worker steps every running sequence together, and 
 steps it admits waiting requests (their prompts are prefilled as one batch, then merged into the
 running batch; `fidellm.generate.batch`) and drops the sequences that finished, were cancelled (the
 client went away) or ran past their deadline, so their slots are free at the next step. At most
-`max_batch` sequences decode at once; a request whose `n` choices or prompts exceed it runs alone.
+`max_batch` sequences decode at once: a request whose prompts × `n` exceed the free slots is admitted
+a few whole prompts (all `n` choices of each) at a time as slots free up, and the requests behind it
+wait until its last prompt has started; only a single prompt whose `n` alone exceeds `max_batch`
+(at most `schemas.MAX_N`) decodes beyond it, alone. A sliced request's events and answer still cover
+all its rows, and every row keeps its own seed: its client gets what one batch of all of them gives.
 
 Chunked prefill: an iteration feeds at most `prefill_chunk` prompt positions (the padded batch's rows
 × columns), so a long prompt is prefilled over several iterations, each after a decode step of the
@@ -25,7 +29,7 @@ import logging
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -59,7 +63,9 @@ class Job:
     `score_top` None = no log-probabilities; else each row's generated tokens (and its prompt's too
     when `score_from_start`) are scored with that many most likely alternatives. `choices` = rows per
     prompt (consecutive): choice j of every prompt samples with seed + j, as vLLM seeds a request's n
-    choices, so a prompt's text never depends on the other prompts sent with it."""
+    choices, so a prompt's text never depends on the other prompts sent with it. `started` counts the
+    rows admitted so far (whole prompts at a time, module docstring); `rows` holds all of them from
+    the first admission on, so events and results always cover every row."""
 
     prompts: list[list[int]]
     config: GenerationConfig | None
@@ -72,6 +78,7 @@ class Job:
     events: asyncio.Queue[tuple[Any, ...]] = field(default_factory=asyncio.Queue)
     loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.get_running_loop)
     rows: list[DecodeRow] = field(default_factory=list)
+    started: int = 0
     last_step: float | None = None
     answered: bool = False  # its "done" or "error" event was sent
 
@@ -85,6 +92,14 @@ class Job:
 
     def cancel(self) -> None:
         self.cancelled.set()
+
+
+class Admission(NamedTuple):
+    """Rows `start` to `stop` (whole prompts) of `job`, admitted to start in this iteration."""
+
+    job: Job
+    start: int
+    stop: int
 
 
 class Engine:
@@ -105,7 +120,7 @@ class Engine:
         self.queue_size, self.max_batch, self.prefill_chunk = queue_size, max_batch, prefill_chunk
         self._queue: asyncio.Queue[Job] | None = None
         self._worker: asyncio.Task[None] | None = None
-        self._held: Job | None = None  # taken from the queue, waiting for free slots
+        self._held: Job | None = None  # taken from the queue, waiting for free slots for (more of) its rows
         self.running: list[Job] = []
         self.batches: list[DecodeBatch] = []
         self.prefilling: list[DecodeBatch] = []  # admitted, prompts partly fed; oldest first
@@ -117,8 +132,10 @@ class Engine:
 
     @property
     def waiting(self) -> int:
-        """Requests not yet admitted: those queued and the one held until slots free up."""
-        return (self._queue.qsize() if self._queue is not None else 0) + (self._held is not None)
+        """Requests not yet admitted: those queued and the one held until slots free up (unless some of
+        its prompts already run: it is running then)."""
+        held = self._held is not None and self._held.started == 0
+        return (self._queue.qsize() if self._queue is not None else 0) + held
 
     def _ensure_worker(self) -> asyncio.Queue[Job]:
         """Start the worker on the running loop the first time (works without ASGI lifespan events)."""
@@ -153,28 +170,39 @@ class Engine:
             await asyncio.to_thread(self._iterate, admitted)
             self._update_gauges()
 
-    def _admit(self) -> list[Job]:
-        """Waiting jobs (in arrival order) whose rows fit in the free slots; an oversized job only when
-        nothing else runs."""
+    def _admit(self) -> list[Admission]:
+        """The rows to start now, in arrival order: of each waiting job as many whole prompts (all their
+        choices) as the free slots hold; a job not started whole stays held, the jobs behind it wait. A
+        prompt with more choices than `max_batch`, and a scoring-only job (nothing to decode) that does
+        not fit, start whole, only when no row is active."""
         assert self._queue is not None
-        admitted: list[Job] = []
-        free = self.max_batch - self.active_rows
+        admitted: list[Admission] = []
+        free = max(0, self.max_batch - self.active_rows)  # below 0 while an oversized prompt runs
         while True:
             if self._held is None:
                 if self._queue.empty():
                     break
                 self._held = self._queue.get_nowait()
             job = self._held
-            fits = len(job.prompts) <= free or (not self.running and not admitted)
-            if not job.cancelled.is_set() and not fits:
+            if job.cancelled.is_set() or job.answered:  # gone, or failed or late after its first rows
+                self._held = None
+                continue
+            left = len(job.prompts) - job.started
+            step = left if job.config is None else job.choices
+            rows = min(left, free // step * step)
+            if not rows and self.active_rows == 0 and not admitted:
+                rows = step
+            if not rows:
+                break
+            admitted.append(Admission(job, job.started, job.started + rows))
+            job.started += rows
+            free = max(0, free - rows)
+            if job.started < len(job.prompts):
                 break
             self._held = None
-            if not job.cancelled.is_set():
-                admitted.append(job)
-                free -= len(job.prompts)
         return admitted
 
-    def _iterate(self, admitted: list[Job]) -> None:
+    def _iterate(self, admitted: list[Admission]) -> None:
         """One engine iteration in the worker thread: a decode step of every running batch, the prefill
         of the admitted jobs, then results for finished jobs and free slots for gone ones."""
         try:
@@ -184,7 +212,7 @@ class Engine:
                 self._retire()
         except Exception as error:  # a bug must not kill the worker; its clients get a 500
             log.exception("generation failed")
-            for job in {id(job): job for job in self.running + admitted}.values():
+            for job in {id(job): job for job in self.running + [a.job for a in admitted]}.values():
                 if not job.answered:
                     job.emit("error", error)
             self.running, self.batches, self.prefilling = [], [], []
@@ -193,37 +221,44 @@ class Engine:
         for batch in self.batches:
             self._emit_chunks(batch, batch.step())
 
-    def _prefill(self, admitted: list[Job]) -> None:
-        """Start the admitted jobs: scoring-only jobs finish at once; the others form one batch that
-        waits for its prefill (`_feed_prompts`)."""
+    def _prefill(self, admitted: list[Admission]) -> None:
+        """Start the admitted rows: they form one batch that waits for its prefill (`_feed_prompts`).
+        At its first admission a job is checked against its deadline and gets all its rows (a
+        scoring-only job finishes at once)."""
         rows: list[DecodeRow] = []
-        for job in admitted:
-            if time.perf_counter() > job.deadline:
-                job.emit("error", RequestTimeoutError())
+        for job, start, stop in admitted:
+            if start == 0 and not self._start(job):
                 continue
-            self.metrics.prompt_tokens.inc(sum(len(p) for p in job.prompts))
-            if job.config is None:
-                results = [GenerationResult(prompt_ids=list(p)) for p in job.prompts]
-                self._complete(job, results)
-                continue
-            try:
-                groups = [job.prompts[i : i + job.choices] for i in range(0, len(job.prompts), job.choices)]
-                job.rows = [
-                    row
-                    for group in groups
-                    for row in new_rows(self.model, self.tokenizer, group, job.config, owner=job)
-                ]
-            except Exception as error:  # this request fails; the running ones go on
-                self._fail([job], error)
-                continue
-            rows.extend(job.rows)
-            self.running.append(job)
+            rows.extend(job.rows[start:stop])
         if rows:
             try:
                 self.prefilling.append(DecodeBatch(self.model, self.tokenizer, rows))
             except Exception as error:
                 self._fail(_owners(rows), error)
         self._feed_prompts()
+
+    def _start(self, job: Job) -> bool:
+        """Count the job's prompt tokens and build all its rows (choice j of every prompt seeded seed +
+        j); False when it is answered already (late, scoring-only, or its rows cannot be built)."""
+        if time.perf_counter() > job.deadline:
+            job.emit("error", RequestTimeoutError())
+            return False
+        self.metrics.prompt_tokens.inc(sum(len(p) for p in job.prompts))
+        if job.config is None:
+            self._complete(job, [GenerationResult(prompt_ids=list(p)) for p in job.prompts])
+            return False
+        try:
+            groups = [job.prompts[i : i + job.choices] for i in range(0, len(job.prompts), job.choices)]
+            job.rows = [
+                row
+                for group in groups
+                for row in new_rows(self.model, self.tokenizer, group, job.config, owner=job)
+            ]
+        except Exception as error:  # this request fails; the running ones go on
+            self._fail([job], error)
+            return False
+        self.running.append(job)
+        return True
 
     def _feed_prompts(self) -> None:
         """Prefill waiting batches within this iteration's budget (module docstring), oldest first. A
