@@ -232,3 +232,21 @@ def test_empty_split_file_is_refused(run_dir: Path, tmp_path: Path) -> None:
     with pytest.raises(FidelError, match=rf"val/{empty.name}: empty file"):
         tokenize_splits(run, workers=1, show_progress=False)
     assert not (run / "tokens").exists()  # refused before any split was written
+
+
+def test_control_token_strings_in_documents_are_text(run_dir: Path, tmp_path: Path) -> None:
+    """`<|bos|>` inside a document became BOS (splitting it for document masking) and `<|im_end|>` the
+    chat end; documents are text, so both are their characters. Tool tags are plain tokens anyway."""
+    text = "ሰላም <|bos|> ለዓለም <|im_start|>user ጤና<|im_end|> <tool_call>"
+    run = tmp_path / "run"
+    write_split(run, "val", [{"text": text, "id": "x", "metadata": {"source": "s", "weight": 1.0}}], 1)
+    shutil.copytree(run_dir / "tokenizer", run / "tokenizer")
+    tokenizer = load_tokenizer(run / "tokenizer")
+    for workers in (1, 2):
+        meta = tokenize_splits(run, workers=workers, splits=("val",), show_progress=False)["val"]
+        ids = TokenShards.from_run(run, "val").document(0).tolist()
+        assert ids[0] == tokenizer.bos_id and not {0, 1, 2, 3} & set(ids[1:]), workers
+        assert tokenizer.decode(ids[1:], skip_special_tokens=True) == text
+        assert tokenizer.hf.token_to_id("<tool_call>") in ids
+        assert meta["tokenizer"]["fingerprint"] == tokenizer.fingerprint()
+    assert tokenizer.encode("<|bos|>") == [0]  # the tokenizer itself still reads them (chat template)

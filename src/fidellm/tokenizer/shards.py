@@ -36,6 +36,7 @@ from fidellm.hashing import file_sha256, unit_interval
 from fidellm.jsonfile import read_json_object
 from fidellm.paths import RunLayout
 from fidellm.tokenizer.base import TextTokenizer, load_tokenizer
+from fidellm.tokenizer.bpe import BPETokenizer
 from fidellm.train.curriculum import SCORE_VERSION, text_complexity
 
 SPLITS = ("train", "val", "test")
@@ -57,11 +58,21 @@ def copies(doc_id: str, weight: float) -> int:
 _WORKER_TOKENIZER: TextTokenizer | None = None
 
 
+def _load_for_documents(tokenizer_dir: str | os.PathLike) -> TextTokenizer:
+    """The tokenizer, encoding documents as the text they are: a control token's string in a document
+    (`<|bos|>`, `<|im_end|>`) becomes its characters' ids, never the control id (a BOS inside a document
+    would split it in two for document masking; `<|im_end|>` would teach chat ends from raw text)."""
+    tokenizer = load_tokenizer(tokenizer_dir)
+    if isinstance(tokenizer, BPETokenizer):
+        tokenizer.hf.encode_special_tokens = True  # not saved: the fingerprint stays the same
+    return tokenizer
+
+
 def _init_worker(tokenizer_dir: str) -> None:
     """Pool initializer: one single-threaded tokenizer per worker process."""
     global _WORKER_TOKENIZER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER_TOKENIZER = load_tokenizer(tokenizer_dir)
+    _WORKER_TOKENIZER = _load_for_documents(tokenizer_dir)
 
 
 @dataclass
@@ -305,11 +316,12 @@ def tokenize_splits(
 ) -> dict[str, dict[str, Any]]:
     """Encode RUN/data/splits/{train,val,test} into token shards under RUN/tokens/ with RUN/tokenizer.
 
-    Each document becomes BOS + its ids. Train documents are repeated by their metadata "weight"
-    (floor(w) copies plus one more with probability frac(w), decided by a hash of the id); val and
-    test are encoded once each. `source_weights` ({source: weight}) replaces the weight of every train
-    document of those sources: 0 leaves a source out, 3 triples it (how per-source contribution is
-    measured without re-running the data stage). Work is spread over `workers` processes in chunks of
+    Each document becomes BOS + its ids (a control token's string in its text is encoded as text).
+    Train documents are repeated by their metadata "weight" (floor(w) copies plus one more with
+    probability frac(w), decided by a hash of the id); val and test are encoded once each.
+    `source_weights` ({source: weight}) replaces the weight of every train document of those sources:
+    0 leaves a source out, 3 triples it (how per-source contribution is measured without re-running
+    the data stage). Work is spread over `workers` processes in chunks of
     about 4 MB and written in input order, so the output is byte-identical for any number of workers.
     With `curriculum` each split also gets complexity.npy, every document's complexity score (computed
     in the workers), for `fidellm train --curriculum`; without it the output is exactly as before.
@@ -328,7 +340,7 @@ def tokenize_splits(
         raise FidelError(f"source weights must be finite numbers >= 0, got {bad}")
     if weights and "train" in splits:
         _check_weighted_sources(weights, split_files(run_dir, "train"))
-    tokenizer = load_tokenizer(tokenizer_dir)
+    tokenizer = _load_for_documents(tokenizer_dir)
     run = RunLayout(run_dir)
     with _worker_pool(tokenizer_dir, workers) as pool:
         return {
