@@ -243,3 +243,17 @@ def test_a_right_copy_behind_a_wrong_one_the_readers_prefer_is_not_present(tmp_p
     assert outcome.status == "downloaded" and server.hits["/small"] == 1
     assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["w.txt"]
     assert (tmp_path / "data" / "w.txt").read_bytes() == SMALL
+
+
+def test_a_file_that_cannot_be_written_fails_alone(tmp_path, server):
+    """A file in the way of a folder raised FileExistsError out of download_sources, and the files after
+    it were never fetched: it is now one failed outcome naming the path, and the others continue."""
+    server.routes = {"/a": [(200, SMALL, 0)], "/b": [(200, SMALL, 0)]}
+    registry = registry_for(tmp_path, server, {"d/x.txt": ("/a", SMALL), "y.txt": ("/b", SMALL)})
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "d").write_text("in the way", encoding="utf-8")
+    report = run(tmp_path, registry)
+    assert [o.status for o in report.outcomes] == ["failed", "downloaded"]
+    detail = report.failed[0].detail
+    assert "FileExistsError" in detail and str(tmp_path / "data" / "d") in detail
+    assert (tmp_path / "data" / "y.txt").read_bytes() == SMALL

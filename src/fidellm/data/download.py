@@ -270,5 +270,8 @@ def download_sources(
             elif spec.converted:
                 emit(_converted(spec, item))
             else:
-                emit(_download_file(spec, item, root, retries, timeout, backoff))
+                try:
+                    emit(_download_file(spec, item, root, retries, timeout, backoff))
+                except OSError as error:  # a file in the way, a full disk, no permission: this file fails
+                    emit(FileOutcome(spec.name, item.path, "failed", f"{type(error).__name__}: {error}"))
     return report
