@@ -257,3 +257,15 @@ def test_a_file_that_cannot_be_written_fails_alone(tmp_path, server):
     detail = report.failed[0].detail
     assert "FileExistsError" in detail and str(tmp_path / "data" / "d") in detail
     assert (tmp_path / "data" / "y.txt").read_bytes() == SMALL
+
+
+@pytest.mark.parametrize(
+    ("route", "content", "blocked"), [("/s", SMALL, "s.txt"), ("/l", LARGE, "s.txt.zst")]
+)
+def test_a_failed_move_into_place_leaves_no_temp_file(tmp_path, server, route, content, blocked):
+    server.routes = {route: [(200, content, 0)]}
+    registry = registry_for(tmp_path, server, {"s.txt": (route, content)})
+    (tmp_path / "data" / blocked).mkdir(parents=True)  # a directory where the file goes
+    (outcome,) = run(tmp_path, registry).outcomes
+    assert outcome.status == "failed" and "Error" in outcome.detail
+    assert [p.name for p in (tmp_path / "data").iterdir()] == [blocked]

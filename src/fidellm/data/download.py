@@ -170,22 +170,26 @@ def _install(temp: Path, data_dir: Path, relative: str) -> Path:
     base = data_dir / relative
     if temp.stat().st_size > COMPRESS_ABOVE:
         final = Path(str(base) + ".zst")
-        packed = Path(str(temp) + ".zst")
+        ready = Path(str(temp) + ".zst")
         try:
-            with open(temp, "rb") as source, open(packed, "wb") as sink:
+            with open(temp, "rb") as source, open(ready, "wb") as sink:
                 zstandard.ZstdCompressor(level=19).copy_stream(source, sink)
         except BaseException:
-            packed.unlink(missing_ok=True)
+            ready.unlink(missing_ok=True)
             raise
         finally:
             temp.unlink()
-        os.replace(packed, final)
     else:
-        final = base
-        umask = os.umask(0)
-        os.umask(umask)
-        temp.chmod(0o666 & ~umask)  # a temp file is private (0600); the data dir's files are shared
-        os.replace(temp, final)
+        final, ready = base, temp
+    try:
+        if ready == temp:
+            umask = os.umask(0)
+            os.umask(umask)
+            temp.chmod(0o666 & ~umask)  # a temp file is private (0600); the data dir's files are shared
+        os.replace(ready, final)
+    except BaseException:  # e.g. a directory where the file goes: leave no temp file behind
+        ready.unlink(missing_ok=True)
+        raise
     for stale in local_variants(data_dir, relative):
         if stale != final:
             stale.unlink()
