@@ -148,3 +148,14 @@ def test_sizes_beyond_what_the_sample_gives_are_not_measured_under_their_names(
     assert result.exit_code == 0, result.output
     assert f"vocabulary sizes 64,000: the training sample gives only {reached:,} ids" in result.output
     assert "BPE 64000" not in result.output
+
+
+def test_flores_files_without_text_are_named(tmp_path: Path) -> None:
+    """Blank FLORES files crashed the report with a ZeroDivisionError (tokens per word of no words)."""
+    (tmp_path / "flores200").mkdir()
+    (tmp_path / "flores200" / "amh_Ethi.dev").write_text("  \n\n", encoding="utf-8")
+    (tmp_path / "flores200" / "amh_Ethi.devtest").write_text("", encoding="utf-8")
+    with pytest.raises(FidelError, match=r"amh_Ethi\.dev and .*amh_Ethi\.devtest hold no text"):
+        flores_lines(tmp_path)
+    with pytest.raises(FidelError, match="no evaluation lines with text"):
+        measure("bytes", ByteTokenizer(), ["", "  "])

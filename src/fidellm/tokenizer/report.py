@@ -103,8 +103,8 @@ class Fertility:
 
 def measure(name: str, tokenizer: TextTokenizer, lines: list[str]) -> Fertility:
     """Encode every line (no BOS), count tokens, and check the exact round trip of each line."""
-    if not lines:
-        raise FidelError("no evaluation lines to measure the tokenizer on")
+    if not any(line.split() for line in lines):  # the ratios divide by words, chars and tokens
+        raise FidelError("no evaluation lines with text to measure the tokenizer on")
     encoded = tokenizer.encode_batch(lines)
     return Fertility(
         name=name,
@@ -157,6 +157,8 @@ def flores_lines(data_dir: Path, fold_homophones: bool = False, fold_labialized:
             normalize(line.strip(), fold_homophones=fold_homophones, fold_labialized=fold_labialized)
             for line in raw
         ]
+    if not any(line.split() for line in lines):
+        raise FidelError(f"{' and '.join(str(data_dir / name) for name in FLORES_FILES)} hold no text")
     return lines
 
 
