@@ -250,3 +250,16 @@ def test_control_token_strings_in_documents_are_text(run_dir: Path, tmp_path: Pa
         assert tokenizer.hf.token_to_id("<tool_call>") in ids
         assert meta["tokenizer"]["fingerprint"] == tokenizer.fingerprint()
     assert tokenizer.encode("<|bos|>") == [0]  # the tokenizer itself still reads them (chat template)
+
+
+def test_dropped_documents_are_counted(run_dir: Path, metas: dict[str, dict]) -> None:
+    """Documents a weight emits 0 times were missing from meta.json: with weights, docs_read and
+    docs_emitted (copies) could not be reconciled. Now read = kept + dropped, per source and in all."""
+    docs = documents(run_dir, "train")
+    sources = metas["train"]["sources"]
+    for name, entry in sources.items():
+        mine = [doc for doc in docs if doc.source == name]
+        dropped = sum(copies(doc.id, doc.weight) == 0 for doc in mine)
+        assert entry["docs_dropped"] == dropped and entry["docs_read"] == len(mine)
+    assert metas["train"]["n_docs_dropped"] == sum(e["docs_dropped"] for e in sources.values()) > 0
+    assert metas["val"]["n_docs_dropped"] == 0

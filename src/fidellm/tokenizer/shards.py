@@ -9,7 +9,9 @@ Layout of RUN/tokens/<split>/ (written to `<split>.partial` and renamed when com
   complexity.npy   only with `curriculum`: float32, n_docs entries, each document's 0-100 complexity
                    (`fidellm.train.curriculum.text_complexity`), which `fidellm train --curriculum` reads
 In the train split a document of weight w is emitted floor(w) times, plus once more when a hash of
-its id falls below frac(w) (weight 0 drops it); val and test are never reweighted.
+its id falls below frac(w) (weight 0 drops it); val and test are never reweighted. Per source, meta.json
+counts the documents read, those dropped (emitted 0 times) and the copies emitted: docs_read - docs_dropped
+documents are in the shards, some of them several times.
 """
 
 from __future__ import annotations
@@ -105,7 +107,7 @@ def _encode_chunk(
 
 
 class _SourceStats:
-    """Per-source counts (read, emitted, tokens) and the index of each source name."""
+    """Per-source counts (read, dropped, emitted, tokens) and the index of each source name."""
 
     def __init__(self) -> None:
         self.names: list[str] = []
@@ -117,7 +119,13 @@ class _SourceStats:
         if source not in self.index:
             self.index[source] = len(self.names)
             self.names.append(source)
-            self.counts[source] = {"docs_read": 0, "bytes_read": 0, "docs_emitted": 0, "tokens": 0}
+            self.counts[source] = {
+                "docs_read": 0,
+                "bytes_read": 0,
+                "docs_dropped": 0,
+                "docs_emitted": 0,
+                "tokens": 0,
+            }
         self.counts[source]["docs_read"] += 1
         self.counts[source]["bytes_read"] += size
         return self.index[source]
@@ -137,6 +145,7 @@ def _chunks(
             source = stats.read(doc.source, size)
             count = copies(doc.id, source_weights.get(doc.source, doc.weight)) if reweight else 1
             if count == 0:
+                stats.counts[doc.source]["docs_dropped"] += 1
                 continue
             chunk.texts.append(doc.text)
             chunk.copies.append(count)
@@ -278,6 +287,7 @@ def _write_split(
         "n_docs": len(offsets) - 1,
         "n_tokens": int(offsets[-1]),
         "n_docs_read": sum(entry["docs_read"] for entry in stats.counts.values()),
+        "n_docs_dropped": sum(entry["docs_dropped"] for entry in stats.counts.values()),
         "reweighted": reweight,
         "source_weights": dict(source_weights) if reweight else {},
         "source_names": stats.names,
