@@ -8,7 +8,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,16 +20,16 @@ from fastapi import FastAPI
 
 from fidellm.models.llama import LlamaForCausalLM
 from fidellm.serve.app import create_app
-from fidellm.serve.cache import InProcessLRU, RedisCache, ResponseCache, cache_key
+from fidellm.serve.cache import InProcessLRU, RedisCache, ResponseCache
 from fidellm.serve.common import ServeSettings
 from fidellm.serve.ratelimit import RateLimiter, RedisTokenBucket, TokenBucket
-from fidellm.serve.schemas import ChatCompletionRequest
 from fidellm.tokenizer.bpe import BPETokenizer
 from fixtures.bpe import flores_bpe
 from fixtures.models import gqa_config, random_llama
 from test_serve import CHAT, CONTEXT, NAME, VOCAB, metric, run
 
 GREEDY: dict[str, Any] = dict(model=NAME, messages=CHAT, max_tokens=8, temperature=0)
+HITS = "fidellm:response_cache_hits_total"
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def make_app(
     limiter: RateLimiter | None = None,
     **settings: Any,
 ) -> FastAPI:
-    config = ServeSettings(model_name=NAME, max_tokens_cap=64, **settings)
+    config = ServeSettings(model_name=NAME, **{"max_tokens_cap": 64, **settings})
     return create_app(model, tokenizer, config, cache=cache, limiter=limiter)
 
 
@@ -67,16 +67,53 @@ def without_ids(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k not in ("id", "created")}
 
 
-def test_cache_key_only_for_deterministic_requests() -> None:
-    def key(**fields: Any) -> str | None:
-        return cache_key("chat", ChatCompletionRequest(**{**GREEDY, **fields}), 64)
+def test_the_key_is_what_is_decoded(model: LlamaForCausalLM, tokenizer: BPETokenizer) -> None:
+    """With --max-tokens-cap 8 a completion without max_tokens decodes 8 tokens (OpenAI's default 16, cut
+    to the cap), yet its key was that of an explicit max_tokens 16 (both dumped 16), so that request, a
+    400 here, got the cached 8-token answer. The key is now what is decoded: requests that decode alike
+    share an entry, also on a server with another cap; any difference in what is decoded or answered
+    misses."""
+    cache = InProcessLRU(64)
+    apps = [make_app(model, tokenizer, cache=cache, max_tokens_cap=cap) for cap in (8, 6)]
+    text = dict(model=NAME, prompt="ሰላም", temperature=0)
+    ids = tokenizer.encode("ሰላም", add_bos=True)
+    chat = {**GREEDY, "max_tokens": 5}
+    completions, chats = "/v1/completions", "/v1/chat/completions"
+    steps: list[tuple[int, str, dict[str, Any], int | None]] = [  # (app, path, body, status or None = a hit)
+        (0, completions, text, 200),
+        (0, completions, {**text, "max_tokens": 16}, 400),
+        (0, completions, {**text, "max_tokens": 8}, None),
+        (0, completions, {**text, "prompt": [ids], "max_tokens": 8, "seed": 3}, None),  # greedy: seed unused
+        (1, completions, {**text, "max_tokens": 8}, 400),
+        (1, completions, text, 200),  # the default is 6 tokens here
+        (1, completions, {**text, "max_tokens": 7}, 400),
+        (0, completions, {**text, "max_tokens": 6}, None),
+        (0, completions, {**text, "max_tokens": 6, "echo": True}, 200),
+        (0, completions, {**text, "max_tokens": 6, "logprobs": 1}, 200),
+        (0, completions, {**text, "max_tokens": 6, "n": 2}, 200),
+        (0, chats, chat, 200),
+        (1, chats, {**chat, "max_tokens": None, "max_completion_tokens": 5}, None),
+        (0, chats, {**chat, "max_tokens": 6, "max_completion_tokens": 5, "top_p": 0.5}, None),
+        (0, chats, {**chat, "stop": "።"}, 200),
+        (0, chats, {**chat, "stop": ["።", "።"]}, None),
+        (0, chats, {**chat, "temperature": 0.7, "seed": 5}, 200),
+        (0, chats, {**chat, "temperature": 0.8, "seed": 5}, 200),
+        (0, chats, {**chat, "temperature": 0.8, "seed": 6}, 200),
+        (1, chats, {**chat, "temperature": 0.8, "seed": 6}, None),
+    ]
 
-    assert key() is not None and key() == key(unknown_field=1)  # ignored fields do not matter
-    assert key() != key(max_tokens=9) and key() != key(stop=["።"]) and key() != key(logprobs=True)
-    assert key() != cache_key("chat", ChatCompletionRequest(**GREEDY), 32)  # another default budget
-    assert key(temperature=0.7, seed=5) is not None and key(temperature=0.7, seed=5) != key(seed=5)
-    assert key(temperature=0.7) is None and key(temperature=None) is None
-    assert key(stream=True) is None
+    def post(path: str, fields: dict[str, Any]) -> Callable[..., Awaitable[tuple[int, float]]]:
+        async def body(_: Any, raw: httpx2.AsyncClient) -> tuple[int, float]:
+            response = await raw.post(path, json=fields)
+            return response.status_code, metric((await raw.get("/metrics")).text, HITS)
+
+        return body
+
+    hits_before = [0.0, 0.0]
+    for number, (app, path, fields, status) in enumerate(steps):
+        code, hits = run(apps[app], post(path, fields))
+        hit, hits_before[app] = hits > hits_before[app], hits
+        assert (code, hit) == (status or 200, status is None), (number, fields)
 
 
 def test_lru_evicts_the_least_recently_used() -> None:

@@ -23,7 +23,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import nn
 
-from fidellm.serve.cache import ResponseCache, cache_key, refreshed
+from fidellm.serve.cache import ResponseCache
 from fidellm.serve.chat import chat_completion
 from fidellm.serve.common import APIError, ServerState, ServeSettings
 from fidellm.serve.completions import completion
@@ -267,7 +267,7 @@ def create_app(
     engine = Engine(
         model.eval(), tokenizer, settings.queue_size, metrics, settings.max_batch, settings.prefill_chunk
     )
-    state = ServerState(model=model, tokenizer=tokenizer, settings=settings, engine=engine)
+    state = ServerState(model=model, tokenizer=tokenizer, settings=settings, engine=engine, cache=cache)
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -317,31 +317,21 @@ def create_app(
             client = request.client.host if request.client else "unknown"
         await enforce(limiter, client)
 
-    def respond(handler: Callable[..., Awaitable[Any]], endpoint: str) -> Callable[..., Awaitable[Response]]:
+    def respond(handler: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Response]]:
         async def run(body: Any, request: Request) -> Response:
             where = lone_surrogate(body.model_dump()) if may_hold_surrogates(await request.body()) else None
             if where is not None:
                 message = f"Invalid request: {where} holds a lone UTF-16 surrogate, which is not text."
                 raise APIError(400, message, param=where)
-            key = cache_key(endpoint, body, settings.max_tokens_cap) if cache is not None else None
-            if cache is not None and key is not None:
-                stored = await cache.get(key)
-                if stored is not None:
-                    metrics.cache_hits.inc()
-                    return JSONResponse(refreshed(stored))
-                metrics.cache_misses.inc()
             result = await handler(state, body, request)
             if hasattr(result, "__aiter__"):
                 return EventSourceResponse(result, ping=15)
-            wire = result.wire()
-            if cache is not None and key is not None:
-                await cache.put(key, json.dumps(wire, ensure_ascii=False))
-            return JSONResponse(wire)
+            return JSONResponse(result if isinstance(result, dict) else result.wire())  # a dict: a cache hit
 
         return run
 
-    chat = respond(chat_completion, "chat")
-    complete = respond(completion, "completions")
+    chat = respond(chat_completion)
+    complete = respond(completion)
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 

@@ -1,10 +1,14 @@
 """A response cache for deterministic requests: in-process LRU by default, or Redis shared by replicas.
 
 Only requests whose output is fixed by their fields are cached: temperature 0 (greedy) or a seed given
-(choice i samples with seed + i). The key is the SHA-256 of the canonical JSON of the validated request
-(every field the server reads, defaults filled in, unknown fields dropped), the endpoint, and the
-server's max_tokens cap (the default budget). Replicas sharing a Redis must serve the same weights under
-the same model name, since the weights are not part of the key.
+(choice i samples with seed + i). The key is the SHA-256 of what is decoded, once the request has
+passed every check: the endpoint, the model name, the prompts' token ids, the decoding settings (the
+effective token budget, stop strings and ids as sets; a greedy request's seed and top_p, which it
+never uses, left out) and the fields that shape the reply (n, echo, log-probabilities, tool calls).
+So two requests that decode alike share an entry however they spell it (no max_tokens and the default
+it stands for, a stop string alone or in a list, token ids or their text), also between servers with
+another --max-tokens-cap, and two that decode differently never do. Replicas sharing a Redis must serve
+the same weights under the same model name, since the weights are not part of the key.
 
 Streams are neither served from nor stored in the cache: a streamed reply is one chunk per decode step
 (with tool-call text held back until it is decided), which a replayed full response cannot reproduce
@@ -15,6 +19,7 @@ exactly, so replaying it would change what clients see. A hit is the stored body
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import json
 import logging
@@ -24,22 +29,40 @@ from typing import Any, Protocol
 
 import redis
 
+from fidellm.generate.config import GenerationConfig
+from fidellm.generate.sampling import GREEDY_BELOW
 from fidellm.serve.schemas import SamplingFields, new_id, now
 
 log = logging.getLogger(__name__)
 
-STREAM_FIELDS = {"stream", "stream_options"}
 REDIS_TIMEOUT_S = 2.0
 
 
-def cache_key(endpoint: str, request: SamplingFields, max_tokens_cap: int) -> str | None:
-    """The cache key of a deterministic, non-streaming request; None when it must not be cached."""
+def cache_key(
+    endpoint: str, request: SamplingFields, config: GenerationConfig | None, **reply: Any
+) -> str | None:
+    """The key of a deterministic, non-streamed request that decodes with `config` (None: scoring only)
+    and whose reply also depends on `reply` (the prompts' token ids, n, ...); None when it must not be
+    cached."""
     if request.stream or not (request.temperature == 0 or request.seed is not None):
         return None
-    fields = request.model_dump(mode="json", exclude=STREAM_FIELDS)
-    material = {"endpoint": endpoint, "max_tokens_cap": max_tokens_cap, "request": fields}
+    material = {"endpoint": endpoint, "model": request.model, "decoding": decoding(config), **reply}
     canonical = json.dumps(material, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def decoding(config: GenerationConfig | None) -> dict[str, Any] | None:
+    """The settings of `config` that change what is decoded, one form for each decoding: stops as sorted
+    sets (any one of them ends a row, whatever their order), and greedy settings without the seed,
+    top-k and top-p that the sampler ignores below `GREEDY_BELOW` (`generate.sampling`)."""
+    if config is None:
+        return None
+    settings = dataclasses.asdict(config)
+    settings["stop_strings"] = sorted(set(config.stop_strings))
+    settings["stop_token_ids"] = sorted(set(config.stop_token_ids or ()))
+    if config.temperature < GREEDY_BELOW:
+        settings.update(temperature=0.0, seed=None, top_k=0, top_p=1.0)
+    return settings
 
 
 def refreshed(stored: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from fastapi import Request
 from fidellm.chat.template import encode_chat, render_chat
 from fidellm.errors import FidelError
 from fidellm.generate.engine import GenerationResult
+from fidellm.serve.cache import cache_key
 from fidellm.serve.common import (
     APIError,
     ServerState,
@@ -132,7 +133,8 @@ def usage_of(results: list[GenerationResult]) -> Usage:
 
 
 async def chat_completion(state: ServerState, request: ChatCompletionRequest, http: Request) -> Any:
-    """A ChatCompletion, or an async iterator of SSE events when `stream`."""
+    """A ChatCompletion (a cached one as its wire dict), or an async iterator of SSE events when
+    `stream`."""
     state.check_model(request.model)
     tools_active = check_tools(request)
     if request.top_logprobs is not None and not request.logprobs:  # else silently no logprobs at all
@@ -148,12 +150,26 @@ async def chat_completion(state: ServerState, request: ChatCompletionRequest, ht
         raise APIError(400, f"{param} must be at least 1.", param=param)
     budget = state.budget(requested, [len(ids)], param, "messages")
     config = state.generation_config(request, budget, rows=request.n, chat=True)
+    score_top = (request.top_logprobs or 0) if request.logprobs else None
+    key = cache_key(
+        "chat",
+        request,
+        config,
+        prompt=ids,
+        prefix=prefix,
+        n=request.n,
+        logprobs=score_top,
+        parallel_tool_calls=request.parallel_tool_calls if tools_active else None,
+    )
+    hit = await state.cached(key)
+    if hit is not None:
+        return hit
     job = Job(
         prompts=[ids] * request.n,
         config=config,
         timeout=state.settings.request_timeout_s,
         choices=request.n,
-        score_top=(request.top_logprobs or 0) if request.logprobs else None,
+        score_top=score_top,
     )
     state.submit(job)
     if request.stream:
@@ -170,9 +186,11 @@ async def chat_completion(state: ServerState, request: ChatCompletionRequest, ht
         )
         for index, result in enumerate(results)
     ]
-    return ChatCompletion(
+    reply = ChatCompletion(
         id=new_id("chatcmpl"), created=now(), model=request.model, choices=choices, usage=usage_of(results)
     )
+    await state.remember(key, reply)
+    return reply
 
 
 async def stream_chat(

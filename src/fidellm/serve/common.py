@@ -1,5 +1,5 @@
 """What the endpoints share: server settings, OpenAI-style errors, the checks every generation request
-passes (model name, token budget, context length), and waiting on a job's events."""
+passes (model name, token budget, context length), the response cache, and waiting on a job's events."""
 
 from __future__ import annotations
 
@@ -16,8 +16,9 @@ from torch import nn
 from fidellm.errors import FidelError
 from fidellm.generate.config import check_seed
 from fidellm.generate.engine import GenerationConfig, default_stop_ids
+from fidellm.serve.cache import ResponseCache, refreshed
 from fidellm.serve.engine import Engine, Job, QueueFullError, RequestTimeoutError
-from fidellm.serve.schemas import ErrorBody, ErrorDetail, SamplingFields
+from fidellm.serve.schemas import ErrorBody, ErrorDetail, Response, SamplingFields
 from fidellm.tokenizer.base import TextTokenizer
 from fidellm.tokenizer.special import IM_END, IM_END_ID
 
@@ -62,12 +63,13 @@ class APIError(Exception):
 
 @dataclass
 class ServerState:
-    """Everything a handler needs, stored on `app.state.server`."""
+    """Everything a handler needs, stored on `app.state.server`; `cache` None = no response cache."""
 
     model: nn.Module
     tokenizer: TextTokenizer
     settings: ServeSettings
     engine: Engine
+    cache: ResponseCache | None = None
 
     @property
     def context(self) -> int:
@@ -137,6 +139,23 @@ class ServerState:
             )
         except FidelError as error:
             raise APIError(400, str(error)) from error
+
+    async def cached(self, key: str | None) -> dict[str, Any] | None:
+        """The reply stored under `key` (`cache.cache_key`; None = not cacheable) as a new response,
+        or None; a lookup counts as a cache hit or miss."""
+        if key is None or self.cache is None:
+            return None
+        stored = await self.cache.get(key)
+        if stored is None:
+            self.engine.metrics.cache_misses.inc()
+            return None
+        self.engine.metrics.cache_hits.inc()
+        return refreshed(stored)
+
+    async def remember(self, key: str | None, reply: Response) -> None:
+        """Store `reply` under `key` (nothing when None or without a cache)."""
+        if key is not None and self.cache is not None:
+            await self.cache.put(key, json.dumps(reply.wire(), ensure_ascii=False))
 
     def submit(self, job: Job) -> None:
         try:

@@ -10,6 +10,7 @@ from typing import Any
 from fastapi import Request
 
 from fidellm.generate.engine import GenerationResult
+from fidellm.serve.cache import cache_key
 from fidellm.serve.common import (
     APIError,
     ServerState,
@@ -80,7 +81,8 @@ def usage_of(results: list[GenerationResult], n: int) -> Usage:
 
 
 async def completion(state: ServerState, request: CompletionRequest, http: Request) -> Any:
-    """A Completion (choice i*n + j is prompt i's j-th sample), or SSE events when `stream`."""
+    """A Completion (choice i*n + j is prompt i's j-th sample; a cached one as its wire dict), or SSE
+    events when `stream`."""
     state.check_model(request.model)
     if request.stream and request.logprobs is not None:
         raise APIError(400, "logprobs are not supported with stream on this server.", param="logprobs")
@@ -91,6 +93,20 @@ async def completion(state: ServerState, request: CompletionRequest, http: Reque
     budget = state.budget(requested, [len(row) for row in ids], "max_tokens", "prompt")
     rows = [row for row in ids for _ in range(request.n)]
     config = state.generation_config(request, budget, rows=request.n) if budget > 0 else None
+    shown = request.echo or request.logprobs is not None  # the text is echoed or sets the text offsets
+    key = cache_key(
+        "completions",
+        request,
+        config,
+        prompts=ids,
+        texts=texts if shown else None,
+        n=request.n,
+        echo=request.echo,
+        logprobs=request.logprobs,
+    )
+    hit = await state.cached(key)
+    if hit is not None:
+        return hit
     echoes = [text for text in texts for _ in range(request.n)]
     job = Job(
         prompts=rows,
@@ -115,13 +131,15 @@ async def completion(state: ServerState, request: CompletionRequest, http: Reque
                 index=index, text=prefix + result.text, logprobs=logprobs, finish_reason=result.finish_reason
             )
         )
-    return Completion(
+    reply = Completion(
         id=new_id("cmpl"),
         created=now(),
         model=request.model,
         choices=choices,
         usage=usage_of(results, request.n),
     )
+    await state.remember(key, reply)
+    return reply
 
 
 async def stream_completion(
