@@ -162,8 +162,9 @@ def test_one_process_resumes_a_two_process_checkpoint(flores_run: Path, single: 
 def test_fsdp_with_muon_equals_one_process_and_resumes(
     flores_run: Path, single_muon: Path, tmp_path: Path
 ) -> None:
-    """Muon on FSDP2 shards: each process gathers a matrix's whole update and keeps its own rows; the
-    chained optimizer's sharded state is saved whole and sharded again on resume."""
+    """Muon on FSDP2 shards: each matrix's Newton-Schulz runs on one process, which sends the others their
+    rows (fidellm.train.muon_shards); the chained optimizer's sharded state is saved whole and sharded
+    again on resume."""
     run = copy_run(flores_run, tmp_path / "fsdp")
     torchrun(run, "--batch-size", "4", "--strategy", "fsdp", "--optimizer", "muon", "--stop-at-step", "3")
     saved, alone = (

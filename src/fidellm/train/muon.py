@@ -10,22 +10,26 @@ torch's runs the iteration in bf16 always — on a CPU without bf16 matrix units
 fp32 (a 256 × 688 matrix on the 2-core AMD EPYC: 98 ms against 3.4 ms per iteration) — and one matrix
 at a time: here matrices of one shape are orthogonalized together in batched matmuls (a handful of
 kernels per step instead of 15 per matrix), in bf16 on CUDA and fp32 elsewhere, and torch 2.4 runs it.
-tests/test_muon.py checks it against torch.optim.Muon. Under FSDP2 (parameters sharded by rows) each
-process gathers a matrix's whole update for the iteration and keeps its own rows of the result: one
-all-gather per matrix and step, the iteration repeated on every process.
+tests/test_muon.py checks it against torch.optim.Muon. Under FSDP2 (parameters sharded by rows over a
+1-D mesh) each matrix's iteration runs on one process, which receives the matrix's rows from the others
+and sends them their rows of the result (`fidellm.train.muon_shards`); other DTensor layouts gather the
+whole update on every process and keep their own rows of the result.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from functools import partial
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from fidellm.errors import FidelError
 from fidellm.train.distributed import dtensor_types, is_dtensor
+from fidellm.train.muon_shards import orthogonalize_sharded, row_sharded, rows_per_process
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 """The quintic's (a, b, c): maximal slope at zero; singular values land in about [0.7, 1.2], not 1."""
@@ -85,6 +89,7 @@ class Muon(torch.optim.Optimizer):
                 f"Muon takes 2-D matrices only; got parameters of shape {', '.join(map(str, shapes))}"
             )
         self.ns_dtype = ns_dtype
+        self.shard_rows: dict[tuple[int, ...], list[int]] = {}  # FSDP2: rows per process, by shape
 
     @torch.no_grad()
     def step(self, closure: None = None) -> None:  # type: ignore[override]
@@ -113,16 +118,35 @@ class Muon(torch.optim.Optimizer):
                 torch._foreach_mul_(weights, decay)
             by_shape: dict[tuple[Any, ...], list[int]] = {}
             for i, p in enumerate(params):
-                by_shape.setdefault((tuple(p.shape), p.device, p.dtype), []).append(i)
-            for (shape, device, dtype), indices in by_shape.items():
+                by_shape.setdefault((tuple(p.shape), p.device, p.dtype, row_sharded(p)), []).append(i)
+            next_owner = 0
+            for (shape, device, dtype, sharded), indices in by_shape.items():
                 ns_dtype = self.ns_dtype or (torch.bfloat16 if device.type == "cuda" else torch.float32)
-                stacked = torch.stack([whole_matrix(updates[i], params[i]) for i in indices])
-                ortho = orthogonalize(stacked, group["ns_steps"], group["eps"], ns_dtype).to(dtype)
-                if keep is not None:
-                    ortho.mul_(keep)
+                steps, eps = group["ns_steps"], group["eps"]
+                finish = partial(_update, steps=steps, eps=eps, ns_dtype=ns_dtype, dtype=dtype, keep=keep)
+                parts = [updates[i] for i in indices]
+                if sharded:  # each matrix orthogonalized by one process (fidellm.train.muon_shards)
+                    mesh_group = params[indices[0]].device_mesh.get_group()
+                    world = dist.get_world_size(mesh_group)
+                    if shape not in self.shard_rows:
+                        self.shard_rows[shape] = rows_per_process(parts[0], mesh_group)
+                    owners = [(next_owner + m) % world for m in range(len(indices))]
+                    next_owner += len(indices)
+                    own = orthogonalize_sharded(parts, self.shard_rows[shape], owners, mesh_group, finish)
+                else:
+                    wholes = [whole_matrix(u, params[i]) for u, i in zip(parts, indices, strict=True)]
+                    ortho = finish(torch.stack(wholes))
+                    own = [own_rows(o, params[i]) for o, i in zip(ortho.unbind(0), indices, strict=True)]
                 scale = lr * 0.2 * math.sqrt(max(shape))  # Muon's update at AdamW's RMS
-                own = [own_rows(o, params[i]) for o, i in zip(ortho.unbind(0), indices, strict=True)]
                 torch._foreach_add_([weights[i] for i in indices], own, alpha=-scale)
+
+
+def _update(
+    stacked: Tensor, steps: int, eps: float, ns_dtype: torch.dtype, dtype: torch.dtype, keep: Tensor | None
+) -> Tensor:
+    """The orthogonalized updates of a batch of matrices in `dtype`, × `keep` (0 on a skipped step)."""
+    ortho = orthogonalize(stacked, steps, eps, ns_dtype).to(dtype)
+    return ortho.mul_(keep) if keep is not None else ortho
 
 
 def local_part(tensor: Tensor) -> Tensor:
