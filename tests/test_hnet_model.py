@@ -257,3 +257,26 @@ def test_bf16_autocast_training_and_bf16_weights() -> None:
     with torch.no_grad():
         logits = half(ids).logits
     assert logits.dtype == torch.bfloat16 and bool(torch.isfinite(logits.float()).all())
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("d_model", 128, "d_model must be a list of integers"),  # was a TypeError traceback
+        ("d_model", "128", "d_model must be a list of integers"),  # was read digit by digit
+        ("d_model", [128.5, 192], "d_model must be a list of integers"),  # was cut to 128
+        ("window_size", [True, -1], "window_size must be a list of integers"),
+        ("target_ratio", 6, "target_ratio must be a list of integers"),
+        ("vocab_size", "256", "vocab_size must be an integer"),  # was a TypeError traceback
+        ("d_state", 31.5, "d_state must be an integer"),
+        ("arch_layout", ["m2", ["T2"], "m2"], "arch_layout must be a string"),
+        ("ratio_loss_weight", -0.03, "ratio_loss_weight must be a number >= 0"),  # trained away from N
+        ("ratio_loss_weight", float("nan"), "ratio_loss_weight must be a number >= 0"),
+    ],
+)
+def test_config_fields_of_the_wrong_kind_are_named(field: str, value: object, message: str) -> None:
+    data = {**preset("hnet-tiny").to_dict(), field: value}
+    with pytest.raises(FidelError, match=message):
+        HNetConfig.from_dict(data)
+    whole = HNetConfig.from_dict({**preset("hnet-tiny").to_dict(), "d_model": [128.0, 192], "d_state": 32.0})
+    assert whole.d_model == [128, 192] and whole.d_state == 32 and isinstance(whole.d_state, int)

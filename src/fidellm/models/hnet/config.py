@@ -17,7 +17,16 @@ from typing import Any
 
 from fidellm.errors import FidelError
 from fidellm.tokenizer.special import BYTE_BOS_ID, BYTE_EOS_ID
-from fidellm.values import is_number
+from fidellm.values import is_integer, is_number
+
+
+def _whole(value: Any) -> bool:
+    """An integer, or a float holding one (1024.0); never a bool."""
+    return is_integer(value) or (is_number(value) and math.isfinite(value) and float(value).is_integer())
+
+
+WRONG_TYPE = "model config (hnet): a field has the wrong type:"
+"""As `models.factory.config_from_dict` words the type errors it catches from configs."""
 
 Layout = list  # nested: [encoder: str, inner: Layout, decoder: str] or [main: str]
 
@@ -116,6 +125,7 @@ class HNetConfig:
     pad_token_id: int = BYTE_EOS_ID
 
     def __post_init__(self) -> None:
+        self._check_types()
         self.layout = parse_layout(self.arch_layout)
         levels = layout_depth(self.layout)
         for name in ("d_model", "d_intermediate", "num_heads", "rotary_emb_dim", "window_size"):
@@ -146,6 +156,27 @@ class HNetConfig:
         for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
             if not 0 <= getattr(self, name) < self.vocab_size:
                 raise FidelError(f"model config: {name} {getattr(self, name)} is outside the vocabulary")
+
+    def _check_types(self) -> None:
+        """Each field of the right kind, named when not (a bare 64 for a per-level list raised a TypeError
+        traceback, 64.5 was cut to 64 and a string of digits was read digit by digit)."""
+        if not isinstance(self.arch_layout, str):
+            raise FidelError(f"{WRONG_TYPE} arch_layout must be a string, got {self.arch_layout!r}")
+        lists = ("d_model", "d_intermediate", "num_heads", "rotary_emb_dim", "window_size", "target_ratio")
+        for name in lists:
+            value = getattr(self, name)
+            if not isinstance(value, (list, tuple)) or not all(_whole(v) for v in value):
+                raise FidelError(
+                    f"{WRONG_TYPE} {name} must be a list of integers (one per level), got {value!r}"
+                )
+        names = ("vocab_size", "d_state", "d_conv", "expand", "headdim", "ngroups", "chunk_size")
+        for name in (*names, "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
+            if not _whole(getattr(self, name)):
+                raise FidelError(f"{WRONG_TYPE} {name} must be an integer, got {getattr(self, name)!r}")
+            setattr(self, name, int(getattr(self, name)))
+        weight = self.ratio_loss_weight
+        if not is_number(weight) or not 0 <= weight < math.inf:
+            raise FidelError(f"model config (hnet): ratio_loss_weight must be a number >= 0, got {weight!r}")
 
     def _check_stage(self, stage: int, letters: str) -> None:
         d = self.d_model[stage]
