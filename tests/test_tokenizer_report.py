@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
+import fidellm.tokenizer.bpe as bpe
 from fidellm.errors import FidelError
 from fidellm.paths import resolve_data_dir
 from fidellm.tokenizer.base import load_tokenizer
@@ -159,3 +160,15 @@ def test_flores_files_without_text_are_named(tmp_path: Path) -> None:
         flores_lines(tmp_path)
     with pytest.raises(FidelError, match="no evaluation lines with text"):
         measure("bytes", ByteTokenizer(), ["", "  "])
+
+
+def test_a_bad_sweep_size_is_refused_before_training(run_dir: Path, monkeypatch) -> None:
+    """--vocab-sizes 1000,2048 trained the 2,048-id BPE (minutes at real sizes) and only then refused 1000."""
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("trained before checking the sizes")
+
+    monkeypatch.setattr(bpe, "train_from_run", no_training)
+    monkeypatch.setattr(bpe, "sample_train_split", no_training)
+    with pytest.raises(FidelError, match="vocab size 1000 must be a multiple of 64"):
+        build_report(run_dir, (1000, 2048), show_progress=False)

@@ -185,11 +185,14 @@ def build_report(
     from fidellm.tokenizer.bpe import (
         DEFAULT_SAMPLE_MB,
         MIN_FREQUENCY,
+        check_vocab_size,
         sample_train_split,
         train_from_run,
         truncate_bpe,
     )
 
+    for size in vocab_sizes:  # before the training they would otherwise fail after
+        check_vocab_size(size)
     tokenizer_dir, run_dir = locate(Path(target))
     normalization = run_normalization(run_dir)
     folds = {key: normalization[key] for key in ("fold_homophones", "fold_labialized")}
