@@ -24,6 +24,7 @@ from fidellm.tokenizer.report import (
     run_normalization,
     write_report,
 )
+from fixtures.cli import fails_with
 from fixtures.tokenizer.build_run import build_run
 
 
@@ -172,3 +173,13 @@ def test_a_bad_sweep_size_is_refused_before_training(run_dir: Path, monkeypatch)
     monkeypatch.setattr(bpe, "sample_train_split", no_training)
     with pytest.raises(FidelError, match="vocab size 1000 must be a multiple of 64"):
         build_report(run_dir, (1000, 2048), show_progress=False)
+
+
+@pytest.mark.parametrize("skip", ["none", ""])
+def test_a_sample_size_without_a_sweep_is_refused_not_ignored(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], skip: str
+) -> None:
+    err = fails_with(
+        ["tokenizer", "report", str(tmp_path), "--vocab-sizes", skip, "--sample-mb", "5", "--quiet"], capsys
+    )
+    assert err == f"error: --sample-mb sizes the vocabulary sweep, which --vocab-sizes {skip!r} skips\n"

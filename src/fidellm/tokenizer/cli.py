@@ -159,6 +159,8 @@ def report(
 
     _check_sample_mb(sample_mb)
     sizes = _parse_sizes(vocab_sizes)
+    if sample_mb is not None and not sizes:
+        raise FidelError(f"--sample-mb sizes the vocabulary sweep, which --vocab-sizes {vocab_sizes!r} skips")
     tokenizer_dir, run_dir = locate(target)
     out = tokenizer_dir or RunLayout(run_dir).tokenizer
     result = build_report(target, sizes, data_dir, sample_mb, show_progress=not quiet)
