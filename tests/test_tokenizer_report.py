@@ -183,3 +183,14 @@ def test_a_sample_size_without_a_sweep_is_refused_not_ignored(
         ["tokenizer", "report", str(tmp_path), "--vocab-sizes", skip, "--sample-mb", "5", "--quiet"], capsys
     )
     assert err == f"error: --sample-mb sizes the vocabulary sweep, which --vocab-sizes {skip!r} skips\n"
+
+
+def test_train_says_when_the_text_gives_fewer_ids_than_asked(run_dir: Path, tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        tokenizer_cli,
+        ["train", str(run_dir), "--vocab-size", "64000", "--out", str(tmp_path / "t"), "--quiet"],
+    )
+    assert result.exit_code == 0, result.output
+    size = load_tokenizer(tmp_path / "t").vocab_size
+    assert size < 64000
+    assert f"BPE with {size:,} ids (not the 64,000 asked: the text has no more" in result.output

@@ -10,7 +10,7 @@ import click
 
 from fidellm.errors import FidelError
 from fidellm.paths import RunLayout
-from fidellm.tokenizer.bpe import DEFAULT_SAMPLE_MB, DEFAULT_VOCAB_SIZE, train_from_run
+from fidellm.tokenizer.bpe import DEFAULT_SAMPLE_MB, DEFAULT_VOCAB_SIZE, MIN_FREQUENCY, train_from_run
 from fidellm.tokenizer.report import DEFAULT_SWEEP
 
 
@@ -78,8 +78,13 @@ def train(run_dir: Path, vocab_size: int, sample_mb: float, kind: str, out: Path
     _remove_stale(out)
     trained.save(out)
     training = trained.meta["training"]
+    short = (
+        f" (not the {vocab_size:,} asked: the text has no more pairs seen at least {MIN_FREQUENCY} times)"
+        if trained.vocab_size < vocab_size
+        else ""
+    )
     click.echo(
-        f"BPE with {trained.vocab_size:,} ids trained on {training['docs']:,} documents "
+        f"BPE with {trained.vocab_size:,} ids{short} trained on {training['docs']:,} documents "
         f"({training['bytes'] / 1e6:.1f} MB) in {time.perf_counter() - start:.1f} s; written to {out}"
     )
 
