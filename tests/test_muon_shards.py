@@ -1,6 +1,7 @@
-"""Muon's Newton-Schulz over row shards (`fidellm.train.muon_shards`): three gloo processes holding uneven
-row shards (one of them none) get exactly their rows of each whole matrix's orthogonalized update,
-whichever process owns the matrix, also when some processes own none."""
+"""Muon's Newton-Schulz shared among processes (`fidellm.train.muon_shards`): three gloo processes holding
+uneven row shards (one of them none) get exactly their rows of each whole matrix's orthogonalized update,
+and processes holding whole matrices (DDP) get every whole result, whichever process owns a matrix, also
+when some processes own none."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from fidellm.train.muon import orthogonalize
-from fidellm.train.muon_shards import orthogonalize_sharded, rows_per_process
+from fidellm.train.muon_shards import orthogonalize_replicated, orthogonalize_sharded, rows_per_process
 
 WORLD = 3
 CASES = [  # (shape, matrices, first owner): 7 rows → 3, 3, 1; 2 rows → 1, 1, 0; 4 matrices over 3 owners
@@ -39,6 +40,10 @@ def _worker(rank: int, store_file: str) -> None:
             assert len(got) == count
             for j in range(count):
                 assert torch.equal(got[j], expected[j]), (shape, j, rank)
+            replicated = orthogonalize_replicated(list(whole), owners, group, orthogonalize)
+            assert len(replicated) == count
+            for j in range(count):
+                assert torch.equal(replicated[j], orthogonalize(whole)[j]), (shape, j, rank)
     finally:
         dist.destroy_process_group()
 

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch.utils.checkpoint import checkpoint as activation_checkpoint
 
 from fidellm.errors import FidelError
@@ -218,6 +219,7 @@ def _train(run: RunLayout, config: TrainConfig, ctx: Distributed, device: torch.
     optimizer = build_optimizer(
         model, config.lr, config.weight_decay, (config.beta1, config.beta2),
         stage_lr_multipliers=config.stage_lr_multipliers, kind=config.optimizer,
+        process_group=dist.group.WORLD if ctx.enabled and config.strategy == "ddp" else None,
     )  # fmt: skip
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == "fp16")
     schedule = unfreeze_schedule(config, model)

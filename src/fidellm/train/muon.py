@@ -13,7 +13,8 @@ kernels per step instead of 15 per matrix), in bf16 on CUDA and fp32 elsewhere, 
 tests/test_muon.py checks it against torch.optim.Muon. Under FSDP2 (parameters sharded by rows over a
 1-D mesh) each matrix's iteration runs on one process, which receives the matrix's rows from the others
 and sends them their rows of the result (`fidellm.train.muon_shards`); other DTensor layouts gather the
-whole update on every process and keep their own rows of the result.
+whole update on every process and keep their own rows of the result. Under DDP (`process_group`) each
+process orthogonalizes a share of the matrices and the results are all-gathered.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ from torch import Tensor
 
 from fidellm.errors import FidelError
 from fidellm.train.distributed import dtensor_types, is_dtensor
-from fidellm.train.muon_shards import orthogonalize_sharded, row_sharded, rows_per_process
+from fidellm.train.muon_shards import (
+    orthogonalize_replicated,
+    orthogonalize_sharded,
+    row_sharded,
+    rows_per_process,
+)
 
 NS_COEFFICIENTS = (3.4445, -4.7750, 2.0315)
 """The quintic's (a, b, c): maximal slope at zero; singular values land in about [0.7, 1.2], not 1."""
@@ -54,6 +60,8 @@ def orthogonalize(
 
 class Muon(torch.optim.Optimizer):
     """Muon over 2-D parameters (module docstring); `ns_dtype` None: bf16 on CUDA, fp32 elsewhere.
+    `process_group`: the processes of a DDP job (every one holding the same whole matrices), which then
+    share the Newton-Schulz work; FSDP2 shards share it without one.
 
     Like fused AdamW it can skip a step on the device: with a `found_inf` tensor set (1.0: the step's
     loss or gradient was not finite; `fidellm.train.step`) the weights and momentum stay as they were,
@@ -72,6 +80,7 @@ class Muon(torch.optim.Optimizer):
         ns_steps: int = 5,
         eps: float = 1e-7,
         ns_dtype: torch.dtype | None = None,
+        process_group: dist.ProcessGroup | None = None,
     ):
         if not 0 <= momentum < 1:
             raise FidelError(f"Muon: momentum must lie in [0, 1), got {momentum}")
@@ -89,6 +98,7 @@ class Muon(torch.optim.Optimizer):
                 f"Muon takes 2-D matrices only; got parameters of shape {', '.join(map(str, shapes))}"
             )
         self.ns_dtype = ns_dtype
+        self.process_group = process_group
         self.shard_rows: dict[tuple[int, ...], list[int]] = {}  # FSDP2: rows per process, by shape
 
     @torch.no_grad()
@@ -133,6 +143,11 @@ class Muon(torch.optim.Optimizer):
                     owners = [(next_owner + m) % world for m in range(len(indices))]
                     next_owner += len(indices)
                     own = orthogonalize_sharded(parts, self.shard_rows[shape], owners, mesh_group, finish)
+                elif self.process_group is not None:  # DDP: each process its share, then all-gathered
+                    world = dist.get_world_size(self.process_group)
+                    owners = [(next_owner + m) % world for m in range(len(indices))]
+                    next_owner += len(indices)
+                    own = orthogonalize_replicated(parts, owners, self.process_group, finish)
                 else:
                     wholes = [whole_matrix(u, params[i]) for u, i in zip(parts, indices, strict=True)]
                     ortho = finish(torch.stack(wholes))

@@ -1,4 +1,4 @@
-"""Muon's Newton-Schulz under FSDP2, run once per matrix in the job instead of once per process.
+"""Muon's Newton-Schulz under FSDP2 and DDP, run once per matrix in the job instead of once per process.
 
 FSDP2 shards each matrix by rows over the processes of a 1-D mesh, and Newton-Schulz needs the whole
 matrix. Gathering every whole update on every process (an all-gather per matrix) makes each process
@@ -7,7 +7,9 @@ one shape gets an owner (round robin): one all_to_all sends every process's rows
 to its owner, the owner orthogonalizes its matrices in one batch, and a second all_to_all sends each
 process its rows of the results. Each process then computes about 1/world of the iterations and
 receives about 2/world of the group's bytes, where the all-gather brought (world − 1)/world.
-The result is the same, bit for bit: a matrix's iteration does not depend on the batch it runs in.
+Under DDP, where every process holds every matrix whole, each process orthogonalizes its share and one
+all-gather brings the rest. The result is the same, bit for bit: a matrix's iteration does not depend on
+the batch it runs in.
 """
 
 from __future__ import annotations
@@ -83,6 +85,28 @@ def orthogonalize_sharded(
     ordered = (j for held in by_owner for j in held)
     own = dict(zip(ordered, received.view(len(parts), rows[me], cols).unbind(0), strict=True))
     return [own[j] for j in range(len(parts))]
+
+
+def orthogonalize_replicated(
+    updates: list[Tensor],
+    owners: list[int],
+    group: dist.ProcessGroup,
+    orthogonalize: Callable[[Tensor], Tensor],
+) -> list[Tensor]:
+    """Each matrix's orthogonalized update on every process of `group`, for parameters every process
+    holds whole (DDP): each process orthogonalizes the matrices it owns (`owners[j]`), and one
+    all-gather, padded to the largest share, brings the others' results."""
+    me, world = dist.get_rank(group), dist.get_world_size(group)
+    by_owner = [[j for j, owner in enumerate(owners) if owner == p] for p in range(world)]
+    shape = updates[0].shape
+    held = by_owner[me]
+    ours = orthogonalize(torch.stack([updates[j] for j in held]) if held else updates[0].new_empty(0, *shape))
+    share = max(len(owned) for owned in by_owner)
+    padded = torch.cat([ours, ours.new_zeros(share - len(held), *shape)])
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded, group=group)
+    results = {j: gathered[p][m] for p, owned in enumerate(by_owner) for m, j in enumerate(owned)}
+    return [results[j] for j in range(len(updates))]
 
 
 def _flat(tensors: list[Tensor], like: Tensor) -> Tensor:

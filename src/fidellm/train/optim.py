@@ -21,6 +21,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from fidellm.errors import FidelError
@@ -140,10 +141,12 @@ def build_optimizer(
     stage_lr_multipliers: Sequence[float] = (),
     fused: bool | None = None,
     kind: str = "adamw",
+    process_group: dist.ProcessGroup | None = None,
 ) -> torch.optim.Optimizer | OptimizerChain:
     """AdamW over `param_groups` (kind "adamw"), or Muon on the hidden matrices chained with AdamW on the
     rest (kind "muon"; see the module docstring). AdamW is fused (one kernel, and updates skippable on
-    the device) by default when the parameters live on CUDA."""
+    the device) by default when the parameters live on CUDA. `process_group`: a DDP job's processes,
+    among which Muon shares its Newton-Schulz work."""
     if kind not in OPTIMIZERS:
         raise FidelError(f"unknown optimizer {kind!r}; choose one of {', '.join(OPTIMIZERS)}")
     if fused is None:
@@ -156,7 +159,7 @@ def build_optimizer(
     if not matrices:
         raise FidelError("optimizer muon: the model has no trainable hidden matrices for Muon; use adamw")
     optimizers: list[torch.optim.Optimizer] = [
-        Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=MUON_MOMENTUM)
+        Muon(matrices, lr=lr, weight_decay=weight_decay, momentum=MUON_MOMENTUM, process_group=process_group)
     ]
     if rest:  # LoRA adapters may all be matrices
         optimizers.append(torch.optim.AdamW(rest, lr=lr, betas=betas, eps=eps, fused=fused or None))
