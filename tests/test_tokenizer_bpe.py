@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-from tokenizers import decoders, pre_tokenizers
+from tokenizers import decoders, pre_tokenizers, processors
 
 from fidellm.data.split_files import read_split_file, split_files
 from fidellm.errors import FidelError
@@ -253,3 +253,21 @@ def test_encoding_a_long_text_lets_other_threads_run(trained: BPETokenizer) -> N
     ticks, ids = asyncio.run(ticks_while_encoding())
     assert trained.decode(ids) == text
     assert ticks >= 10, ticks
+
+
+@pytest.mark.parametrize("bos_last", [False, True])
+def test_a_tokenizer_whose_add_bos_adds_no_leading_bos_is_named(tmp_path: Path, bos_last: bool) -> None:
+    """Without the BOS post-processor, encode(add_bos=True) silently gave no BOS: every token shard
+    document started without one and document boundaries vanished."""
+    hf = train_bpe(["ሰላም ለዓለም"] * 10, vocab_size=512, show_progress=False).hf
+    hf.post_processor = (
+        processors.TemplateProcessing(single="$A <|bos|>", special_tokens=[("<|bos|>", 0)])
+        if bos_last
+        else processors.ByteLevel(trim_offsets=False)
+    )
+    hf.save(str(tmp_path / "tokenizer.json"))
+    with pytest.raises(FidelError) as error:
+        load_tokenizer(tmp_path)
+    assert str(error.value).startswith(
+        f"{tmp_path / 'tokenizer.json'}: its post-processor does not put <|bos|> (alone) before the text"
+    )

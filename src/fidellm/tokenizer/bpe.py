@@ -88,6 +88,11 @@ class BPETokenizer(TextTokenizer):
         self._check_reserved(source)
         self._batch = getattr(tokenizer, "encode_batch_fast", tokenizer.encode_batch)
         self._added = tokenizer.get_added_tokens_decoder()
+        if self.encode("a", add_bos=True) != [BOS_ID, *self.encode("a")]:  # else add_bos did something else
+            raise FidelError(
+                f"{source or 'tokenizer'}: its post-processor does not put {BOS} (alone) before the text,"
+                " so documents would not start with BOS; train it with `fidellm tokenizer train`"
+            )
 
     def _check_reserved(self, source: Path | None) -> None:
         """Ids 0-7 must be the reserved tokens with their special flags (the chat template, SFT and the
