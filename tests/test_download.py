@@ -269,3 +269,13 @@ def test_a_failed_move_into_place_leaves_no_temp_file(tmp_path, server, route, c
     (outcome,) = run(tmp_path, registry).outcomes
     assert outcome.status == "failed" and "Error" in outcome.detail
     assert [p.name for p in (tmp_path / "data").iterdir()] == [blocked]
+
+
+def test_a_source_named_twice_is_fetched_and_counted_once(tmp_path, server):
+    server.routes = {"/small": [(200, SMALL, 0)]}
+    registry = registry_for(tmp_path, server, {"w.txt": ("/small", SMALL)})
+    report = download_sources(
+        tmp_path / "data", names=["dl", "dl"], registry=registry, progress=False, backoff=0.01
+    )
+    assert [o.status for o in report.outcomes] == ["downloaded"]
+    assert report.lines()[-1].startswith("1 downloaded, 0 already present")

@@ -257,7 +257,7 @@ def download_sources(
     root = Path(data_dir).expanduser()
     root.mkdir(parents=True, exist_ok=True)
     report = DownloadReport(root.resolve())
-    chosen = [registry[n] for n in names] if names else [s for s in registry.values() if s.files]
+    chosen = [registry[n] for n in dict.fromkeys(names or [])] or [s for s in registry.values() if s.files]
 
     def emit(outcome: FileOutcome) -> None:
         report.outcomes.append(outcome)
