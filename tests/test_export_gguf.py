@@ -17,7 +17,8 @@ from click.testing import CliRunner
 from fidellm.chat.template import CHAT_TEMPLATE
 from fidellm.cli import cli
 from fidellm.errors import FidelError
-from fidellm.export.gguf import export_gguf, permute_qk
+from fidellm.export.cli import GGUF_TYPES
+from fidellm.export.gguf import QTYPES, export_gguf, permute_qk
 from fidellm.export.hf import export_hf
 from fidellm.models.blocks import RotaryEmbedding, apply_rotary
 from fidellm.models.llama import LlamaConfig, LlamaForCausalLM
@@ -237,6 +238,53 @@ def test_f16_and_q8_0_round_trip(tokenizer_dir: Path, tmp_path: Path) -> None:
             # Rounding costs half a step; storing the step in f16 (relative error 2^-11) up to 127·2^-11.
             assert (error <= (0.5 + 127 * 2**-11) * step).all(), name
             assert error.max() > 0 and q8[name].n_bytes == values.size // 32 * 34  # 32 int8 + an f16 step
+
+
+LOW_BIT = {  # type: (bytes per block of 32, quantization levels, offset-and-scale blocks)
+    "q5_1": (24, 31, True),
+    "q5_0": (22, 16, False),
+    "q4_1": (20, 15, True),
+    "q4_0": (18, 8, False),
+}
+
+
+@pytest.mark.parametrize("qtype", sorted(LOW_BIT))
+@pytest.mark.parametrize("tie", [True, False])
+def test_low_bit_types_round_trip_with_the_output_matrices_in_q8_0(
+    qtype: str, tie: bool, tokenizer_dir: Path, tmp_path: Path
+) -> None:
+    model, config = random_model(tie=tie, intermediate_size=FFN_UNALIGNED)
+    ours = our_tensors(model, config)
+    metadata, tensors = read(export_gguf(model, config, tokenizer_dir, tmp_path / "m.gguf", qtype=qtype))
+    assert metadata["general.file_type"] == int(QTYPES[qtype][1])
+    block_bytes, levels, offset = LOW_BIT[qtype]
+    assert {"token_embd.weight", "output.weight"} & tensors.keys() == (
+        {"token_embd.weight"} if tie else {"token_embd.weight", "output.weight"}
+    )
+    for name, values in stored(tensors, config).items():
+        kind = tensors[name].tensor_type
+        if values.ndim == 1:
+            assert kind == T.F32 and np.array_equal(values, ours[name]), name
+        elif name.endswith("ffn_down.weight"):  # rows of 72 values are not whole blocks of 32
+            assert kind == T.F16, name
+        elif name in ("token_embd.weight", "output.weight"):
+            assert kind == T.Q8_0, name
+        else:
+            assert kind == T[qtype.upper()] and tensors[name].n_bytes == values.size // 32 * block_bytes, name
+            blocks = ours[name].reshape(-1, 32)
+            if offset:  # min + d·q, d = (max − min) / levels: rounding costs half a step
+                step = (blocks.max(axis=1, keepdims=True) - blocks.min(axis=1, keepdims=True)) / levels
+                bound = 0.5
+            else:  # d·q with d = ±max|x| / levels: the far end is clipped by up to one step
+                step = np.abs(blocks).max(axis=1, keepdims=True) / levels
+                bound = 1.0
+            error = np.abs(values.reshape(-1, 32) - blocks)
+            assert (error <= (bound + levels * 2**-10) * step).all(), name  # + the f16 scale's rounding
+            assert error.max() > 0, name
+
+
+def test_cli_offers_every_gguf_type() -> None:
+    assert set(GGUF_TYPES) == set(QTYPES)
 
 
 def test_cli_exports_an_hf_directory(tokenizer_dir: Path, tmp_path: Path) -> None:

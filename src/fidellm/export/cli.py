@@ -6,6 +6,9 @@ from pathlib import Path
 
 import click
 
+GGUF_TYPES = ("f32", "f16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0")
+"""`export gguf --type` choices (fidellm.export.gguf.QTYPES; listed here so the CLI starts without gguf)."""
+
 
 @click.group()
 def export() -> None:
@@ -77,10 +80,11 @@ def export_hf_command(model: Path, out_dir: Path, dtype: str) -> None:
 @click.option(
     "--type",
     "qtype",
-    type=click.Choice(["f32", "f16", "q8_0"]),
+    type=click.Choice(GGUF_TYPES),
     default="f16",
     show_default=True,
-    help="Type of the weight matrices (norms stay f32; q8_0 rows not a multiple of 32 fall back to f16).",
+    help="Type of the weight matrices (norms stay f32; quantized rows not a multiple of 32 fall back to"
+    " f16; with the 4- and 5-bit types the embedding and output head stay q8_0).",
 )
 def export_gguf_command(model: Path, out_file: Path, qtype: str) -> None:
     """Write MODEL (a run directory, checkpoint or exported HF directory) as one GGUF file that llama.cpp

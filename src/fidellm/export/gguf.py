@@ -9,7 +9,9 @@ file with the `gguf` package's GGUFWriter the way that script writes an HF Llama
   RoPE rotates the two halves of a head (HF's rotate_half) while llama.cpp's "llama" graph rotates
   adjacent pairs; no `output.weight` when the head is tied to the embedding;
 - types as the converter picks them: 1-D tensors and norms in f32 always, other weights in the
-  requested type; a weight whose rows are not whole Q8_0 blocks (32 values) falls back to f16;
+  requested type; a weight whose rows are not whole blocks (32 values) falls back to f16. The 4- and
+  5-bit types (q5_1, q5_0, q4_1, q4_0, which llama.cpp's own quantizer writes) keep the output head and
+  the embedding in Q8_0, as that quantizer keeps the output matrix at 6 bits or more;
 - the tokenizer: model "gpt2" (byte-level BPE) with pre-tokenizer GGUF_PRE, the tokens in id order
   padded with unused "[PADn]" entries up to the model's vocabulary, token types, merges, the special
   ids and the ChatML + Hermes-tools chat template.
@@ -38,8 +40,17 @@ QTYPES: dict[str, tuple[gguf.GGMLQuantizationType, gguf.LlamaFileType]] = {
     "f32": (gguf.GGMLQuantizationType.F32, gguf.LlamaFileType.ALL_F32),
     "f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
     "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
+    "q5_1": (gguf.GGMLQuantizationType.Q5_1, gguf.LlamaFileType.MOSTLY_Q5_1),
+    "q5_0": (gguf.GGMLQuantizationType.Q5_0, gguf.LlamaFileType.MOSTLY_Q5_0),
+    "q4_1": (gguf.GGMLQuantizationType.Q4_1, gguf.LlamaFileType.MOSTLY_Q4_1),
+    "q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0),
 }
 """`--type` choices: the type of the 2-D weights and the file type GGUF records for it."""
+
+OUTPUT_MATRICES = ("token_embd.weight", "output.weight")
+"""Under the 4- and 5-bit types these stay Q8_0: the output head (the embedding, when tied) is what
+llama.cpp's own quantizer keeps at 6 bits or more (Q6_K, which the gguf package cannot write)."""
+LOW_BIT = {QTYPES[name][0] for name in ("q5_1", "q5_0", "q4_1", "q4_0")}
 
 TENSOR_NAMES: dict[str, str] = {
     "model.embed_tokens.weight": "token_embd.weight",
@@ -168,10 +179,13 @@ def _write_tokenizer(
 def _tensor_data(
     gguf_name: str, array: np.ndarray, qtype: gguf.GGMLQuantizationType
 ) -> tuple[np.ndarray, gguf.GGMLQuantizationType]:
-    """The stored bytes and type of one tensor: f32 for 1-D tensors and norms, else `qtype` (q8_0 falls
-    back to f16 for rows that are not whole blocks, as the converter does)."""
+    """The stored bytes and type of one tensor: f32 for 1-D tensors and norms, Q8_0 for the output
+    matrices under a 4- or 5-bit type, else `qtype` (a quantized type falls back to f16 for rows that are
+    not whole blocks of 32, as the converter does)."""
     if array.ndim <= 1 or gguf_name.endswith("_norm.weight"):
         qtype = gguf.GGMLQuantizationType.F32
+    elif qtype in LOW_BIT and gguf_name in OUTPUT_MATRICES:
+        qtype = gguf.GGMLQuantizationType.Q8_0
     if qtype == gguf.GGMLQuantizationType.F16 and np.abs(array).max() > F16_MAX:
         raise FidelError(
             f"tensor {gguf_name} has values beyond the f16 range (±{F16_MAX:g}); export --type f32"
@@ -213,7 +227,7 @@ def export_gguf(
 ) -> Path:
     """Write `model` and the tokenizer saved in `tokenizer_dir` as one GGUF file for llama.cpp.
 
-    `qtype` ("f32", "f16" or "q8_0") is the type of the weight matrices; `name` goes into
+    `qtype` (a key of QTYPES) is the type of the weight matrices; `name` goes into
     general.name. The file appears only when complete (written beside it, then renamed). Returns it.
     """
     if qtype not in QTYPES:
