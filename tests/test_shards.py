@@ -141,6 +141,25 @@ def test_bad_lines_name_file_line_and_field(tmp_path: Path, record: dict, messag
         list(read_split_file(path))
 
 
+@pytest.mark.parametrize(
+    ("record", "message"),
+    [
+        ({"text": "x \ud800 y", "id": "a"}, "field 'text' holds the lone surrogate \\\\ud800"),
+        ({"text": "x", "id": "\udfff"}, "field 'id' holds the lone surrogate"),
+        ({"text": "ሰላም 😀", "id": "a"}, None),  # a surrogate pair is one character
+    ],
+)
+def test_lone_surrogates_are_refused(tmp_path: Path, record: dict, message: str | None) -> None:
+    path = tmp_path / "00000.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as handle:  # JSON escapes: "\ud800", "\ud83d\ude00"
+        handle.write(json.dumps({**record, "metadata": {"source": "s"}}) + "\n")
+    if message is None:
+        assert [doc.text for doc in read_split_file(path)] == [record["text"]]
+        return
+    with pytest.raises(FidelError, match=f"{path.name}:1: {message}"):
+        list(read_split_file(path))
+
+
 def test_invalid_json_and_gzip(tmp_path: Path) -> None:
     path = tmp_path / "bad.jsonl.gz"
     with gzip.open(path, "wt") as handle:

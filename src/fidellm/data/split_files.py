@@ -12,10 +12,12 @@ import gzip
 import json
 import math
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from fidellm.data.readers import lone_surrogate
 from fidellm.errors import FidelError
 from fidellm.paths import RunLayout
 
@@ -63,6 +65,10 @@ def read_split_file(path: Path) -> Iterator[SplitDocument]:
         raise FidelError(f"{path}: cannot read gzip file: {error}") from error
 
 
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+"""A JSON escape of a UTF-16 surrogate: only then can a parsed string hold a lone one (a pair is fine)."""
+
+
 def _parse_line(line: bytes, path: Path, number: int) -> SplitDocument:
     """Validate one JSON line: "text" str, "id" str, metadata.source str, metadata.weight finite >= 0."""
     location = f"{path}:{number}"
@@ -72,6 +78,8 @@ def _parse_line(line: bytes, path: Path, number: int) -> SplitDocument:
         raise FidelError(f"{location}: not valid JSON: {error}") from error
     if not isinstance(record, dict) or not isinstance(record.get("text"), str):
         raise FidelError(f"{location}: field 'text' is missing or not a string")
+    if _SURROGATE_ESCAPE.search(line) and (found := lone_surrogate(record)):
+        raise FidelError(f"{location}: {found}, which is not text (UTF-8 cannot encode it)")
     doc_id = record.get("id")
     if not isinstance(doc_id, str):
         raise FidelError(f"{location}: field 'id' is missing or not a string")
