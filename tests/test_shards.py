@@ -199,6 +199,9 @@ def test_source_weight_overrides_reweight_train_only(
     assert not (run / "tokens").exists()  # refused before any split was encoded
     bad = CliRunner().invoke(cli, ["data", "tokenize", str(run), "--source-weight", f"{left_out}=lots"])
     assert isinstance(bad.exception, FidelError) and "SOURCE=WEIGHT" in str(bad.exception)
+    twice = ["--source-weight", f"{left_out}=1", "--source-weight", f" {left_out}=2"]
+    bad = CliRunner().invoke(cli, ["data", "tokenize", str(run), *twice])
+    assert isinstance(bad.exception, FidelError) and f"names {left_out!r} twice" in str(bad.exception)
     with pytest.raises(FidelError, match="finite numbers >= 0"):
         tokenize_splits(run, workers=1, show_progress=False, source_weights={left_out: -1.0})
 

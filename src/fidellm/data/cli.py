@@ -110,6 +110,8 @@ def tokenize(
     weights: dict[str, float] = {}
     for item in source_weights:
         name, _, value = item.partition("=")
+        if name.strip() in weights:
+            raise FidelError(f"--source-weight names {name.strip()!r} twice; give each source one weight")
         try:
             weights[name.strip()] = float(value)
         except ValueError:
