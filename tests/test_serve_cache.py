@@ -8,7 +8,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -16,30 +16,19 @@ import httpx2
 import openai
 import pytest
 import redis
-from fastapi import FastAPI
 
+import serve_helpers
 from fidellm.models.llama import LlamaForCausalLM
-from fidellm.serve.app import create_app
-from fidellm.serve.cache import InProcessLRU, RedisCache, ResponseCache
-from fidellm.serve.common import ServeSettings
-from fidellm.serve.ratelimit import RateLimiter, RedisTokenBucket, TokenBucket
+from fidellm.serve.cache import InProcessLRU, RedisCache
+from fidellm.serve.ratelimit import RedisTokenBucket, TokenBucket
 from fidellm.tokenizer.bpe import BPETokenizer
-from fixtures.bpe import flores_bpe
-from fixtures.models import gqa_config, random_llama
-from test_serve import CHAT, CONTEXT, NAME, VOCAB, metric, run
+from serve_helpers import CHAT, NAME, app_for, metric, run
+
+tokenizer = serve_helpers.bpe_768
+model = serve_helpers.llama_768
 
 GREEDY: dict[str, Any] = dict(model=NAME, messages=CHAT, max_tokens=8, temperature=0)
 HITS = "fidellm:response_cache_hits_total"
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BPETokenizer:
-    return flores_bpe(tmp_path_factory.mktemp("tokenizer"), VOCAB)
-
-
-@pytest.fixture(scope="module")
-def model() -> LlamaForCausalLM:
-    return random_llama(gqa_config(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=CONTEXT), 0)
 
 
 class FakeClock:
@@ -52,48 +41,36 @@ class FakeClock:
         return self.now
 
 
-def make_app(
-    model: LlamaForCausalLM,
-    tokenizer: BPETokenizer,
-    cache: ResponseCache | None = None,
-    limiter: RateLimiter | None = None,
-    **settings: Any,
-) -> FastAPI:
-    config = ServeSettings(model_name=NAME, **{"max_tokens_cap": 64, **settings})
-    return create_app(model, tokenizer, config, cache=cache, limiter=limiter)
-
-
 def without_ids(body: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in body.items() if k not in ("id", "created")}
 
 
 def test_the_key_is_what_is_decoded(model: LlamaForCausalLM, tokenizer: BPETokenizer) -> None:
-    """With --max-tokens-cap 8 a completion without max_tokens decodes 8 tokens (OpenAI's default 16, cut
+    """With --max-tokens-cap 3 a completion without max_tokens decodes 3 tokens (OpenAI's default 16, cut
     to the cap), yet its key was that of an explicit max_tokens 16 (both dumped 16), so that request, a
-    400 here, got the cached 8-token answer. The key is now what is decoded: requests that decode alike
-    share an entry, also on a server with another cap; any difference in what is decoded or answered
-    misses."""
+    400 here, got the cached 3-token answer. The key is now what is decoded: requests that decode alike
+    share an entry, also on a server with another cap (2); any difference in what is decoded or
+    answered misses."""
     cache = InProcessLRU(64)
-    apps = [make_app(model, tokenizer, cache=cache, max_tokens_cap=cap) for cap in (8, 6)]
+    apps = [app_for(model, tokenizer, cache=cache, max_tokens_cap=cap) for cap in (3, 2)]
     text = dict(model=NAME, prompt="ሰላም", temperature=0)
     ids = tokenizer.encode("ሰላም", add_bos=True)
-    chat = {**GREEDY, "max_tokens": 5}
+    chat = {**GREEDY, "max_tokens": 2}
     completions, chats = "/v1/completions", "/v1/chat/completions"
     steps: list[tuple[int, str, dict[str, Any], int | None]] = [  # (app, path, body, status or None = a hit)
         (0, completions, text, 200),
         (0, completions, {**text, "max_tokens": 16}, 400),
-        (0, completions, {**text, "max_tokens": 8}, None),
-        (0, completions, {**text, "prompt": [ids], "max_tokens": 8, "seed": 3}, None),  # greedy: seed unused
-        (1, completions, {**text, "max_tokens": 8}, 400),
-        (1, completions, text, 200),  # the default is 6 tokens here
-        (1, completions, {**text, "max_tokens": 7}, 400),
-        (0, completions, {**text, "max_tokens": 6}, None),
-        (0, completions, {**text, "max_tokens": 6, "echo": True}, 200),
-        (0, completions, {**text, "max_tokens": 6, "logprobs": 1}, 200),
-        (0, completions, {**text, "max_tokens": 6, "n": 2}, 200),
+        (0, completions, {**text, "max_tokens": 3}, None),
+        (0, completions, {**text, "prompt": [ids], "max_tokens": 3, "seed": 3}, None),  # greedy: seed unused
+        (1, completions, {**text, "max_tokens": 3}, 400),
+        (1, completions, text, 200),  # the default is 2 tokens here
+        (0, completions, {**text, "max_tokens": 2}, None),
+        (0, completions, {**text, "max_tokens": 2, "echo": True}, 200),
+        (0, completions, {**text, "max_tokens": 2, "logprobs": 1}, 200),
+        (0, completions, {**text, "max_tokens": 2, "n": 2}, 200),
         (0, chats, chat, 200),
-        (1, chats, {**chat, "max_tokens": None, "max_completion_tokens": 5}, None),
-        (0, chats, {**chat, "max_tokens": 6, "max_completion_tokens": 5, "top_p": 0.5}, None),
+        (1, chats, {**chat, "max_tokens": None, "max_completion_tokens": 2}, None),
+        (0, chats, {**chat, "max_tokens": 3, "max_completion_tokens": 2, "top_p": 0.5}, None),
         (0, chats, {**chat, "stop": "።"}, 200),
         (0, chats, {**chat, "stop": ["።", "።"]}, None),
         (0, chats, {**chat, "temperature": 0.7, "seed": 5}, 200),
@@ -102,18 +79,19 @@ def test_the_key_is_what_is_decoded(model: LlamaForCausalLM, tokenizer: BPEToken
         (1, chats, {**chat, "temperature": 0.8, "seed": 6}, None),
     ]
 
-    def post(path: str, fields: dict[str, Any]) -> Callable[..., Awaitable[tuple[int, float]]]:
-        async def body(_: Any, raw: httpx2.AsyncClient) -> tuple[int, float]:
-            response = await raw.post(path, json=fields)
-            return response.status_code, metric((await raw.get("/metrics")).text, HITS)
+    async def main() -> None:
+        transports = [httpx2.ASGITransport(app=app) for app in apps]
+        clients = [httpx2.AsyncClient(transport=t, base_url="http://serve") for t in transports]
+        hits_before = [0.0, 0.0]
+        for number, (app, path, fields, status) in enumerate(steps):
+            response = await clients[app].post(path, json=fields)
+            hits = metric((await clients[app].get("/metrics")).text, HITS)
+            hit, hits_before[app] = hits > hits_before[app], hits
+            assert (response.status_code, hit) == (status or 200, status is None), (number, fields)
+        for client in clients:
+            await client.aclose()
 
-        return body
-
-    hits_before = [0.0, 0.0]
-    for number, (app, path, fields, status) in enumerate(steps):
-        code, hits = run(apps[app], post(path, fields))
-        hit, hits_before[app] = hits > hits_before[app], hits
-        assert (code, hit) == (status or 200, status is None), (number, fields)
+    asyncio.run(main())
 
 
 def test_lru_evicts_the_least_recently_used() -> None:
@@ -130,7 +108,7 @@ def test_lru_evicts_the_least_recently_used() -> None:
 
 
 def test_cache_hit_is_the_same_body_and_counted(model: LlamaForCausalLM, tokenizer: BPETokenizer) -> None:
-    app = make_app(model, tokenizer, cache=InProcessLRU(8))
+    app = app_for(model, tokenizer, cache=InProcessLRU(8))
 
     async def body(client: openai.AsyncOpenAI, raw: httpx2.AsyncClient) -> None:
         first = (await raw.post("/v1/chat/completions", json=GREEDY)).json()
@@ -155,7 +133,7 @@ def test_non_deterministic_and_streamed_requests_are_never_cached(
     model: LlamaForCausalLM, tokenizer: BPETokenizer
 ) -> None:
     cache = InProcessLRU(8)
-    app = make_app(model, tokenizer, cache=cache)
+    app = app_for(model, tokenizer, cache=cache)
 
     async def body(client: openai.AsyncOpenAI, raw: httpx2.AsyncClient) -> None:
         sampled = dict(model=NAME, messages=CHAT, max_tokens=6, temperature=1.0)
@@ -174,7 +152,7 @@ def test_non_deterministic_and_streamed_requests_are_never_cached(
 
 def test_rate_limit_per_key_then_recovery(model: LlamaForCausalLM, tokenizer: BPETokenizer) -> None:
     clock = FakeClock()
-    app = make_app(
+    app = app_for(
         model, tokenizer, limiter=TokenBucket(rpm=30, burst=2, clock=clock), api_keys=("alpha", "beta")
     )
 
@@ -238,7 +216,7 @@ def test_redis_shares_cache_and_limits_between_replicas(
 ) -> None:
     clock = FakeClock()
     replicas = [
-        make_app(
+        app_for(
             model,
             tokenizer,
             cache=RedisCache(redis_url, ttl_s=60),
