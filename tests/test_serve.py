@@ -6,86 +6,24 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx2
 import openai
 import pytest
 import torch
-from fastapi import FastAPI
-from torch import Tensor, nn
 
-from fidellm.models.llama import LlamaForCausalLM, LMOutput
-from fidellm.serve.app import create_app
-from fidellm.serve.common import ServeSettings
+import serve_helpers
+from fidellm.models.llama import LlamaForCausalLM
 from fidellm.tokenizer.bpe import BPETokenizer
 from fidellm.tokenizer.bytes import ByteTokenizer
 from fidellm.tokenizer.special import IM_END_ID
-from fixtures.bpe import flores_bpe
 from fixtures.chats import WEATHER_TOOL
-from fixtures.models import WrappedLM, gqa_config, random_llama
 from fixtures.server import loopback
+from serve_helpers import CHAT, NAME, ScriptedModel, app_for, error_of, metric, run, tiny_llama
 
-VOCAB = 768
-CONTEXT = 1024
-NAME = "tiny"
-T = TypeVar("T")
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BPETokenizer:
-    return flores_bpe(tmp_path_factory.mktemp("tokenizer"), VOCAB)
-
-
-@pytest.fixture(scope="module")
-def model() -> LlamaForCausalLM:
-    config = gqa_config(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=CONTEXT)
-    return random_llama(config, seed=0)
-
-
-class ScriptedModel(WrappedLM):
-    """Wraps a model so that decoding emits `script` token by token (prefill = step 0), whatever the
-    weights say; plain forward passes (scoring) are untouched. Drives tool-call outputs."""
-
-    def __init__(self, inner: LlamaForCausalLM, script: list[int]):
-        super().__init__(inner)
-        self.script, self.step = script, 0
-
-    def new_cache(self) -> Any:
-        self.step = 0
-        return self.inner.new_cache()
-
-    def adjust(self, input_ids: Tensor, cache: Any, output: LMOutput) -> LMOutput:
-        logits = output.logits.clone()
-        if cache is not None:
-            logits[:, -1] = float("-inf")
-            logits[:, -1, self.script[min(self.step, len(self.script) - 1)]] = 0.0
-            self.step += 1
-        return LMOutput(logits)
-
-
-def app_for(model: nn.Module, tokenizer: BPETokenizer, **settings: Any) -> FastAPI:
-    return create_app(model, tokenizer, ServeSettings(model_name=NAME, **{"max_tokens_cap": 64, **settings}))
-
-
-def run(
-    app: FastAPI, body: Callable[[openai.AsyncOpenAI, httpx2.AsyncClient], Awaitable[T]], key: str = "k"
-) -> T:
-    """Run `body` with an openai client and a raw client, both wired to `app` in-process."""
-
-    async def main() -> T:
-        transport = httpx2.ASGITransport(app=app)
-        async with httpx2.AsyncClient(transport=transport, base_url="http://serve") as raw:
-            client = openai.AsyncOpenAI(
-                base_url="http://serve/v1", api_key=key, http_client=raw, max_retries=0
-            )
-            return await body(client, raw)
-
-    return asyncio.run(main())
-
-
-CHAT = [{"role": "system", "content": "አንተ አጋዥ ረዳት ነህ።"}, {"role": "user", "content": "ሰላም፣ እንዴት ነህ?"}]
+tokenizer = serve_helpers.bpe_768
+model = serve_helpers.llama_768
 
 
 def test_models_health_and_plain_chat(model: LlamaForCausalLM, tokenizer: BPETokenizer) -> None:
@@ -261,15 +199,10 @@ def test_completions_echo_and_logprobs(model: LlamaForCausalLM, tokenizer: BPETo
     run(app, body)
 
 
-def error_of(response: httpx2.Response) -> dict[str, Any]:
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == {"message", "type", "param", "code"}
-    return body["error"]
-
-
 def test_errors_are_openai_shaped(model: LlamaForCausalLM, tokenizer: BPETokenizer) -> None:
     app = app_for(model, tokenizer, max_body_bytes=20_000)
     chat = {"model": NAME, "messages": CHAT}
+    vocab, context = model.config.vocab_size, model.config.max_position_embeddings
 
     async def body(client: openai.AsyncOpenAI, raw: httpx2.AsyncClient) -> None:
         post = raw.post
@@ -309,15 +242,15 @@ def test_errors_are_openai_shaped(model: LlamaForCausalLM, tokenizer: BPETokeniz
             ),
             (await post("/v1/chat/completions", json={**chat, "stop": ""}), 400, "stop"),
             (
-                await post("/v1/completions", json={"model": NAME, "prompt": [[1, 2, VOCAB + 5]]}),
+                await post("/v1/completions", json={"model": NAME, "prompt": [[1, 2, vocab + 5]]}),
                 400,
                 "prompt",
             ),
             (await post("/v1/completions", json={"model": NAME, "prompt": "x" * 30_000}), 413, None),
-            (await post("/v1/completions", json={"model": NAME, "prompt": [5] * CONTEXT}), 400, "prompt"),
+            (await post("/v1/completions", json={"model": NAME, "prompt": [5] * context}), 400, "prompt"),
             (
                 await post(
-                    "/v1/completions", json={"model": NAME, "prompt": [5] * (CONTEXT - 10), "max_tokens": 20}
+                    "/v1/completions", json={"model": NAME, "prompt": [5] * (context - 10), "max_tokens": 20}
                 ),
                 400,
                 "max_tokens",
@@ -360,14 +293,6 @@ def test_api_key_and_full_queue(model: LlamaForCausalLM, tokenizer: BPETokenizer
     run(app, body, key="wrong")
 
 
-def metric(text: str, name: str) -> float:
-    return sum(
-        float(line.split()[-1])
-        for line in text.splitlines()
-        if line.startswith(name + " ") or line.startswith(name + "{")
-    )
-
-
 def test_metrics_move(model: LlamaForCausalLM, tokenizer: BPETokenizer) -> None:
     app = app_for(model, tokenizer)
 
@@ -404,7 +329,7 @@ def test_timeout_is_a_504(model: LlamaForCausalLM, tokenizer: BPETokenizer) -> N
 
 def test_uvicorn_stream_and_disconnect_cancels(model: LlamaForCausalLM, tokenizer: BPETokenizer) -> None:
     """Over real HTTP on loopback: a client that leaves mid-stream frees the worker for the next one."""
-    app = app_for(model, tokenizer, max_tokens_cap=CONTEXT)
+    app = app_for(model, tokenizer, max_tokens_cap=model.config.max_position_embeddings)
     with loopback(app) as base:
         client = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0, timeout=30)
         stream = client.chat.completions.create(model=NAME, messages=CHAT, max_tokens=900, stream=True)
@@ -441,7 +366,7 @@ def test_default_completion_length_stays_within_a_small_cap(model, tokenizer) ->
 def test_a_reply_cut_by_max_tokens_ends_at_a_whole_character() -> None:
     """A byte model's max_tokens counts bytes: a reply cut inside a 3-byte letter ends before that
     letter, not in U+FFFD (as vLLM's detokenizer does), streamed or not; usage counts every byte."""
-    inner = random_llama(gqa_config(vocab_size=256, num_hidden_layers=1, max_position_embeddings=512))
+    inner = tiny_llama(256, 512, layers=1)
     app = app_for(ScriptedModel(inner, list("ሰላም".encode())), ByteTokenizer())
     chat: dict[str, Any] = dict(model=NAME, messages=[{"role": "user", "content": "ሰላም"}], max_tokens=5)
 

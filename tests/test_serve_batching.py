@@ -12,25 +12,19 @@ import pytest
 import torch
 from torch import Tensor, nn
 
+import serve_helpers
 from fidellm.models.hnet import HNetForCausalLM
 from fidellm.models.hnet import preset as hnet_preset
 from fidellm.models.llama import LlamaForCausalLM, LMOutput
-from fidellm.serve.app import create_app
-from fidellm.serve.common import ServeSettings
 from fidellm.serve.engine import Engine
 from fidellm.tokenizer.bpe import BPETokenizer
 from fidellm.tokenizer.bytes import ByteTokenizer
-from fixtures.bpe import flores_bpe
-from fixtures.models import WrappedLM, gqa_config, random_llama
+from fixtures.models import WrappedLM
 from fixtures.server import loopback
-from test_serve import run
+from serve_helpers import NAME, app_for, run
 
-NAME = "tiny"
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BPETokenizer:
-    return flores_bpe(tmp_path_factory.mktemp("tokenizer"), 512, lines=400)
+tokenizer = serve_helpers.bpe_512
+inner = serve_helpers.llama_768
 
 
 class Recording(WrappedLM):
@@ -52,16 +46,6 @@ class Recording(WrappedLM):
             self.decode_batches.append(input_ids.shape[0])
             time.sleep(self.delay)
         return output
-
-
-@pytest.fixture(scope="module")
-def inner(tokenizer: BPETokenizer) -> LlamaForCausalLM:
-    config = gqa_config(vocab_size=768, num_hidden_layers=2, max_position_embeddings=512)
-    return random_llama(config, seed=0)
-
-
-def app_for(model: nn.Module, tokenizer: BPETokenizer, **settings: Any):
-    return create_app(model, tokenizer, ServeSettings(model_name=NAME, **{"max_tokens_cap": 64, **settings}))
 
 
 REQUESTS = [

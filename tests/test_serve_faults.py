@@ -14,26 +14,19 @@ import torch
 from torch import Tensor
 
 import fidellm.serve.engine
+import serve_helpers
 from fidellm.models.llama import LlamaForCausalLM, LMOutput
-from fidellm.tokenizer.bpe import BPETokenizer
-from fixtures.bpe import flores_bpe
-from fixtures.models import WrappedLM, gqa_config, random_llama
+from fixtures.models import WrappedLM
 from fixtures.server import loopback
-from test_serve import app_for, error_of, run
+from serve_helpers import app_for, error_of, run
 
 CHAT = "/v1/chat/completions"
 HELLO = [{"role": "user", "content": "ሰላም"}]
 SEED_MAX = 2**64 - 1
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BPETokenizer:
-    return flores_bpe(tmp_path_factory.mktemp("tokenizer"), 512, lines=400)
-
-
-@pytest.fixture(scope="module")
-def inner() -> LlamaForCausalLM:
-    return random_llama(gqa_config(vocab_size=768, num_hidden_layers=2, max_position_embeddings=512), seed=0)
+tokenizer = serve_helpers.bpe_512
+inner = serve_helpers.llama_768
 
 
 class Slow(WrappedLM):
@@ -191,27 +184,29 @@ def wait_until_idle(engine: Any, within: float) -> float:
     return time.monotonic() - start
 
 
-def test_a_request_decoding_in_slices_stops_whole_when_late_or_left(inner, tokenizer) -> None:
-    """6 prompts with --max-batch 2 start two at a time: one past its deadline gets its 504, one whose
-    client leaves is cancelled, and neither has a later prompt started after that (the engine is idle
-    at once, having prefilled only the first two rows of each), so the next request is served."""
+@pytest.mark.parametrize("ending", ["late", "left"])
+def test_a_request_decoding_in_slices_stops_whole_when_late_or_left(inner, tokenizer, ending: str) -> None:
+    """6 prompts with --max-batch 2 start two at a time: past its deadline the request gets its 504, or
+    its client leaves and it is cancelled; either way no later prompt starts (the engine is idle at
+    once, having prefilled at most the first two rows) and the next request is served."""
     endless = Endless(inner, tokenizer.encode("ሰላም")[-1], delay=0.01)
     big = {"model": "tiny", "prompt": ["ሰላም"] * 6, "max_tokens": 300}
-    app = app_for(endless, tokenizer, max_batch=2, max_tokens_cap=400, request_timeout_s=0.5)
-    engine = app.state.server.engine
-    late = run(app, lambda _, raw: raw.post("/v1/completions", json=big))
-    assert late.status_code == 504 and error_of(late)["code"] == "timeout"
-    assert wait_until_idle(engine, within=2) < 1 and endless.prefilled <= 2
-
-    endless.prefilled = 0
-    app = app_for(endless, tokenizer, max_batch=2, max_tokens_cap=400)
+    timeout_s = 0.5 if ending == "late" else 600.0
+    app = app_for(endless, tokenizer, max_batch=2, max_tokens_cap=400, request_timeout_s=timeout_s)
     engine = app.state.server.engine
     with loopback(app) as base:
-        with pytest.raises(httpx2.ReadTimeout):
-            httpx2.post(base + "/v1/completions", json=big, timeout=1.0)
-        assert wait_until_idle(engine, within=3) < 2 and endless.prefilled == 2
-        after = httpx2.post(base + "/v1/completions", json={**big, "prompt": "ሰላም", "max_tokens": 2})
-        assert after.status_code == 200 and endless.prefilled == 3
+        if ending == "late":
+            late = httpx2.post(base + "/v1/completions", json=big, timeout=10)
+            assert late.status_code == 504 and error_of(late)["code"] == "timeout"
+        else:
+            with pytest.raises(httpx2.ReadTimeout):
+                httpx2.post(base + "/v1/completions", json=big, timeout=1.0)
+        assert wait_until_idle(engine, within=3) < 2 and endless.prefilled <= 2
+        started = endless.prefilled
+        after = httpx2.post(
+            base + "/v1/completions", json={**big, "prompt": "ሰላም", "max_tokens": 2}, timeout=10
+        )
+        assert after.status_code == 200 and endless.prefilled == started + 1
 
 
 def test_non_ascii_api_keys_are_compared_as_bytes(inner, tokenizer) -> None:

@@ -9,12 +9,11 @@ from typing import Any
 import httpx2
 import pytest
 
+import serve_helpers
 from fidellm.models.llama import LlamaForCausalLM
 from fidellm.tokenizer.bytes import ByteTokenizer
 from fidellm.tokenizer.special import BYTE_EOS_ID, IM_END_ID
-from fixtures.bpe import flores_bpe
-from fixtures.models import gqa_config, random_llama
-from test_serve import ScriptedModel, app_for, run
+from serve_helpers import ScriptedModel, app_for, run, tiny_llama
 
 TEXT = "ሰላም ኢትዮጵያ"
 
@@ -27,9 +26,13 @@ def shown(raw: bytes) -> str:
         return "bytes:" + "".join(f"\\x{byte:02x}" for byte in raw)
 
 
+bpe_512 = serve_helpers.bpe_512
+llama_512 = serve_helpers.llama_512
+
+
 @pytest.fixture(scope="module")
 def byte_model() -> LlamaForCausalLM:
-    return random_llama(gqa_config(vocab_size=256, num_hidden_layers=2, max_position_embeddings=128), seed=1)
+    return tiny_llama(256, 128, seed=1)
 
 
 def test_echoed_byte_tokens_keep_their_bytes_and_character_offsets(byte_model) -> None:
@@ -54,16 +57,15 @@ def test_echoed_byte_tokens_keep_their_bytes_and_character_offsets(byte_model) -
 
 
 @pytest.mark.parametrize("byte_level", [True, False])
-def test_chat_logprobs_bytes_are_the_tokens_own(byte_model, tmp_path, byte_level: bool) -> None:
+def test_chat_logprobs_bytes_are_the_tokens_own(byte_model, bpe_512, llama_512, byte_level: bool) -> None:
     """The generated tokens' `bytes` join into the reply's UTF-8 (then the stop token), and every token
     and alternative is shown from its own bytes."""
     if byte_level:
         tokenizer: Any = ByteTokenizer()
         model = ScriptedModel(byte_model, [*TEXT.encode(), BYTE_EOS_ID])
     else:
-        tokenizer = flores_bpe(tmp_path, 512, lines=400)
-        inner = random_llama(gqa_config(vocab_size=512, num_hidden_layers=2, max_position_embeddings=128))
-        model = ScriptedModel(inner, [*tokenizer.encode(TEXT), IM_END_ID])
+        tokenizer = bpe_512
+        model = ScriptedModel(llama_512, [*tokenizer.encode(TEXT), IM_END_ID])
     request = {
         "model": "tiny",
         "messages": [{"role": "user", "content": "ሰላም"}],

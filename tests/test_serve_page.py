@@ -20,15 +20,14 @@ from selenium.webdriver.support.ui import WebDriverWait
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from torch import Tensor
 
+import serve_helpers
 from fidellm.models.llama import LlamaForCausalLM, LMOutput
-from fidellm.serve.app import create_app
-from fidellm.serve.common import ServeSettings
 from fidellm.tokenizer.bpe import BPETokenizer
 from fidellm.tokenizer.special import IM_END_ID
-from fixtures.bpe import flores_bpe
 from fixtures.chats import WEATHER_TOOL
-from fixtures.models import WrappedLM, gqa_config, random_llama
+from fixtures.models import WrappedLM
 from fixtures.server import loopback
+from serve_helpers import NAME, app_for, tiny_llama
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -39,10 +38,8 @@ if not (CHROMIUM and CHROMEDRIVER):
         allow_module_level=True,
     )
 
-NAME = "tiny"
 KEY = "secret"
 CAP = 200
-VOCAB = 768
 SYSTEM = "አንተ አጋዥ ረዳት ነህ።"
 ANSWER = "ሰላም! ደህና ነኝ፣ እግዚአብሔር ይመስገን። አንተስ እንዴት ነህ?"
 SECOND = "ኢትዮጵያ <b>ውብ</b> አገር ናት።"  # markup from the model must stay text
@@ -122,24 +119,19 @@ class SplitCharacters:
         await self.app(scope, receive, split)
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BPETokenizer:
-    return flores_bpe(tmp_path_factory.mktemp("tokenizer"), VOCAB)
+tokenizer = serve_helpers.bpe_768
 
 
 @pytest.fixture(scope="module")
 def model() -> ScriptedModel:
-    config = gqa_config(vocab_size=VOCAB, num_hidden_layers=1, max_position_embeddings=1024)
-    return ScriptedModel(random_llama(config, seed=0))
+    return ScriptedModel(tiny_llama(768, 1024, layers=1))
 
 
 class Server:
     """The app (behind the recording and character-splitting middlewares) on a loopback port."""
 
     def __init__(self, model: ScriptedModel, tokenizer: BPETokenizer):
-        self.app = create_app(
-            model, tokenizer, ServeSettings(model_name=NAME, max_tokens_cap=CAP, api_keys=(KEY,))
-        )
+        self.app = app_for(model, tokenizer, max_tokens_cap=CAP, api_keys=(KEY,))
         self.recorder = ChatRecorder(self.app)
         self._serving = loopback(SplitCharacters(self.recorder))
 

@@ -19,34 +19,34 @@ from schemathesis.specs.openapi.checks import (
     status_code_conformance,
 )
 
-from fidellm.paths import resolve_data_dir
-from fidellm.serve.app import create_app
+import serve_helpers
 from fidellm.serve.cache import InProcessLRU
-from fidellm.serve.common import ServeSettings
 from fidellm.serve.ratelimit import TokenBucket
-from fidellm.tokenizer.bpe import train_bpe
-from fixtures.models import gqa_config, random_llama
+from fidellm.tokenizer.bpe import BPETokenizer
 from fixtures.server import loopback
+from serve_helpers import NAME, app_for, tiny_llama
 
-VOCAB = 768
-CONTEXT = 256
-NAME = "tiny"
 API_KEY = "schemathesis-key"
 MAX_TOKENS_CAP = 16  # the completions default (OpenAI's 16) must fit, or every default request is a 400
 FUZZED_PER_OPERATION = 30
 
 
+tokenizer = serve_helpers.bpe_768
+
+
 @pytest.fixture(scope="module")
-def base_url() -> Iterator[str]:
+def base_url(tokenizer: BPETokenizer) -> Iterator[str]:
     """The app served by uvicorn on 127.0.0.1 (a free port) in a background thread."""
-    lines = (resolve_data_dir() / "flores200" / "amh_Ethi.dev").read_text(encoding="utf-8").splitlines()
-    tokenizer = train_bpe(lines, VOCAB, show_progress=False)
-    model = random_llama(gqa_config(vocab_size=VOCAB, num_hidden_layers=2, max_position_embeddings=CONTEXT))
-    serve_settings = ServeSettings(
-        model_name=NAME, max_tokens_cap=MAX_TOKENS_CAP, api_keys=(API_KEY,), request_timeout_s=30
-    )
     limiter = TokenBucket(rpm=60_000, burst=10_000)  # consulted on every request, never refuses here
-    app = create_app(model, tokenizer, serve_settings, cache=InProcessLRU(64), limiter=limiter)
+    app = app_for(
+        tiny_llama(768, 256),
+        tokenizer,
+        cache=InProcessLRU(64),
+        limiter=limiter,
+        max_tokens_cap=MAX_TOKENS_CAP,
+        api_keys=(API_KEY,),
+        request_timeout_s=30,
+    )
     with loopback(app) as base:
         yield base
 

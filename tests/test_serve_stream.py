@@ -6,23 +6,12 @@ import json
 from typing import Any
 
 import httpx2
-import pytest
 
-from fidellm.models.llama import LlamaForCausalLM
-from fidellm.tokenizer.bpe import BPETokenizer
-from fixtures.bpe import flores_bpe
-from fixtures.models import gqa_config, random_llama
-from test_serve import CHAT, NAME, app_for, run
+import serve_helpers
+from serve_helpers import CHAT, NAME, app_for, run
 
-
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BPETokenizer:
-    return flores_bpe(tmp_path_factory.mktemp("tokenizer"), 512, lines=400)
-
-
-@pytest.fixture(scope="module")
-def model() -> LlamaForCausalLM:
-    return random_llama(gqa_config(vocab_size=512, num_hidden_layers=2, max_position_embeddings=256), seed=0)
+tokenizer = serve_helpers.bpe_512
+model = serve_helpers.llama_512
 
 
 PATHS = {

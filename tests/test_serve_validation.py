@@ -6,30 +6,21 @@ from __future__ import annotations
 from typing import Any
 
 import httpx2
-import pytest
 
+import serve_helpers
 from fidellm.models.llama import LlamaForCausalLM
-from fidellm.serve.app import create_app, lone_surrogate
+from fidellm.serve.app import lone_surrogate
 from fidellm.serve.cache import InProcessLRU
-from fidellm.serve.common import ServeSettings
 from fidellm.tokenizer.bpe import BPETokenizer
-from fixtures.bpe import flores_bpe
-from fixtures.models import gqa_config, random_llama
-from test_serve import app_for, error_of, run
+from serve_helpers import app_for, error_of, run
 
 CHAT = "/v1/chat/completions"
 COMPLETIONS = "/v1/completions"
 HELLO = [{"role": "user", "content": "ሰላም"}]
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory: pytest.TempPathFactory) -> BPETokenizer:
-    return flores_bpe(tmp_path_factory.mktemp("tokenizer"), 512, lines=400)
-
-
-@pytest.fixture(scope="module")
-def model() -> LlamaForCausalLM:
-    return random_llama(gqa_config(vocab_size=512, num_hidden_layers=2, max_position_embeddings=128), seed=0)
+tokenizer = serve_helpers.bpe_512
+model = serve_helpers.llama_512
 
 
 def post_all(model: LlamaForCausalLM, tokenizer: BPETokenizer, requests: list[tuple[str, dict[str, Any]]]):
@@ -151,9 +142,7 @@ def test_a_lone_surrogate_is_a_400_not_a_500(model, tokenizer) -> None:
     """JSON may escape half of a UTF-16 pair (`"\\ud800"`); that is no character, and the tokenizer,
     the cache key and the JSON reply all failed on it (500s and dropped connections). It is a 400 naming
     the field, with the response cache on too; an error message showing such a value escapes it."""
-    app = create_app(
-        model, tokenizer, ServeSettings(model_name="tiny", max_tokens_cap=8), cache=InProcessLRU(8)
-    )
+    app = app_for(model, tokenizer, cache=InProcessLRU(8), max_tokens_cap=8)
     heads = {CHAT: '"model": "tiny"', COMPLETIONS: '"model": "tiny"'}
 
     async def body(_: Any, raw: httpx2.AsyncClient) -> list[httpx2.Response]:
