@@ -86,7 +86,7 @@ def model_context(model: nn.Module) -> int | None:
     return getattr(getattr(model, "config", None), "max_position_embeddings", None)
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def token_bits(
     model: nn.Module,
     sequences: list[list[int]],
@@ -139,8 +139,8 @@ def score_lines(
     kept = [line for line in lines if line]
     if not kept:
         raise FidelError("no lines to score" if not lines else "every line is empty; nothing to score")
-    sequences = [tokenizer.encode(line) for line in kept]
-    cuts = [len(tokenizer.encode(line[: len(line) // 2])) for line in kept]
+    sequences = tokenizer.encode_batch(kept)
+    cuts = [len(ids) for ids in tokenizer.encode_batch([line[: len(line) // 2] for line in kept])]
     bits = token_bits(model, sequences, tokenizer.bos_id, device, batch_size)
     second = [float(b[k:].sum()) for b, k in zip(bits, cuts, strict=True)]
     total = float(sum(b.sum() for b in bits))
@@ -172,7 +172,7 @@ def score_documents(
     kept = [(text, label) for text, label in zip(texts, labels, strict=True) if text]
     if not kept:
         raise FidelError("no documents to score")
-    sequences = [tokenizer.encode(text) for text, _ in kept]
+    sequences = tokenizer.encode_batch([text for text, _ in kept])
     bits = [float(b.sum()) for b in token_bits(model, sequences, tokenizer.bos_id, device, batch_size)]
     doc_bytes = [len(text.encode("utf-8")) for text, _ in kept]
     by_source: dict[str, dict[str, float]] = {}

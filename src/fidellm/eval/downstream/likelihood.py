@@ -44,17 +44,55 @@ class ContinuationScore(NamedTuple):
     greedy: bool
 
 
-def encode_pair(tokenizer: TextTokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
+Pair = tuple[list[int], list[int]]
+"""(context ids, continuation ids) of one scored continuation."""
+
+
+def encode_pair(tokenizer: TextTokenizer, context: str, continuation: str) -> Pair:
     """(context ids, continuation ids) as lm-eval's HF backend makes them for a causal model."""
-    if context == "":
-        ids = tokenizer.encode(continuation)
-        return ([tokenizer.bos_id], ids) if ids[:1] != [tokenizer.bos_id] else (ids[:1], ids[1:])
+    return encode_pairs(tokenizer, [context], [continuation])[0]
+
+
+def encode_pairs(
+    tokenizer: TextTokenizer, contexts: Sequence[str], continuations: Sequence[str]
+) -> list[Pair]:
+    """`encode_pair` of every (context, continuation), the same ids, with each distinct context encoded
+    once and all texts in batched tokenizer calls: the labels of a k-shot prompt share its context, which
+    was encoded once per label, one text per call."""
+    moved = [
+        None if context == "" else _move_spaces(context, continuation)
+        for context, continuation in zip(contexts, continuations, strict=True)
+    ]
+    distinct = list(dict.fromkeys(split[0] for split in moved if split is not None))
+    context_ids = dict(zip(distinct, _encode_all(tokenizer, distinct, True), strict=True))
+    wholes = iter(_encode_all(tokenizer, [c + x for c, x in filter(None, moved)], True))
+    bare = [continuation for continuation, split in zip(continuations, moved, strict=True) if split is None]
+    alone = iter(_encode_all(tokenizer, bare, False))
+    pairs: list[Pair] = []
+    for split in moved:
+        if split is None:  # an empty context: BOS alone conditions the continuation
+            ids = next(alone)
+            pairs.append(([tokenizer.bos_id], ids) if ids[:1] != [tokenizer.bos_id] else (ids[:1], ids[1:]))
+        else:
+            ids = context_ids[split[0]]
+            pairs.append((list(ids), next(wholes)[len(ids) :]))
+    return pairs
+
+
+def _move_spaces(context: str, continuation: str) -> tuple[str, str]:
+    """Whitespace at the end of the context moved to the start of the continuation (lm-eval's rule)."""
     spaces = len(context) - len(context.rstrip())
-    if spaces:
-        context, continuation = context[:-spaces], context[-spaces:] + continuation
-    context_ids = tokenizer.encode(context, add_bos=True)
-    whole = tokenizer.encode(context + continuation, add_bos=True)
-    return context_ids, whole[len(context_ids) :]
+    return (context[:-spaces], context[-spaces:] + continuation) if spaces else (context, continuation)
+
+
+def _encode_all(tokenizer: TextTokenizer, texts: list[str], add_bos: bool) -> list[list[int]]:
+    """Ids of every text: through `encode_batch` when the tokenizer has it (same ids, one call)."""
+    if not texts:
+        return []
+    batch = getattr(tokenizer, "encode_batch", None)
+    if batch is None:
+        return [tokenizer.encode(text, add_bos=add_bos) for text in texts]
+    return batch(texts, add_bos=add_bos)
 
 
 def model_context(model: nn.Module) -> int:
@@ -70,7 +108,7 @@ def _device(model: nn.Module) -> torch.device:
     return first.device if first is not None else torch.device("cpu")
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def continuation_logprobs(
     model: nn.Module,
     tokenizer: TextTokenizer,
@@ -92,7 +130,7 @@ def continuation_logprobs(
     if batch_size < 1:
         raise FidelError(f"batch size must be at least 1, got {batch_size}")
     limit = max_length if max_length is not None else model_context(model)
-    pairs = [encode_pair(tokenizer, c, x) for c, x in zip(contexts, continuations, strict=True)]
+    pairs = encode_pairs(tokenizer, contexts, continuations)
     for number, (_, continuation_ids) in enumerate(pairs):
         if not continuation_ids:
             raise FidelError(f"continuation {number} ({continuations[number]!r}) has no tokens of its own")

@@ -39,7 +39,7 @@ from fidellm.data.readers import Rejection, read_records
 from fidellm.data.registry import SourceSpec, load_registry
 from fidellm.data.sources import resolve_files
 from fidellm.errors import FidelError
-from fidellm.eval.downstream.likelihood import encode_pair, model_context, score_choices
+from fidellm.eval.downstream.likelihood import encode_pairs, model_context, score_choices
 from fidellm.eval.downstream.metrics import accuracy, macro_f1
 from fidellm.eval.downstream.tasks import TextExample, load_afrisenti
 from fidellm.eval.results import TaskResult
@@ -186,26 +186,33 @@ def build_prompts(
     if shots > len(train):
         raise FidelError(f"{shots} shots asked, but the training split has {len(train)} examples")
     rng = random.Random(seed)
-    prompts, kept = [], []
-    for item in items:
-        demos = [task.demonstration(example) for example in rng.sample(train, shots)]
-        query = task.prompt(item)
-        for keep in range(len(demos), -1, -1):
-            prompt = "".join(demos[len(demos) - keep :]) + query
-            needed = max(
-                sum(map(len, encode_pair(tokenizer, prompt, task.target_delimiter + choice))) - 1
-                for choice in task.choices
-            )
-            if needed <= max_length:
-                break
-        else:
-            raise FidelError(
-                f"{item.where}: the prompt needs {needed} tokens without demonstrations, more than the "
-                f"model's context of {max_length} (the query is never truncated)"
-            )
-        prompts.append(prompt)
-        kept.append(keep)
+    demos = [[task.demonstration(example) for example in rng.sample(train, shots)] for _ in items]
+    queries = [task.prompt(item) for item in items]
+    prompts, kept = [""] * len(items), [shots] * len(items)
+    pending = list(range(len(items)))
+    while pending:  # every item with all its demonstrations, then those that overflow with one fewer
+        for i in pending:
+            prompts[i] = "".join(demos[i][shots - kept[i] :]) + queries[i]
+        needed = _tokens_needed(task, tokenizer, [prompts[i] for i in pending])
+        overflowing = [(i, n) for i, n in zip(pending, needed, strict=True) if n > max_length]
+        for i, n in overflowing:
+            if kept[i] == 0:
+                raise FidelError(
+                    f"{items[i].where}: the prompt needs {n} tokens without demonstrations, more than the "
+                    f"model's context of {max_length} (the query is never truncated)"
+                )
+            kept[i] -= 1
+        pending = [i for i, _ in overflowing]
     return prompts, kept
+
+
+def _tokens_needed(task: ChoiceTask, tokenizer: TextTokenizer, prompts: list[str]) -> list[int]:
+    """Per prompt, the model positions its longest label needs (context + continuation ids - 1); all
+    prompts and labels in one batched `encode_pairs`."""
+    labels = [task.target_delimiter + choice for choice in task.choices]
+    pairs = encode_pairs(tokenizer, [p for p in prompts for _ in labels], labels * len(prompts))
+    lengths = [len(context) + len(continuation) - 1 for context, continuation in pairs]
+    return [max(lengths[k * len(labels) : (k + 1) * len(labels)]) for k in range(len(prompts))]
 
 
 # ---------------------------------------------------------------------------------------------- evaluation
