@@ -8,9 +8,11 @@ from typing import Any
 
 import httpx2
 import pytest
+import torch
 
 import serve_helpers
 from fidellm.models.llama import LlamaForCausalLM
+from fidellm.serve import engine
 from fidellm.tokenizer.bytes import ByteTokenizer
 from fidellm.tokenizer.special import BYTE_EOS_ID, IM_END_ID
 from serve_helpers import ScriptedModel, app_for, run, tiny_llama
@@ -86,3 +88,34 @@ def test_chat_logprobs_bytes_are_the_tokens_own(byte_model, bpe_512, llama_512, 
         for item in [entry, *entry["top_logprobs"]]:
             assert item["token"] == shown(bytes(item["bytes"]))
         assert len({alternative["token"] for alternative in entry["top_logprobs"]}) == 4
+
+
+@pytest.mark.parametrize("positions", [2048, 24])
+def test_scoring_many_prompts_in_batches_gives_each_prompts_own_log_probabilities(
+    bpe_512, llama_512, monkeypatch: pytest.MonkeyPatch, positions: int
+) -> None:
+    """Prompts of different lengths scored together (echo, max_tokens 0: lm-eval's loglikelihood) get the
+    log-probabilities of their own forward pass, also when a pass holds a few rows (24 positions) or a
+    row longer than that alone; and generated tokens scored beside long prompts as well."""
+    monkeypatch.setattr(engine, "SCORE_POSITIONS", positions)
+    app = app_for(llama_512, bpe_512)
+    texts = ["ሰላም", "ኢትዮጵያ ውብ አገር ናት።", "ቡና", "አዲስ አበባ የኢትዮጵያ ዋና ከተማ ናት፤ ብዙ ሰዎች ይኖሩባታል።"]
+    prompts = [bpe_512.encode(text, add_bos=True) for text in texts]
+    request = {"model": "tiny", "prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 2}
+    reply = run(app, lambda _, raw: raw.post("/v1/completions", json=request)).json()
+    assert max(map(len, prompts)) > 24 and len({len(p) for p in prompts}) == len(prompts)
+    for ids, choice in zip(prompts, reply["choices"], strict=True):
+        logprobs = choice["logprobs"]
+        with torch.no_grad():
+            alone = torch.log_softmax(llama_512(torch.tensor([ids])).logits[0, :-1].float(), -1)
+        assert logprobs["token_logprobs"][0] is None and len(logprobs["token_logprobs"]) == len(ids)
+        expected = alone.gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist()
+        assert logprobs["token_logprobs"][1:] == pytest.approx(expected, abs=1e-5)
+        best = [max(top.values()) for top in logprobs["top_logprobs"][1:]]
+        assert best == pytest.approx(alone.max(-1).values.tolist(), abs=1e-5)
+    generated = {**request, "max_tokens": 3, "temperature": 0}  # prompt and generated tokens, echoed
+    echoed = run(app, lambda _, raw: raw.post("/v1/completions", json=generated)).json()["choices"]
+    alone = run(app, lambda _, raw: raw.post("/v1/completions", json={**generated, "echo": False}))
+    for full, own in zip(echoed, alone.json()["choices"], strict=True):  # only the generated ones scored
+        own_values, full_values = own["logprobs"]["token_logprobs"], full["logprobs"]["token_logprobs"]
+        assert len(own_values) == 3 and own_values == pytest.approx(full_values[-3:], abs=1e-5)

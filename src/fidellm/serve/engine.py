@@ -46,6 +46,11 @@ TokenScore = tuple[int, float | None, list[tuple[int, float]] | None]
 """(token id, its log-probability or None for the first prompt token, the top alternatives or None)."""
 
 
+SCORE_POSITIONS = 2048
+"""Padded positions (rows × length) per forward pass when scoring prompts: bounds the pass's logits
+(2048 × a 32K vocabulary in fp32 is 256 MB)."""
+
+
 class QueueFullError(Exception):
     """The engine's queue is full."""
 
@@ -356,7 +361,7 @@ class Engine:
     def _complete(self, job: Job, results: list[GenerationResult]) -> None:
         """The job's final event, with log-probabilities when asked; a scoring failure is its error."""
         try:
-            scores = [self._score(result, job) for result in results] if job.score_top is not None else None
+            scores = self._score_all(results, job) if job.score_top is not None else None
         except Exception as error:
             log.exception("scoring failed")
             job.emit("error", error)
@@ -368,29 +373,47 @@ class Engine:
         job.emit("done", results, scores)
 
     @torch.inference_mode()
-    def _score(self, result: GenerationResult, job: Job) -> list[TokenScore]:
-        """Log-probabilities (the model's raw log-softmax) of the prompt's tokens (from the first, when
-        `score_from_start`) or of the generated ones, with the `score_top` most likely alternatives."""
-        ids = result.prompt_ids + result.token_ids
-        start = 0 if job.score_from_start else len(result.prompt_ids)
-        scores: list[TokenScore] = []
-        if start == 0:
-            scores.append((ids[0], None, None))
-            start = 1
-        if start >= len(ids):
-            return scores
+    def _score_all(self, results: list[GenerationResult], job: Job) -> list[list[TokenScore]]:
+        """Log-probabilities (the model's raw log-softmax) of each result's prompt tokens (from the first,
+        when `score_from_start`) or of its generated ones, with the `score_top` most likely alternatives.
+
+        The forward passes are batched: rows right-padded (a causal model's logits at a position do not
+        depend on what follows it), longest first, at most SCORE_POSITIONS padded positions a pass (one
+        longer row alone), and only the logits from the first scored position on are kept."""
+        ids = [result.prompt_ids + result.token_ids for result in results]
+        starts = [0 if job.score_from_start else len(result.prompt_ids) for result in results]
+        scores: list[list[TokenScore]] = [
+            [(seq[0], None, None)] if start == 0 else [] for seq, start in zip(ids, starts, strict=True)
+        ]
+        starts = [max(1, start) for start in starts]  # the first token has no prediction
+        todo = sorted((i for i, seq in enumerate(ids) if starts[i] < len(seq)), key=lambda i: -len(ids[i]))
         device = next(self.model.parameters()).device
-        # the last len(ids) - start positions of ids[:-1] are those predicting ids[start:]
-        inputs = torch.tensor([ids[:-1]], device=device)
-        logits = self.model(inputs, logits_to_keep=len(ids) - start).logits[0].float()
-        vocab = min(self.tokenizer.vocab_size, logits.shape[-1])
-        logprobs = torch.log_softmax(logits[:, :vocab], dim=-1)
-        top = job.score_top or 0
-        top_values, top_ids = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], logprobs[:, :0].long())
-        for offset, token in enumerate(ids[start:]):
-            alternatives = list(zip(top_ids[offset].tolist(), top_values[offset].tolist(), strict=True))
-            scores.append((token, float(logprobs[offset, token]), alternatives))
+        while todo:
+            width = len(ids[todo[0]]) - 1  # the longest row's inputs: every token but its last
+            rows = max(1, SCORE_POSITIONS // width)
+            batch, todo = todo[:rows], todo[rows:]
+            inputs = torch.full((len(batch), width), self.tokenizer.pad_id, dtype=torch.long)
+            for row, i in enumerate(batch):
+                inputs[row, : len(ids[i]) - 1] = torch.tensor(ids[i][:-1])
+            first = min(starts[i] - 1 for i in batch)  # the earliest position predicting a scored token
+            logits = self.model(inputs.to(device), logits_to_keep=width - first).logits
+            for row, i in enumerate(batch):
+                predicting = logits[row, starts[i] - 1 - first : len(ids[i]) - 1 - first]
+                scores[i] += self._token_scores(predicting, ids[i][starts[i] :], job.score_top or 0)
         return scores
+
+    def _token_scores(self, logits: torch.Tensor, targets: list[int], top: int) -> list[TokenScore]:
+        """(token, log-probability, `top` alternatives) of each target from the logits predicting it."""
+        vocab = min(self.tokenizer.vocab_size, logits.shape[-1])
+        logprobs = torch.log_softmax(logits[:, :vocab].float(), dim=-1)
+        top_values, top_ids = logprobs.topk(top, dim=-1) if top else (logprobs[:, :0], logprobs[:, :0].long())
+        chosen = logprobs.gather(1, torch.tensor(targets, device=logprobs.device)[:, None])[:, 0].tolist()
+        return [
+            (token, value, list(zip(ids, values, strict=True)))
+            for token, value, ids, values in zip(
+                targets, chosen, top_ids.tolist(), top_values.tolist(), strict=True
+            )
+        ]
 
 
 def _owners(rows: list[DecodeRow]) -> list[Job]:
