@@ -1,10 +1,13 @@
 """The faster paths of the evaluation give what the one-at-a-time paths gave: batched label encoding
 (`encode_pairs`, `build_prompts`) the ids of `encode_pair` text by text, the single-pass gzip and the one
-compressor pool the sizes of separate calls."""
+compressor pool the sizes of separate calls; and a base-model eval leaves the chat code (sacrebleu…)
+unloaded, the report card torch."""
 
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 
 import pytest
 
@@ -119,3 +122,26 @@ def test_one_pool_and_forked_gzip_give_the_sizes_of_separate_calls():
     results = {r.task: r.value for r in compressor_results(text, context)}
     assert results["flores/gzip"] == expected[0]["gzip"] and results["flores/xz+train"] == expected[1]["xz"]
     assert {r.task for r in compressor_results(text, "")} == {f"flores/{name}" for name in COMPRESSORS}
+
+
+def imported_after(code: str) -> set[str]:
+    """Top-level package names in sys.modules after running `code` in a fresh interpreter."""
+    probe = f"import sys\n{code}\nprint(' '.join(sorted({{m.split('.')[0] for m in sys.modules}})))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
+    return set(out.stdout.split())
+
+
+def test_base_model_tasks_leave_the_chat_code_unloaded():
+    loaded = imported_after(
+        "from fidellm.eval.cli import DEFAULT_TASKS\n"
+        "from fidellm.eval.suite import all_tasks, expand_groups\n"
+        "names = expand_groups(DEFAULT_TASKS.split(','))\n"
+        "assert set(names) <= set(all_tasks(names)), names\n"
+        "import fidellm.eval.chat_data\n"
+        "assert 'fidellm.eval.chat' not in sys.modules"
+    )
+    assert "sacrebleu" not in loaded
+
+
+def test_the_report_card_needs_no_torch():
+    assert "torch" not in imported_after("import fidellm.eval.report, fidellm.eval.results")

@@ -23,8 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from fidellm.errors import FidelError
-from fidellm.eval.results import git_commit
-from fidellm.eval.suite import RESULTS_FILE
+from fidellm.eval.results import RESULTS_FILE, git_commit
 from fidellm.hashing import file_sha256
 
 BASELINE_PREFIXES = ("flores/gzip", "flores/bz2", "flores/xz", "flores/zstd")

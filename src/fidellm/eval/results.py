@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+RESULTS_FILE = "results.json"
+"""What `fidellm eval` writes in its output directory (and `fidellm report` reads)."""
 
 
 @dataclass
@@ -67,6 +68,8 @@ def cpu_name() -> str:
 
 def hardware() -> str:
     """The device the figures were computed on, in words."""
+    import torch  # here, not at the top: `fidellm report` imports this module and needs no torch
+
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     return f"CPU {cpu_name()}, {torch.get_num_threads()} threads"
@@ -74,6 +77,8 @@ def hardware() -> str:
 
 def provenance(started: float) -> dict[str, Any]:
     """Commit, hardware, versions and wall time since `started` (a time.perf_counter() value)."""
+    import torch
+
     return {
         "commit": git_commit(),
         "hardware": hardware(),
