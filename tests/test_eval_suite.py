@@ -164,3 +164,39 @@ def test_held_out_eval_needs_no_flores_files(trained_run: Path, tmp_path: Path):
     assert "| n/a | n/a |" in card
     flores = CliRunner().invoke(cli, [*args[:-4], "--tasks", "flores", "--device", "cpu", "--out", str(out)])
     assert isinstance(flores.exception, FidelError) and "amh_Ethi.dev" in str(flores.exception)
+
+
+def test_heldout_documents_are_encoded_as_the_token_shards_encode_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A control token's string in a held-out document is text, as in training (load_document_tokenizer),
+    while the context's own tokenizer (chat rendering, probes) keeps its control tokens."""
+    from fidellm.eval import suite
+    from fidellm.tokenizer.special import BOS_ID, IM_END_ID
+
+    lines = (resolve_data_dir() / "flores200" / "amh_Ethi.dev").read_text(encoding="utf-8").splitlines()
+    train_bpe(lines, 512, show_progress=False).save(tmp_path / "tokenizer")
+    text = "ሰላም <|bos|> ዓለም <|im_end|>"
+    tokenizer = load_tokenizer(tmp_path / "tokenizer")
+    ctx = suite.EvalContext(
+        torch.nn.Linear(1, 1),
+        tokenizer,
+        torch.device("cpu"),
+        tmp_path,
+        tmp_path,
+        tokenizer_dir=tmp_path / "tokenizer",
+    )
+    assert {BOS_ID, IM_END_ID} <= set(ctx.tokenizer.encode(text))
+    scored: list[list[int]] = []
+
+    def score_documents(model, tokenizer, texts, device, sources):
+        scored.extend(tokenizer.encode_batch(texts))
+        raise StopIteration
+
+    document = type("Document", (), {"text": text, "source": "s"})
+    monkeypatch.setattr(ctx, "split_documents", lambda split: [document])
+    monkeypatch.setattr(suite, "score_documents", score_documents)
+    with pytest.raises(StopIteration):
+        suite.task_heldout(ctx)
+    assert scored and not {BOS_ID, IM_END_ID} & set(scored[0])
+    assert ctx.tokenizer.decode(scored[0]) == text

@@ -33,7 +33,7 @@ from fidellm.eval.sampling import limited
 from fidellm.export.hf import WEIGHTS_FILE
 from fidellm.hashing import file_sha256
 from fidellm.paths import RunLayout
-from fidellm.tokenizer.base import TextTokenizer
+from fidellm.tokenizer.base import TextTokenizer, load_document_tokenizer
 from fidellm.tokenizer.report import FLORES_FILES, flores_lines, measure, run_normalization
 
 
@@ -59,6 +59,12 @@ class EvalContext:
         """A limit below 1 would slice texts[:-1] (one document silently dropped) or score nothing."""
         if self.limit is not None and self.limit < 1:
             raise FidelError(f"--limit must be >= 1, got {self.limit}")
+
+    def document_tokenizer(self) -> TextTokenizer:
+        """The tokenizer as the token shards encode documents (a control token's string as text,
+        `load_document_tokenizer`): held-out documents are scored as the model trained on them. Without
+        a tokenizer directory, the context's tokenizer as given."""
+        return load_document_tokenizer(self.tokenizer_dir) if self.tokenizer_dir else self.tokenizer
 
     def has_flores(self) -> bool:
         """Whether the data directory holds the FLORES amh dev and devtest files."""
@@ -113,7 +119,11 @@ def task_heldout(ctx: EvalContext) -> list[TaskResult]:
     docs = limited(ctx.split_documents("test"), ctx.limit, ctx.seed, group=lambda doc: doc.source)
     started = time.perf_counter()
     scores = score_documents(
-        ctx.model, ctx.tokenizer, [d.text for d in docs], ctx.device, sources=[d.source for d in docs]
+        ctx.model,
+        ctx.document_tokenizer(),
+        [d.text for d in docs],
+        ctx.device,
+        sources=[d.source for d in docs],
     )
     seconds = time.perf_counter() - started
     details = dataclasses.asdict(scores)

@@ -130,3 +130,17 @@ def load_tokenizer(directory: str | os.PathLike) -> TextTokenizer:
     from fidellm.tokenizer.bpe import BPETokenizer
 
     return BPETokenizer.load(directory)
+
+
+def load_document_tokenizer(directory: str | os.PathLike) -> TextTokenizer:
+    """`load_tokenizer` for documents, encoding them as the text they are: a control token's string in a
+    document (`<|bos|>`, `<|im_end|>`) becomes its characters' ids, never the control id (a BOS inside a
+    document would split it in two for document masking; `<|im_end|>` would teach chat ends from raw
+    text). Token shards and held-out scoring use it; chat rendering must not (its control tokens are
+    the template's). The byte tokenizer encodes every text as bytes already."""
+    tokenizer = load_tokenizer(directory)
+    from fidellm.tokenizer.bpe import BPETokenizer
+
+    if isinstance(tokenizer, BPETokenizer):
+        tokenizer.hf.encode_special_tokens = True  # not saved: the fingerprint stays the same
+    return tokenizer

@@ -37,8 +37,7 @@ from fidellm.errors import FidelError
 from fidellm.hashing import file_sha256, unit_interval
 from fidellm.jsonfile import read_json_object
 from fidellm.paths import RunLayout
-from fidellm.tokenizer.base import TextTokenizer, load_tokenizer
-from fidellm.tokenizer.bpe import BPETokenizer
+from fidellm.tokenizer.base import TextTokenizer, load_document_tokenizer
 from fidellm.train.curriculum import SCORE_VERSION, text_complexity
 
 SPLITS = ("train", "val", "test")
@@ -60,21 +59,11 @@ def copies(doc_id: str, weight: float) -> int:
 _WORKER_TOKENIZER: TextTokenizer | None = None
 
 
-def _load_for_documents(tokenizer_dir: str | os.PathLike) -> TextTokenizer:
-    """The tokenizer, encoding documents as the text they are: a control token's string in a document
-    (`<|bos|>`, `<|im_end|>`) becomes its characters' ids, never the control id (a BOS inside a document
-    would split it in two for document masking; `<|im_end|>` would teach chat ends from raw text)."""
-    tokenizer = load_tokenizer(tokenizer_dir)
-    if isinstance(tokenizer, BPETokenizer):
-        tokenizer.hf.encode_special_tokens = True  # not saved: the fingerprint stays the same
-    return tokenizer
-
-
 def _init_worker(tokenizer_dir: str) -> None:
     """Pool initializer: one single-threaded tokenizer per worker process."""
     global _WORKER_TOKENIZER
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    _WORKER_TOKENIZER = _load_for_documents(tokenizer_dir)
+    _WORKER_TOKENIZER = load_document_tokenizer(tokenizer_dir)
 
 
 @dataclass
@@ -350,7 +339,7 @@ def tokenize_splits(
         raise FidelError(f"source weights must be finite numbers >= 0, got {bad}")
     if weights and "train" in splits:
         _check_weighted_sources(weights, split_files(run_dir, "train"))
-    tokenizer = _load_for_documents(tokenizer_dir)
+    tokenizer = load_document_tokenizer(tokenizer_dir)
     run = RunLayout(run_dir)
     with _worker_pool(tokenizer_dir, workers) as pool:
         return {
