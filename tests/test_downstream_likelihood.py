@@ -63,6 +63,9 @@ class CharTokenizer:
                 i += 1
         return ids
 
+    def encode_batch(self, texts: list[str], add_bos: bool = False) -> list[list[int]]:
+        return [self.encode(text, add_bos) for text in texts]
+
 
 def bigram_logprobs() -> torch.Tensor:
     """log P(next | previous): uniform except after "a" (b 0.3, c 0.5) and after "c" (c 0.5)."""
@@ -296,7 +299,8 @@ def test_choices_continue_from_one_pass_over_their_shared_context():
     pairs = [(name, context, ids(k)) for name, context in pairs for k in lengths[name][1]]
     table = {name: context for name, context, _ in pairs}  # text -> ids (BOS included)
     table |= {f"{name}#{k}": context + x for k, (name, context, x) in enumerate(pairs)}
-    tok = SimpleNamespace(bos_id=0, pad_id=1, encode=lambda text, add_bos=False: table[text])
+    encode_batch = lambda texts, add_bos=False: [table[text] for text in texts]  # noqa: E731
+    tok = SimpleNamespace(bos_id=0, pad_id=1, encode_batch=encode_batch)
     contexts, continuations = [name for name, _, _ in pairs], [f"#{k}" for k in range(len(pairs))]
     scores = continuation_logprobs(model, tok, contexts, continuations)
     for score, (_, context, continuation) in zip(scores, pairs, strict=True):

@@ -86,13 +86,8 @@ def _move_spaces(context: str, continuation: str) -> tuple[str, str]:
 
 
 def _encode_all(tokenizer: TextTokenizer, texts: list[str], add_bos: bool) -> list[list[int]]:
-    """Ids of every text: through `encode_batch` when the tokenizer has it (same ids, one call)."""
-    if not texts:
-        return []
-    batch = getattr(tokenizer, "encode_batch", None)
-    if batch is None:
-        return [tokenizer.encode(text, add_bos=add_bos) for text in texts]
-    return batch(texts, add_bos=add_bos)
+    """Ids of every text, in one `encode_batch` call (no call for no texts)."""
+    return tokenizer.encode_batch(texts, add_bos=add_bos) if texts else []
 
 
 def model_context(model: nn.Module) -> int:
