@@ -40,7 +40,7 @@ from types import ModuleType
 from typing import Any
 
 import torch
-from common import MARKDOWN_HEADER, machine_description, markdown_row
+from common import MARKDOWN_HEADER, llama_cpp_model, machine_description, markdown_row
 from serve_load import SERVED_NAME, Window, load_summary, run_window
 
 from fidellm.eval.results import git_commit
@@ -112,36 +112,6 @@ def time_engine(
     return decode_of(len(decoder.results[0].token_ids), start, first, time.perf_counter())
 
 
-@contextmanager
-def llama_cpp_model(llama_cpp: ModuleType, path: Path, threads: int, n_ctx: int, seed: int) -> Iterator[Any]:
-    """llama_cpp.Llama on `path` with weight repacking ("extra buffer types") off, as
-    tests/test_export_gguf.py loads it (repacked Q8_0 crashes on AMX CPUs; llama.cpp repacks quantized
-    types only, so f32 weights run the same kernels either way); defaults otherwise (mmap, f16 KV cache)."""
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
-
-    def without_repacking() -> Any:
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    llama_cpp.llama_cpp.llama_model_default_params = without_repacking
-    try:
-        llm = llama_cpp.Llama(
-            model_path=str(path),
-            n_ctx=n_ctx,
-            n_threads=threads,
-            n_threads_batch=threads,
-            seed=seed,
-            verbose=False,
-        )
-    finally:
-        llama_cpp.llama_cpp.llama_model_default_params = defaults
-    try:
-        yield llm
-    finally:
-        llm.close()
-
-
 def time_llama_cpp(llama_cpp: ModuleType, llm: Any, prompt: list[int], tokens: int) -> tuple[Decode, float]:
     """llama.cpp decoding `tokens` tokens at temperature 1.0 (no top-k/top-p/min-p, like ours; its
     `generate` never stops at EOS), timed per token from Python; and its own decode timer's tok/s
@@ -191,7 +161,9 @@ def single_stream(model_dir: Path, work: Path, args: argparse.Namespace) -> dict
         else:
             path = export_gguf(model, model.config, tokenizer_dir, work / "model-f32.gguf", qtype="f32")
             n_ctx = len(prompt) + args.max_tokens + 16
-            llm = stack.enter_context(llama_cpp_model(llama_cpp, path, args.threads, n_ctx, args.seed))
+            threads = {"n_threads": args.threads, "n_threads_batch": args.threads}
+            options = {"n_ctx": n_ctx, "seed": args.seed, **threads}
+            llm = stack.enter_context(llama_cpp_model(llama_cpp, path, **options))
             result.update(
                 llama_cpp=[], llama_cpp_eval_timer_tok_s=[], llama_cpp_version=llama_cpp.__version__
             )

@@ -8,9 +8,11 @@ import platform
 import shutil
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from fidellm.eval.results import cpu_name, git_commit
@@ -72,3 +74,27 @@ def timed_calls(run: Callable[[], Any], repeats: int, device: Any) -> list[float
         if index >= 2:
             seconds.append(time.perf_counter() - started)
     return seconds
+
+
+@contextmanager
+def llama_cpp_model(llama_cpp: ModuleType, path: Path, **options: Any) -> Iterator[Any]:
+    """llama_cpp.Llama(model_path=path, verbose=False, **options) with weight repacking ("extra buffer
+    types") off, as tests/test_export_gguf.py loads it (repacked Q8_0 crashes on AMX CPUs,
+    ggml-org/llama.cpp#20824; llama.cpp repacks quantized types only, so f32 weights run the same kernels
+    either way); closed on exit."""
+    defaults = llama_cpp.llama_cpp.llama_model_default_params
+
+    def without_repacking() -> Any:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = without_repacking
+    try:
+        llm = llama_cpp.Llama(model_path=str(path), verbose=False, **options)
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults
+    try:
+        yield llm
+    finally:
+        llm.close()

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import machine_description
+from common import llama_cpp_model, machine_description
 
 from fidellm.eval.lm import score_lines
 from fidellm.eval.results import git_commit
@@ -32,29 +32,16 @@ def llama_cpp_scores(
     """(mean second-half bits, total bits) of `sequences` (BOS first) from llama.cpp's logits."""
     import llama_cpp
 
-    defaults = llama_cpp.llama_cpp.llama_model_default_params
-
-    def without_repacking() -> object:  # repacked Q8_0 kernels segfault on AMX CPUs (llama.cpp#20824)
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    llama_cpp.llama_cpp.llama_model_default_params = without_repacking
-    try:
-        llm = llama_cpp.Llama(
-            model_path=str(path), n_ctx=max(map(len, sequences)), logits_all=True, n_threads=threads,
-            verbose=False,
-        )  # fmt: skip
-    finally:
-        llama_cpp.llama_cpp.llama_model_default_params = defaults
     second, total = [], 0.0
-    for ids, cut in zip(sequences, cuts, strict=True):
-        llm.reset()
-        llm.eval(ids)
-        logits = torch.from_numpy(np.asarray(llm.scores[: len(ids) - 1], dtype=np.float32))
-        bits = -torch.log_softmax(logits.double(), -1)[torch.arange(len(ids) - 1), ids[1:]] / np.log(2)
-        second.append(float(bits[cut:].sum()))
-        total += float(bits.sum())
+    options = {"n_ctx": max(map(len, sequences)), "logits_all": True, "n_threads": threads}
+    with llama_cpp_model(llama_cpp, path, **options) as llm:
+        for ids, cut in zip(sequences, cuts, strict=True):
+            llm.reset()
+            llm.eval(ids)
+            logits = torch.from_numpy(np.asarray(llm.scores[: len(ids) - 1], dtype=np.float32))
+            bits = -torch.log_softmax(logits.double(), -1)[torch.arange(len(ids) - 1), ids[1:]] / np.log(2)
+            second.append(float(bits[cut:].sum()))
+            total += float(bits.sum())
     return float(np.mean(second)), total
 
 
