@@ -135,23 +135,21 @@ class Muon(torch.optim.Optimizer):
                 steps, eps = group["ns_steps"], group["eps"]
                 finish = partial(_update, steps=steps, eps=eps, ns_dtype=ns_dtype, dtype=dtype, keep=keep)
                 parts = [updates[i] for i in indices]
-                if sharded:  # each matrix orthogonalized by one process (fidellm.train.muon_shards)
-                    mesh_group = params[indices[0]].device_mesh.get_group()
-                    world = dist.get_world_size(mesh_group)
-                    if shape not in self.shard_rows:
-                        self.shard_rows[shape] = rows_per_process(parts[0], mesh_group)
-                    owners = [(next_owner + m) % world for m in range(len(indices))]
-                    next_owner += len(indices)
-                    own = orthogonalize_sharded(parts, self.shard_rows[shape], owners, mesh_group, finish)
-                elif self.process_group is not None:  # DDP: each process its share, then all-gathered
-                    world = dist.get_world_size(self.process_group)
-                    owners = [(next_owner + m) % world for m in range(len(indices))]
-                    next_owner += len(indices)
-                    own = orthogonalize_replicated(parts, owners, self.process_group, finish)
-                else:
+                # the processes sharing the work (fidellm.train.muon_shards): FSDP2's mesh or DDP's group
+                procs = params[indices[0]].device_mesh.get_group() if sharded else self.process_group
+                if procs is None:
                     wholes = [whole_matrix(u, params[i]) for u, i in zip(parts, indices, strict=True)]
                     ortho = finish(torch.stack(wholes))
                     own = [own_rows(o, params[i]) for o, i in zip(ortho.unbind(0), indices, strict=True)]
+                else:  # each matrix orthogonalized by one owner, round robin
+                    owners = [(next_owner + m) % dist.get_world_size(procs) for m in range(len(indices))]
+                    next_owner += len(indices)
+                    if sharded:
+                        if shape not in self.shard_rows:
+                            self.shard_rows[shape] = rows_per_process(parts[0], procs)
+                        own = orthogonalize_sharded(parts, self.shard_rows[shape], owners, procs, finish)
+                    else:
+                        own = orthogonalize_replicated(parts, owners, procs, finish)
                 scale = lr * 0.2 * math.sqrt(max(shape))  # Muon's update at AdamW's RMS
                 torch._foreach_add_([weights[i] for i in indices], own, alpha=-scale)
 

@@ -56,7 +56,7 @@ def orthogonalize_sharded(
     """
     me, world = dist.get_rank(group), dist.get_world_size(group)
     cols = parts[0].shape[1]
-    by_owner = [[j for j, owner in enumerate(owners) if owner == p] for p in range(world)]
+    by_owner = _by_owner(owners, world)
     mine = len(by_owner[me])
     # 1. every process's rows of matrix j to its owner: sent grouped by owner, received grouped by sender
     send = _flat([parts[j] for held in by_owner for j in held], parts[0])
@@ -97,7 +97,7 @@ def orthogonalize_replicated(
     holds whole (DDP): each process orthogonalizes the matrices it owns (`owners[j]`), and one
     all-gather, padded to the largest share, brings the others' results."""
     me, world = dist.get_rank(group), dist.get_world_size(group)
-    by_owner = [[j for j, owner in enumerate(owners) if owner == p] for p in range(world)]
+    by_owner = _by_owner(owners, world)
     shape = updates[0].shape
     held = by_owner[me]
     ours = orthogonalize(torch.stack([updates[j] for j in held]) if held else updates[0].new_empty(0, *shape))
@@ -107,6 +107,11 @@ def orthogonalize_replicated(
     dist.all_gather(gathered, padded, group=group)
     results = {j: gathered[p][m] for p, owned in enumerate(by_owner) for m, j in enumerate(owned)}
     return [results[j] for j in range(len(updates))]
+
+
+def _by_owner(owners: list[int], world: int) -> list[list[int]]:
+    """For each process, the indices of the matrices it owns, in order."""
+    return [[j for j, owner in enumerate(owners) if owner == p] for p in range(world)]
 
 
 def _flat(tensors: list[Tensor], like: Tensor) -> Tensor:
